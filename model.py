@@ -1,0 +1,518 @@
+"""One transformer for the Llama / Mistral / Qwen2 / InternLM2 family, HF safetensors in and out,
+and the tokenizer with its chat template.
+
+Every supported family is the same pre-norm decoder:
+
+    h = x + Attention(RMSNorm(x))          attention: RoPE on q, k; grouped-query (n_kv_heads <= n_heads)
+    y = h + W2(silu(W1 RMSNorm(h)) * W3 RMSNorm(h))
+
+and the families differ only in fields of `ModelArgs`: qkv bias (Qwen2), tied embeddings (Qwen2 small
+models), RoPE scaling (Llama 3.1+), an explicit head_dim, a sliding window (Mistral v0.1), and how the
+checkpoint names its tensors (InternLM2 packs q, k, v into one `wqkv`).
+"""
+import json
+import math
+import os
+import shutil
+import struct
+from dataclasses import dataclass, field, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+SUPPORTED = ("llama", "mistral", "qwen2", "internlm2")
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 0          # 0 -> n_heads
+    head_dim: int = 0            # 0 -> dim // n_heads
+    intermediate_size: int = 11008
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None   # {"rope_type": "llama3" | "linear" | "dynamic", ...} as in HF configs
+    max_seq_len: int = 4096
+    qkv_bias: bool = False
+    tie_embeddings: bool = False
+    sliding_window: int | None = None
+    model_type: str = "llama"
+    bos_token_id: int | None = 1
+    eos_token_id: int | list | None = 2
+    extra: dict = field(default_factory=dict)   # HF config keys we do not use, written back on save
+
+    def __post_init__(self):
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        self.head_dim = self.head_dim or self.dim // self.n_heads
+        assert self.n_heads % self.n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads"
+        if self.model_type not in SUPPORTED:
+            raise ValueError(f"unsupported model_type {self.model_type!r}; supported: {', '.join(SUPPORTED)}")
+
+    @classmethod
+    def from_hf_config(cls, c: dict) -> "ModelArgs":
+        """Read a hub config.json dict: the classic keys (`rope_theta`, `rope_scaling` at the top level)
+        and the newer `rope_parameters` form are both accepted."""
+        mt = c.get("model_type")
+        if mt not in SUPPORTED:
+            raise ValueError(f"unsupported model_type {mt!r} in config.json; supported: {', '.join(SUPPORTED)}")
+        rope = dict(c.get("rope_parameters") or {})
+        theta = rope.pop("rope_theta", None) or c.get("rope_theta", 10000.0)
+        scaling = c.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        if scaling is not None:
+            scaling = dict(scaling)
+            scaling.setdefault("rope_type", scaling.pop("type", "default"))
+            if scaling["rope_type"] == "default":
+                scaling = None
+        window = c.get("sliding_window")
+        if mt == "qwen2" and not c.get("use_sliding_window", False):
+            window = None  # Qwen2 configs carry a window size but leave it switched off
+        if mt == "llama" or mt == "internlm2":
+            window = None
+        used = {"model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "intermediate_size", "rms_norm_eps", "rope_theta",
+                "rope_scaling", "rope_parameters", "max_position_embeddings", "attention_bias", "bias",
+                "tie_word_embeddings", "sliding_window", "use_sliding_window", "bos_token_id", "eos_token_id",
+                "architectures", "torch_dtype", "dtype", "transformers_version", "auto_map"}
+        return cls(
+            vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
+            n_heads=c["num_attention_heads"], n_kv_heads=c.get("num_key_value_heads") or 0,
+            head_dim=c.get("head_dim") or 0, intermediate_size=c["intermediate_size"],
+            norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
+            max_seq_len=c.get("max_position_embeddings", 4096),
+            qkv_bias=(mt == "qwen2") or bool(c.get("attention_bias", False)) or bool(c.get("bias", False)),
+            tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+            sliding_window=window, model_type=mt,
+            bos_token_id=c.get("bos_token_id"), eos_token_id=c.get("eos_token_id"),
+            extra={k: v for k, v in c.items() if k not in used})
+
+    def to_hf_config(self, dtype: torch.dtype = torch.float32) -> dict:
+        """A classic-keys hub config. InternLM2 models are written as Llama (the same network with q, k, v
+        unpacked), so that `transformers` loads them without remote code."""
+        mt = "llama" if self.model_type == "internlm2" else self.model_type
+        c = {**{k: v for k, v in self.extra.items() if not k.startswith("_")},
+             "architectures": [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                                "qwen2": "Qwen2ForCausalLM"}[mt]],
+             "model_type": mt, "vocab_size": self.vocab_size, "hidden_size": self.dim,
+             "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
+             "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim,
+             "intermediate_size": self.intermediate_size, "rms_norm_eps": self.norm_eps,
+             "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling,
+             "max_position_embeddings": self.max_seq_len, "tie_word_embeddings": self.tie_embeddings,
+             "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id, "hidden_act": "silu",
+             "torch_dtype": str(dtype).removeprefix("torch.")}
+        if mt == "llama":
+            c["attention_bias"] = self.qkv_bias
+        if mt == "mistral":
+            c["sliding_window"] = self.sliding_window
+        if mt == "qwen2":
+            c["use_sliding_window"] = False
+        return c
+
+
+# ----------------------------------------------------------------------------------------------
+# RoPE. inv_freq_i = theta^(-2i/d); a position p rotates the pair (x_i, x_{i+d/2}) by p * inv_freq_i
+# (the "rotate half" layout HF checkpoints use, so q/k weights load without a permutation).
+# ----------------------------------------------------------------------------------------------
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    d = args.head_dim
+    inv = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = args.rope_scaling
+    if s is None or s["rope_type"] == "dynamic":
+        # dynamic NTK only changes frequencies past max_position_embeddings, which forward() refuses
+        return inv
+    if s["rope_type"] == "linear":
+        return inv / s["factor"]
+    if s["rope_type"] == "llama3":
+        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, a smooth ramp in between
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"unsupported rope_scaling type {s['rope_type']!r}; supported: default, linear, llama3, dynamic")
+
+
+def apply_rope(x, cos, sin):
+    # x (B, nh, T, hd); cos, sin (B, 1, T, hd)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 and cast back before the gain, as the reference implementations do
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class KVCache:
+    """Preallocated keys and values, one (B, n_kv_heads, max_len, head_dim) pair per layer. Every row writes
+    slot `cache_pos + t` for its t-th new token; ragged rows are left-padded and masked by the caller."""
+
+    def __init__(self, k: list, v: list):
+        self.k, self.v = k, v
+
+    @property
+    def batch_size(self):
+        return self.k[0].shape[0]
+
+    @property
+    def max_len(self):
+        return self.k[0].shape[2]
+
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        """Keep only `rows` (finished rows stop costing work)."""
+        return KVCache([k[rows] for k in self.k], [v[rows] for v in self.v])
+
+    def expand(self, n: int) -> "KVCache":
+        """Repeat each row n times (one prefilled prompt shared by n samples)."""
+        return KVCache([k.repeat_interleave(n, 0) for k in self.k], [v.repeat_interleave(n, 0) for v in self.v])
+
+
+class Attention(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.nh, self.nkv, self.hd = a.n_heads, a.n_kv_heads, a.head_dim
+        self.wq = nn.Linear(a.dim, a.n_heads * a.head_dim, bias=a.qkv_bias)
+        self.wk = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=a.qkv_bias)
+        self.wv = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=a.qkv_bias)
+        self.wo = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, cache_pos=0):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.nh, self.hd).transpose(1, 2)    # (B, nh, T, hd)
+        k = self.wk(x).view(B, T, self.nkv, self.hd).transpose(1, 2)   # (B, nkv, T, hd)
+        v = self.wv(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            cache.k[layer][:, :, cache_pos:cache_pos + T] = k
+            cache.v[layer][:, :, cache_pos:cache_pos + T] = v
+            k = cache.k[layer][:, :, :cache_pos + T]                     # (B, nkv, S, hd)
+            v = cache.v[layer][:, :, :cache_pos + T]
+        if mask is None:   # plain causal attention over T tokens: the fused (flash) path
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.nkv != self.nh)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.nkv != self.nh)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(a.dim, a.intermediate_size, bias=False)   # gate
+        self.w2 = nn.Linear(a.intermediate_size, a.dim, bias=False)   # down
+        self.w3 = nn.Linear(a.dim, a.intermediate_size, bias=False)   # up
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(a.dim, a.norm_eps)
+        self.attention = Attention(a)
+        self.ffn_norm = RMSNorm(a.dim, a.norm_eps)
+        self.feed_forward = FeedForward(a)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, cache_pos=0):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, layer, cache_pos)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        self.checkpointing = False   # activation checkpointing per block (training only)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """The (V, D) LM-head matrix (the embedding when tied): what the fused log-prob kernel takes."""
+        return self.output.weight
+
+    def make_cache(self, batch_size, max_len, dtype=None, device=None) -> KVCache:
+        a, p = self.args, self.tok_embeddings.weight
+        shape = (batch_size, a.n_kv_heads, max_len, a.head_dim)
+        mk = lambda: torch.zeros(shape, dtype=dtype or p.dtype, device=device or p.device)
+        return KVCache([mk() for _ in self.layers], [mk() for _ in self.layers])
+
+    def forward(self, input_ids, positions=None, mask=None, cache=None, cache_pos=0, return_hidden=False):
+        """input_ids (B, T). positions (B, T), default arange(T) + cache_pos. mask (B, T, S) bool, True where a
+        query may attend a key; S = T without a cache, cache_pos + T with one; default causal.
+        Returns logits (B, T, V), or the final normed hidden states (B, T, D) with return_hidden=True."""
+        B, T = input_ids.shape
+        dev = input_ids.device
+        if positions is None:
+            positions = torch.arange(cache_pos, cache_pos + T, device=dev).expand(B, T)
+        a = self.args
+        if a.sliding_window is not None or a.rope_scaling is not None:   # (a host sync, so only when needed)
+            longest = max(cache_pos + T, int(positions.max()) + 1)
+        if a.sliding_window is not None and longest > a.sliding_window:
+            raise ValueError(f"sequence of {longest} tokens is longer than this model's sliding window "
+                             f"({a.sliding_window}); sliding-window attention is not implemented, so "
+                             f"sequences must fit in the window")
+        if a.rope_scaling is not None and a.rope_scaling["rope_type"] == "dynamic" and longest > a.max_seq_len:
+            raise ValueError(f"dynamic RoPE scaling past max_position_embeddings ({a.max_seq_len}) is not supported")
+        if mask is None and cache is not None and (cache_pos > 0 or T > 1):
+            # causal in slot space: the query in slot cache_pos + i sees slots <= cache_pos + i
+            slots = torch.arange(cache_pos + T, device=dev)
+            mask = (slots[None, :] <= (cache_pos + torch.arange(T, device=dev))[:, None]).expand(B, T, -1)
+        if mask is not None:
+            mask = mask[:, None]                                         # (B, 1, T, S)
+        ang = positions[..., None].float() * self.inv_freq.float()      # (B, T, hd/2), fp32 as the references
+        emb = torch.cat((ang, ang), dim=-1)[:, None]                     # (B, 1, T, hd)
+        x = self.tok_embeddings(input_ids)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for i, layer in enumerate(self.layers):
+            if self.checkpointing and self.training and cache is None:
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, i, cache_pos)
+        x = self.norm(x)
+        return x if return_hidden else self.output(x)
+
+    # ------------------------------------------------------------------------------------------
+    # Checkpoints in the hub's format. One literal map from hub names to ours; {} is the layer index.
+    # ------------------------------------------------------------------------------------------
+    HF_NAMES = {
+        "model.embed_tokens.weight": "tok_embeddings.weight",
+        "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attention.wq.weight",
+        "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attention.wk.weight",
+        "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attention.wv.weight",
+        "model.layers.{}.self_attn.q_proj.bias": "layers.{}.attention.wq.bias",
+        "model.layers.{}.self_attn.k_proj.bias": "layers.{}.attention.wk.bias",
+        "model.layers.{}.self_attn.v_proj.bias": "layers.{}.attention.wv.bias",
+        "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
+        "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
+        "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w2.weight",
+        "model.layers.{}.mlp.up_proj.weight": "layers.{}.feed_forward.w3.weight",
+        "model.layers.{}.input_layernorm.weight": "layers.{}.attention_norm.weight",
+        "model.layers.{}.post_attention_layernorm.weight": "layers.{}.ffn_norm.weight",
+        "model.norm.weight": "norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    # InternLM2 names its tensors after the Llama paper, and packs q, k, v into one matrix (below).
+    INTERNLM2_NAMES = {
+        "model.tok_embeddings.weight": "tok_embeddings.weight",
+        "model.layers.{}.attention.wqkv.weight": "layers.{}.attention.wqkv.weight",   # split on load
+        "model.layers.{}.attention.wo.weight": "layers.{}.attention.wo.weight",
+        "model.layers.{}.feed_forward.w1.weight": "layers.{}.feed_forward.w1.weight",
+        "model.layers.{}.feed_forward.w2.weight": "layers.{}.feed_forward.w2.weight",
+        "model.layers.{}.feed_forward.w3.weight": "layers.{}.feed_forward.w3.weight",
+        "model.layers.{}.attention_norm.weight": "layers.{}.attention_norm.weight",
+        "model.layers.{}.ffn_norm.weight": "layers.{}.ffn_norm.weight",
+        "model.norm.weight": "norm.weight",
+        "output.weight": "output.weight",
+    }
+
+    @staticmethod
+    def _rename(name: str, table: dict) -> str | None:
+        parts = name.split(".")
+        idx = next((p for p in parts if p.isdigit()), None)
+        key = name.replace(f".{idx}.", ".{}.", 1) if idx is not None else name
+        ours = table.get(key)
+        return None if ours is None else ours.replace("{}", idx or "")
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None) -> "Transformer":
+        """Load a hub-format folder (config.json + model.safetensors, or shards with an index). Tensors are
+        read one at a time from the files straight into the parameters, already in the target dtype and on
+        the target device, so peak memory is the model plus its largest tensor."""
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"{cfg_path}: not found (a hub checkpoint folder has config.json)")
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+        args = ModelArgs.from_hf_config(cfg)
+        files = _safetensors_files(path)
+        if dtype is None:
+            dtype = getattr(torch, cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
+        device = torch.device(device or "cpu")
+        with torch.device("meta"):
+            model = cls(args)
+        model = model.to(dtype).to_empty(device=device)
+        if args.tie_embeddings:
+            model.output.weight = model.tok_embeddings.weight   # to_empty unties shared parameters
+        model.inv_freq = rope_inv_freq(args).to(device)
+        params = dict(model.named_parameters())   # tied weights appear once, under tok_embeddings
+        table = cls.INTERNLM2_NAMES if args.model_type == "internlm2" else cls.HF_NAMES
+        seen, unexpected, mismatched = set(), [], []
+        for file in files:
+            for name, (file_dtype, shape, start, end) in _safetensors_header(file).items():
+                ours = cls._rename(name, table)
+                if ours is None or (ours == "output.weight" and args.tie_embeddings):
+                    if not (ours == "output.weight" and args.tie_embeddings):
+                        unexpected.append(name)
+                    continue
+                if ours.endswith("wqkv.weight"):
+                    t = _read_tensor(file, file_dtype, shape, start, end)
+                    for sub, w in zip(("wq", "wk", "wv"), unpack_wqkv(t, args)):
+                        sub_name = ours.replace("wqkv", sub)
+                        params[sub_name].data.copy_(w)
+                        seen.add(sub_name)
+                    continue
+                p = params.get(ours)
+                if p is None:
+                    unexpected.append(name)
+                elif tuple(p.shape) != tuple(shape):
+                    mismatched.append(f"{name}: checkpoint {tuple(shape)} vs model {tuple(p.shape)}")
+                else:
+                    _read_tensor(file, file_dtype, shape, start, end, out=p.data)
+                    seen.add(ours)
+        missing = sorted(set(params) - seen)
+        problems = []
+        if mismatched:
+            problems.append("shape mismatch: " + "; ".join(mismatched))
+        if missing:
+            problems.append("missing tensors: " + ", ".join(missing))
+        if unexpected:
+            problems.append("unexpected tensors: " + ", ".join(unexpected))
+        if problems:
+            raise ValueError(f"{path}: checkpoint does not match the config ({args.model_type}): " + " | ".join(problems))
+        return model
+
+    def save_pretrained(self, path, max_shard_size: int = 5 * 2**30):
+        """Write config.json and safetensors shards (+ index) that transformers loads; written into a
+        temporary folder first and renamed, so a crash never leaves half a checkpoint."""
+        from safetensors.torch import save_file
+        inv = {v: k for k, v in self.HF_NAMES.items()}
+        state = {k: v for k, v in self.state_dict().items()}
+        if self.args.tie_embeddings:
+            state.pop("output.weight", None)
+        dtype = self.tok_embeddings.weight.dtype
+        tmp = str(path).rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        shards, cur, size = [], {}, 0
+        for name, t in state.items():
+            hf = self._rename(name, inv)
+            n = t.numel() * t.element_size()
+            if cur and size + n > max_shard_size:
+                shards.append(cur)
+                cur, size = {}, 0
+            cur[hf], size = t.detach().to("cpu").contiguous(), size + n
+        shards.append(cur)
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+                weight_map.update({k: fname for k in shard})
+            total = sum(t.numel() * t.element_size() for s in shards for t in s.values())
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(self.args.to_hf_config(dtype), f, indent=2)
+        if os.path.isdir(path):   # keep files others put there (tokenizer), replace ours
+            for fname in os.listdir(path):
+                if fname.endswith(".safetensors") or fname in ("config.json", "model.safetensors.index.json"):
+                    os.remove(os.path.join(path, fname))
+            for fname in os.listdir(tmp):
+                os.replace(os.path.join(tmp, fname), os.path.join(path, fname))
+            os.rmdir(tmp)
+        else:
+            os.replace(tmp, path)
+
+
+def unpack_wqkv(w: torch.Tensor, a: ModelArgs):
+    """InternLM2's packed projection. Its modelling code views the output of `wqkv` as
+    (..., n_kv_heads, n_rep + 2, head_dim): for each kv group, its n_rep = n_heads / n_kv_heads query heads,
+    then that group's key head, then its value head. So the weight's rows are grouped the same way."""
+    n_rep = a.n_heads // a.n_kv_heads
+    g = w.view(a.n_kv_heads, n_rep + 2, a.head_dim, a.dim)
+    return (g[:, :n_rep].reshape(-1, a.dim), g[:, n_rep].reshape(-1, a.dim), g[:, n_rep + 1].reshape(-1, a.dim))
+
+
+# safetensors: 8 bytes little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
+# then the raw bytes. Reading it ourselves lets each tensor go straight into its parameter's memory.
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def _safetensors_files(path) -> list:
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        files = [os.path.join(path, n) for n in names]
+        for f in files:
+            if not os.path.isfile(f):
+                raise FileNotFoundError(f"{f}: shard named in model.safetensors.index.json is missing")
+        return files
+    if os.path.isfile(single):
+        return [single]
+    hint = " (PyTorch .bin weights: convert them to safetensors first)" if any(
+        n.endswith(".bin") for n in os.listdir(path)) else ""
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
+
+
+def _safetensors_header(file) -> dict:
+    with open(file, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    base = 8 + n
+    out = {}
+    for name, h in header.items():
+        if name == "__metadata__":
+            continue
+        if h["dtype"] not in _ST_DTYPES:
+            raise ValueError(f"{file}: tensor {name} has unsupported dtype {h['dtype']}")
+        s, e = h["data_offsets"]
+        out[name] = (_ST_DTYPES[h["dtype"]], h["shape"], base + s, base + e)
+    return out
+
+
+def _read_tensor(file, dtype, shape, start, end, out=None) -> torch.Tensor:
+    """Read one tensor's bytes. With `out` on the CPU in the same dtype, the bytes land in out's memory."""
+    direct = out is not None and out.device.type == "cpu" and out.dtype == dtype and out.is_contiguous()
+    buf = out if direct else torch.empty(shape, dtype=dtype)
+    with open(file, "rb") as f:
+        f.seek(start)
+        if buf.numel():
+            f.readinto(memoryview(buf.view(-1).view(torch.uint8).numpy()))
+    if out is not None and not direct:
+        out.copy_(buf)
+        return out
+    return buf
+
+
+def load(path, dtype=None, device=None):
+    """The model and its tokenizer from one hub folder, checked against each other."""
+    model = Transformer.from_pretrained(path, dtype=dtype, device=device)
+    tok = Tokenizer.from_pretrained(path)
+    if tok.vocab_size > model.args.vocab_size:
+        raise ValueError(f"{path}: tokenizer has {tok.vocab_size} tokens but the model's embedding has only "
+                         f"{model.args.vocab_size} rows")
+    return model, tok
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer: tokenizer.json through `tokenizers`, the chat template through jinja2
+# ----------------------------------------------------------------------------------------------
