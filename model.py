@@ -15,7 +15,13 @@ import math
 import os
 import shutil
 import struct
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import jinja2
+import jinja2.ext
+import jinja2.sandbox
+import tokenizers
 
 import torch
 import torch.nn as nn
@@ -39,6 +45,7 @@ class ModelArgs:
     rope_scaling: dict | None = None   # {"rope_type": "llama3" | "linear" | "dynamic", ...} as in HF configs
     max_seq_len: int = 4096
     qkv_bias: bool = False
+    o_bias: bool = False         # Llama's attention_bias=True biases o_proj too
     tie_embeddings: bool = False
     sliding_window: int | None = None
     model_type: str = "llama"
@@ -60,6 +67,8 @@ class ModelArgs:
         mt = c.get("model_type")
         if mt not in SUPPORTED:
             raise ValueError(f"unsupported model_type {mt!r} in config.json; supported: {', '.join(SUPPORTED)}")
+        if mt == "internlm2" and c.get("bias", False):
+            raise ValueError("InternLM2 with bias=true is not supported (released InternLM2 models have no bias)")
         rope = dict(c.get("rope_parameters") or {})
         theta = rope.pop("rope_theta", None) or c.get("rope_theta", 10000.0)
         scaling = c.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
@@ -84,7 +93,8 @@ class ModelArgs:
             head_dim=c.get("head_dim") or 0, intermediate_size=c["intermediate_size"],
             norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
             max_seq_len=c.get("max_position_embeddings", 4096),
-            qkv_bias=(mt == "qwen2") or bool(c.get("attention_bias", False)) or bool(c.get("bias", False)),
+            qkv_bias=(mt == "qwen2") or bool(c.get("attention_bias", False)),
+            o_bias=bool(c.get("attention_bias", False)),
             tie_embeddings=bool(c.get("tie_word_embeddings", False)),
             sliding_window=window, model_type=mt,
             bos_token_id=c.get("bos_token_id"), eos_token_id=c.get("eos_token_id"),
@@ -106,7 +116,7 @@ class ModelArgs:
              "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id, "hidden_act": "silu",
              "torch_dtype": str(dtype).removeprefix("torch.")}
         if mt == "llama":
-            c["attention_bias"] = self.qkv_bias
+            c["attention_bias"] = self.qkv_bias or self.o_bias
         if mt == "mistral":
             c["sliding_window"] = self.sliding_window
         if mt == "qwen2":
@@ -190,7 +200,7 @@ class Attention(nn.Module):
         self.wq = nn.Linear(a.dim, a.n_heads * a.head_dim, bias=a.qkv_bias)
         self.wk = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=a.qkv_bias)
         self.wv = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=a.qkv_bias)
-        self.wo = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=False)
+        self.wo = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=a.o_bias)
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0, cache_pos=0):
         B, T, _ = x.shape
@@ -305,6 +315,7 @@ class Transformer(nn.Module):
         "model.layers.{}.self_attn.k_proj.bias": "layers.{}.attention.wk.bias",
         "model.layers.{}.self_attn.v_proj.bias": "layers.{}.attention.wv.bias",
         "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
+        "model.layers.{}.self_attn.o_proj.bias": "layers.{}.attention.wo.bias",
         "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
         "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w2.weight",
         "model.layers.{}.mlp.up_proj.weight": "layers.{}.feed_forward.w3.weight",
@@ -361,12 +372,18 @@ class Transformer(nn.Module):
         seen, unexpected, mismatched = set(), [], []
         for file in files:
             for name, (file_dtype, shape, start, end) in _safetensors_header(file).items():
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue   # a buffer some old conversions saved; recomputed from the config
                 ours = cls._rename(name, table)
                 if ours is None or (ours == "output.weight" and args.tie_embeddings):
                     if not (ours == "output.weight" and args.tie_embeddings):
                         unexpected.append(name)
                     continue
                 if ours.endswith("wqkv.weight"):
+                    packed = ((args.n_heads + 2 * args.n_kv_heads) * args.head_dim, args.dim)
+                    if tuple(shape) != packed:
+                        mismatched.append(f"{name}: checkpoint {tuple(shape)} vs model {packed}")
+                        continue
                     t = _read_tensor(file, file_dtype, shape, start, end)
                     for sub, w in zip(("wq", "wk", "wv"), unpack_wqkv(t, args)):
                         sub_name = ours.replace("wqkv", sub)
@@ -381,7 +398,8 @@ class Transformer(nn.Module):
                 else:
                     _read_tensor(file, file_dtype, shape, start, end, out=p.data)
                     seen.add(ours)
-        missing = sorted(set(params) - seen)
+        inv = {v: k for k, v in table.items()}
+        missing = sorted(cls._rename(n, inv) or n for n in set(params) - seen)
         problems = []
         if mismatched:
             problems.append("shape mismatch: " + "; ".join(mismatched))
@@ -516,3 +534,216 @@ def load(path, dtype=None, device=None):
 # ----------------------------------------------------------------------------------------------
 # Tokenizer: tokenizer.json through `tokenizers`, the chat template through jinja2
 # ----------------------------------------------------------------------------------------------
+# What `transformers`' apply_chat_template does, rebuilt in a few lines so that the library needs
+# neither transformers nor its Tokenizer classes: the rendered text is tokenized by `tokenizers` with
+# no special tokens added (a template writes its BOS as text, "<s>", which tokenizer.json maps to the
+# BOS id). tests/test_tokenizer.py checks the ids against transformers on real tokenizers.
+
+# The template for tokenizers that ship none (base models such as Mistral-7B-v0.1):
+#   {bos}Question: {question}\n\nAnswer:\n{answer}{eos}
+# The generation prompt ends in a newline, not in a space: SentencePiece and byte-level BPE glue a
+# space to the word after it ("▁The"), so "Answer: " would end the prompt in the middle of the first
+# response token. A system message, if any, goes first, followed by a blank line.
+PLAIN_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
+    "{% elif message['role'] == 'user' %}{{ 'Question: ' + message['content'] + '\\n\\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'Answer:\\n' + message['content'] }}{{ eos_token }}"
+    "{% else %}{{ raise_exception('the plain chat template knows the roles system, user and assistant, not ' + message['role']) }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Answer:\\n' }}{% endif %}"
+)
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` marks assistant text for transformers' assistant
+    mask; some templates use it. Rendering only needs the body."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+    def _render(self, caller):
+        return caller()
+
+
+def _raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def compile_chat_template(template):
+    """The jinja environment of transformers' apply_chat_template: sandboxed, trim_blocks and
+    lstrip_blocks, loop controls, a `tojson` that does not escape HTML, raise_exception, strftime_now."""
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template)
+
+
+def _token_content(value):
+    # tokenizer_config.json writes a special token as a string or as {"content": ..., "lstrip": ...}
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _read_json(file):
+    with open(file, encoding="utf-8") as f:
+        return json.load(f)
+
+
+class Tokenizer:
+    """tokenizer.json (through `tokenizers`) plus what tokenizer_config.json says: the special tokens
+    and the chat template. Nothing here adds special tokens behind your back: BOS/EOS appear exactly
+    where the chat template writes them."""
+
+    def __init__(self, tokenizer, config, chat_template=None):
+        self.tok = tokenizer          # a tokenizers.Tokenizer
+        self.config = config          # tokenizer_config.json as read (plus special_tokens_map.json)
+        self.has_chat_template = chat_template is not None
+        self.chat_template = chat_template if chat_template is not None else PLAIN_CHAT_TEMPLATE
+        self._template = compile_chat_template(self.chat_template)
+        # Named special tokens, handed to the template as variables (only those that are set): every
+        # "*_token" string of the config, bos_token, eos_token, pad_token... as transformers 5 does.
+        self.special_tokens = {k: _token_content(v) for k, v in config.items()
+                               if k.endswith("_token") and isinstance(_token_content(v), str)}
+        if isinstance(config.get("extra_special_tokens"), dict):  # transformers 5's named extra tokens
+            self.special_tokens.update({k: _token_content(v) for k, v in config["extra_special_tokens"].items()})
+        for name in ("bos_token", "eos_token", "pad_token"):
+            if name in self.special_tokens and tokenizer.token_to_id(self.special_tokens[name]) is None:
+                raise ValueError(f"tokenizer_config.json sets {name}={self.special_tokens[name]!r}, "
+                                 f"which is not a token of tokenizer.json")
+        self.bos_token = self.special_tokens.get("bos_token")
+        self.eos_token = self.special_tokens.get("eos_token")
+        self.bos_id = tokenizer.token_to_id(self.bos_token) if self.bos_token else None
+        self.eos_id = tokenizer.token_to_id(self.eos_token) if self.eos_token else None
+        # Padding positions are masked out, so any id serves; EOS when the tokenizer names no pad token.
+        pad = self.special_tokens.get("pad_token")
+        self.pad_id = tokenizer.token_to_id(pad) if pad else self.eos_id
+        # Ids can have holes (added tokens past the base vocabulary), so count up to the largest id.
+        self.vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+
+    @classmethod
+    def from_pretrained(cls, path):
+        """A hub-format tokenizer folder: tokenizer.json and tokenizer_config.json, optionally
+        special_tokens_map.json and chat_template.jinja."""
+        path = os.fspath(path)
+        tok_file, cfg_file = os.path.join(path, "tokenizer.json"), os.path.join(path, "tokenizer_config.json")
+        if not os.path.isfile(tok_file):
+            if os.path.isfile(os.path.join(path, "tokenizer.model")):
+                # InternLM2 ships this way. Converting SentencePiece's protobuf needs `sentencepiece`
+                # and `protobuf`, which this library does not depend on; the conversion is one line.
+                raise FileNotFoundError(
+                    f"{tok_file} not found: {path} has only a SentencePiece tokenizer.model. Write tokenizer.json "
+                    f"once with transformers (pip install transformers sentencepiece protobuf):\n"
+                    f"  python -c \"from transformers import AutoTokenizer; AutoTokenizer.from_pretrained("
+                    f"'{path}', trust_remote_code=True, use_fast=True).save_pretrained('{path}')\"")
+            raise FileNotFoundError(f"{tok_file} not found: a tokenizer folder needs tokenizer.json and tokenizer_config.json")
+        if not os.path.isfile(cfg_file):
+            raise FileNotFoundError(f"{cfg_file} not found: it names the special tokens (BOS, EOS) and the chat template")
+        tok, config = tokenizers.Tokenizer.from_file(tok_file), _read_json(cfg_file)
+        # special_tokens_map.json (older checkpoints) fills in the special tokens the config leaves unset.
+        map_file = os.path.join(path, "special_tokens_map.json")
+        if os.path.isfile(map_file):
+            for k, v in _read_json(map_file).items():
+                if k.endswith("_token") and config.get(k) is None:
+                    config[k] = v
+        # Added tokens the config declares but tokenizer.json lacks (or holds only as ordinary vocab,
+        # so that "<s>" in a rendered template would split into "<", "s", ">").
+        have = tok.get_added_tokens_decoder()
+        for idx, spec in config.get("added_tokens_decoder", {}).items():
+            idx = int(idx)
+            if idx in have and have[idx].content == spec["content"]:
+                continue
+            added = tokenizers.AddedToken(spec["content"], single_word=spec.get("single_word", False),
+                                          lstrip=spec.get("lstrip", False), rstrip=spec.get("rstrip", False),
+                                          normalized=spec.get("normalized", not spec.get("special", False)),
+                                          special=spec.get("special", False))
+            (tok.add_special_tokens if spec.get("special", False) else tok.add_tokens)([added])
+            if tok.token_to_id(spec["content"]) != idx:
+                raise ValueError(f"{cfg_file} declares token {spec['content']!r} with id {idx}, but tokenizer.json gives it "
+                                 f"id {tok.token_to_id(spec['content'])}")
+        # The chat template: chat_template.jinja (what transformers >= 4.50 writes) wins over the
+        # config's "chat_template", which is a string or a list of named templates.
+        template = config.get("chat_template")
+        if isinstance(template, list):
+            template = {t["name"]: t["template"] for t in template}.get("default")
+        jinja_file = os.path.join(path, "chat_template.jinja")
+        if os.path.isfile(jinja_file):
+            with open(jinja_file, encoding="utf-8") as f:
+                template = f.read()
+        return cls(tok, config, template)
+
+    # --- the chat template ---------------------------------------------------------------------
+    def apply_chat_template(self, messages, add_generation_prompt=False, **kwargs):
+        """The text of a conversation, exactly as transformers' apply_chat_template(tokenize=False)."""
+        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        return self._template.render(messages=messages, tools=None, documents=None,
+                                     add_generation_prompt=add_generation_prompt,
+                                     **{**self.special_tokens, **kwargs})
+
+    def render_prompt(self, question, prefix=""):
+        """The question as the user turn, the generation prompt, then `prefix` (for a step-controlled
+        pair: the first k solution steps) as the start of the assistant turn, left open. For the
+        templates we support this is a prefix of the text of the whole conversation (see
+        tests/test_tokenizer.py), so that prompt + continuation is what the model saw in sampling."""
+        return self.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True) + prefix
+
+    def render(self, question, answer):
+        """The whole conversation: question and the complete assistant answer, closed by the template
+        (EOS or an end-of-turn token)."""
+        return self.apply_chat_template([{"role": "user", "content": question}, {"role": "assistant", "content": answer}])
+
+    @property
+    def stop_ids(self):
+        """Ids that end an assistant turn: EOS, and the special token the template writes right after
+        the assistant's text when that is another one (ChatML's <|im_end|>, Llama 3's <|eot_id|>)."""
+        marker = "\x00ANSWER\x00"
+        full = self.render("?", marker)
+        after = self.encode(full[full.index(marker) + len(marker):])
+        special = {self.tok.token_to_id(t.content) for t in self.tok.get_added_tokens_decoder().values() if t.special}
+        ids = [] if self.eos_id is None else [self.eos_id]
+        if after and after[0] in special and after[0] not in ids:
+            ids.append(after[0])
+        return ids
+
+    # --- text <-> ids --------------------------------------------------------------------------
+    def encode(self, text):
+        """Ids of `text`, adding no special tokens (special tokens written in the text are found)."""
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_with_offsets(self, text):
+        """(ids, offsets): offsets[i] = (start, end), the characters of `text` that token i covers."""
+        enc = self.tok.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+
+    def decode(self, ids, skip_special_tokens=True):
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def encode_prompt_response(self, prompt_text, response_text):
+        """(ids, n_prompt) for prompt_text + response_text, tokenized ONCE (tokenizing the halves
+        apart and gluing them gives ids the model never sees at generation time); ids[:n_prompt] is
+        the prompt. A token that straddles the boundary (e.g. SentencePiece's "▁The" when the prompt
+        ends in a space) counts as response: a prompt token is one whose characters all lie in
+        prompt_text, so the response loss never loses its first token. Prompts that end in a newline
+        (all our templates' generation prompts do) have no straddling token."""
+        ids, offsets = self.encode_with_offsets(prompt_text + response_text)
+        n = len(prompt_text)
+        n_prompt = next((i for i, (_, end) in enumerate(offsets) if end > n), len(ids))
+        return ids, n_prompt
+
+    def save_pretrained(self, path):
+        """tokenizer.json and tokenizer_config.json (with the special tokens resolved), loadable here
+        and by transformers. "auto_map" is dropped: it names remote-code files that are not copied."""
+        os.makedirs(path, exist_ok=True)
+        self.tok.save(os.path.join(path, "tokenizer.json"))
+        config = {k: v for k, v in self.config.items() if k != "auto_map"}
+        config.update(self.special_tokens)
+        if self.has_chat_template:
+            config["chat_template"] = self.chat_template
+        with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)

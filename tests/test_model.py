@@ -1,0 +1,387 @@
+# python -m pytest -q tests/test_model.py
+# model.Transformer against transformers' own models (the reference), on tiny random checkpoints
+# written as the hub writes them: Llama 3 (llama3 RoPE scaling, GQA), Mistral (sliding_window),
+# Qwen2 (qkv bias, tied embeddings, sharded, the newer `rope_parameters` config form), an explicit
+# head_dim, and InternLM2 (packed wqkv) built from the Llama one.
+import copy
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import DATA
+from model import Transformer, load
+
+transformers = pytest.importorskip("transformers")
+
+V, T = 1000, 20
+
+CONFIGS = {
+    # Llama 3.1: theta 500000 and llama3 scaling; with head_dim 16 the frequency bands fall in all three
+    # regions of the llama3 ramp (kept, smoothed, slowed).
+    "llama3": ("LlamaConfig", dict(num_key_value_heads=2, rope_theta=500000.0, max_position_embeddings=131072,
+                                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})),
+    "mistral": ("MistralConfig", dict(num_key_value_heads=1, sliding_window=4096, rope_theta=10000.0)),
+    "qwen2": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1000000.0)),
+    "head_dim": ("LlamaConfig", dict(num_key_value_heads=4, head_dim=32, rope_theta=10000.0)),
+    # the Llama model that the InternLM2 checkpoint is packed from: InternLM2-20B's theta, GQA
+    "llama_for_internlm2": ("LlamaConfig", dict(num_key_value_heads=2, rope_theta=1000000.0)),
+}
+CLASSIC = {"llama3", "mistral", "head_dim", "llama_for_internlm2"}   # config.json rewritten with rope_theta/rope_scaling
+SHARDED = {"qwen2"}
+
+
+def _randomize(model, seed):
+    # transformers initialises with std 0.02 and unit norms, which leaves attention nearly uniform and
+    # the norm gains untested; larger random weights make every part of the network show in the logits.
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+            elif "embed" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.15 * torch.randn(p.shape, generator=g))
+
+
+def _to_classic(path):
+    """transformers 5 writes `rope_parameters`; hub checkpoints carry `rope_theta` and `rope_scaling`."""
+    file = os.path.join(path, "config.json")
+    cfg = json.load(open(file))
+    rope = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    cfg["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
+    json.dump(cfg, open(file, "w"), indent=2)
+
+
+def pack_wqkv(wq, wk, wv, n_kv_heads, head_dim):
+    """InternLM2's attention (modeling_internlm2.py) reads its packed projection as
+        qkv = self.wqkv(x)                                              # (b, q, n_kv * (n_rep + 2) * hd)
+        qkv = rearrange(qkv, "b q (h gs d) -> b q h gs d", gs=2 + n_rep, d=hd)
+        q = rearrange(qkv[..., :n_rep, :], "b q h gs d -> b q (h gs) d")  # query head h*n_rep + r
+        k = qkv[..., -2, :];  v = qkv[..., -1, :]                        # kv head h
+    so wqkv's rows are, kv group by kv group: that group's n_rep query heads, its key head, its value
+    head. Query head h*n_rep + r uses kv head h, as in Llama's repeat_kv, so Llama's heads map 1:1."""
+    dim = wq.shape[1]
+    q = wq.reshape(n_kv_heads, -1, head_dim, dim)    # (n_kv, n_rep, hd, dim)
+    k = wk.reshape(n_kv_heads, 1, head_dim, dim)
+    v = wv.reshape(n_kv_heads, 1, head_dim, dim)
+    return torch.cat([q, k, v], dim=1).reshape(-1, dim)
+
+
+def _write_internlm2(llama_dir, hf_cfg, out):
+    """The Llama checkpoint, renamed and packed as an InternLM2 checkpoint, with InternLM2's config.json."""
+    sd = load_file(os.path.join(llama_dir, "model.safetensors"))
+    n_kv, hd = hf_cfg.num_key_value_heads, hf_cfg.hidden_size // hf_cfg.num_attention_heads
+    new = {"model.tok_embeddings.weight": sd["model.embed_tokens.weight"], "model.norm.weight": sd["model.norm.weight"],
+           "output.weight": sd["lm_head.weight"]}
+    for i in range(hf_cfg.num_hidden_layers):
+        a, b = f"model.layers.{i}.", f"model.layers.{i}."
+        new[b + "attention.wqkv.weight"] = pack_wqkv(sd[a + "self_attn.q_proj.weight"], sd[a + "self_attn.k_proj.weight"],
+                                                     sd[a + "self_attn.v_proj.weight"], n_kv, hd)
+        new[b + "attention.wo.weight"] = sd[a + "self_attn.o_proj.weight"]
+        new[b + "feed_forward.w1.weight"] = sd[a + "mlp.gate_proj.weight"]
+        new[b + "feed_forward.w3.weight"] = sd[a + "mlp.up_proj.weight"]
+        new[b + "feed_forward.w2.weight"] = sd[a + "mlp.down_proj.weight"]
+        new[b + "attention_norm.weight"] = sd[a + "input_layernorm.weight"]
+        new[b + "ffn_norm.weight"] = sd[a + "post_attention_layernorm.weight"]
+    os.makedirs(out)
+    save_file(new, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    cfg = {"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2",
+           "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config",
+                        "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"},
+           "vocab_size": hf_cfg.vocab_size, "hidden_size": hf_cfg.hidden_size,
+           "intermediate_size": hf_cfg.intermediate_size, "num_hidden_layers": hf_cfg.num_hidden_layers,
+           "num_attention_heads": hf_cfg.num_attention_heads, "num_key_value_heads": n_kv, "hidden_act": "silu",
+           "max_position_embeddings": 32768, "rms_norm_eps": hf_cfg.rms_norm_eps, "rope_theta": 1000000,
+           # InternLM2-20B's scaling; dynamic NTK changes nothing below max_position_embeddings
+           "rope_scaling": {"type": "dynamic", "factor": 2.0}, "bias": False, "tie_word_embeddings": False,
+           "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "torch_dtype": "float32", "attn_implementation": "eager"}
+    json.dump(cfg, open(os.path.join(out, "config.json"), "w"), indent=2)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """{kind: (folder, transformers model in float32)}; "internlm2" pairs with the Llama model it came from."""
+    root, out = tmp_path_factory.mktemp("ckpts"), {}
+    for seed, (kind, (cls, kw)) in enumerate(CONFIGS.items()):
+        cfg = getattr(transformers, cls)(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, **kw)
+        torch.manual_seed(seed)
+        hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        _randomize(hf, seed)
+        hf.eval()
+        path = str(root / kind)
+        hf.save_pretrained(path, max_shard_size="100KB" if kind in SHARDED else "5GB")
+        if kind in CLASSIC:
+            _to_classic(path)
+        out[kind] = (path, hf)
+    path, hf = out["llama_for_internlm2"]
+    _write_internlm2(path, hf.config, str(root / "internlm2"))
+    out["internlm2"] = (str(root / "internlm2"), hf)
+    return out
+
+
+def _ids(seed=0, B=2, n=T):
+    return torch.randint(0, V, (B, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _hf_logits(hf, ids, **kw):
+    with torch.no_grad():
+        return hf(ids, **kw).logits
+
+
+FAMILIES = ["llama3", "mistral", "qwen2", "head_dim", "internlm2"]
+
+
+def test_checkpoints_are_written_as_the_hub_writes_them(ckpts):
+    cfg = json.load(open(os.path.join(ckpts["llama3"][0], "config.json")))
+    assert cfg["rope_scaling"]["rope_type"] == "llama3" and "rope_parameters" not in cfg
+    assert "rope_parameters" in json.load(open(os.path.join(ckpts["qwen2"][0], "config.json")))
+    assert os.path.isfile(os.path.join(ckpts["qwen2"][0], "model.safetensors.index.json"))
+    assert "wqkv" in str(load_file(os.path.join(ckpts["internlm2"][0], "model.safetensors")).keys())
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_float32_logits_match_transformers(ckpts, kind):
+    path, hf = ckpts[kind]
+    model = Transformer.from_pretrained(path)
+    assert model.tok_embeddings.weight.dtype == torch.float32
+    ids = _ids()
+    with torch.no_grad():
+        ours = model(ids)
+    assert ours.shape == (2, T, V)
+    assert _rel(ours, _hf_logits(hf, ids)) < 1e-5
+    if kind == "qwen2":
+        assert model.output.weight is model.tok_embeddings.weight
+
+
+def test_llama3_rope_scaling_at_large_positions(ckpts):
+    # At positions 0..19 the slowed low frequencies barely turn; far out they dominate.
+    path, hf = ckpts["llama3"]
+    model = Transformer.from_pretrained(path)
+    ids = _ids(1)
+    pos = torch.arange(T).expand(2, T) + torch.tensor([[3000], [70000]])
+    with torch.no_grad():
+        assert _rel(model(ids, positions=pos), _hf_logits(hf, ids, position_ids=pos)) < 1e-5
+
+
+def test_final_hidden_states_match_transformers(ckpts):
+    path, hf = ckpts["qwen2"]
+    model = Transformer.from_pretrained(path)
+    ids = _ids(2)
+    with torch.no_grad():
+        h = model(ids, return_hidden=True)
+        ref = hf.model(ids).last_hidden_state   # after the final norm, before the LM head
+    assert h.shape == (2, T, 64) and _rel(h, ref) < 1e-5
+    assert _rel(h @ model.lm_head_weight.T, _hf_logits(hf, ids)) < 1e-5
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_bfloat16_within_transformers_own_bfloat16_error(ckpts, kind):
+    # Ground truth: transformers in float32. Ours in bf16 may be no further from it than transformers'
+    # bf16 model is (times 1.5, plus a little), the ml-cross-entropy way of setting bf16 tolerances.
+    path, hf = ckpts[kind]
+    model = Transformer.from_pretrained(path, dtype=torch.bfloat16)
+    assert model.tok_embeddings.weight.dtype == torch.bfloat16
+    ids = _ids(3)
+    truth = _hf_logits(hf, ids)
+    hf_err = _rel(_hf_logits(copy.deepcopy(hf).to(torch.bfloat16), ids), truth)
+    with torch.no_grad():
+        ours_err = _rel(model(ids), truth)
+    assert ours_err <= 1.5 * hf_err + 1e-3, (ours_err, hf_err)
+
+
+def _ragged_decode(model, prompts, n_new, pad_id=0):
+    """Greedy decoding of prompts of different lengths in one left-padded batch with the KV cache."""
+    B, L = len(prompts), max(map(len, prompts))
+    S = L + n_new
+    ids = torch.full((B, L), pad_id)
+    valid = torch.ones(B, S, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        ids[b, L - len(p):] = torch.tensor(p)
+        valid[b, :L - len(p)] = False
+    pos = (valid.long().cumsum(1) - 1).clamp(min=0)               # each row counts from its first real token
+    allowed = torch.ones(S, S, dtype=torch.bool).tril()[None] & valid[:, None, :]   # (B, S, S)
+    allowed |= torch.eye(S, dtype=torch.bool)                     # a pad query sees itself: no empty softmax row
+    cache = model.make_cache(B, S)
+    with torch.no_grad():
+        logits = model(ids, positions=pos[:, :L], mask=allowed[:, :L, :L], cache=cache, cache_pos=0)[:, -1]
+        toks, steps = [], []
+        for t in range(n_new):
+            toks.append(logits.argmax(-1))
+            steps.append(logits)
+            c = L + t
+            if t < n_new - 1:
+                logits = model(toks[-1][:, None], positions=pos[:, c:c + 1], mask=allowed[:, c:c + 1, :c + 1],
+                               cache=cache, cache_pos=c)[:, -1]
+    return torch.stack(toks, 1), torch.stack(steps, 1)
+
+
+def _recompute(hf, prompt, n_new):
+    """The reference: transformers, one row, no padding, the whole sequence recomputed at every step."""
+    seq, steps = list(prompt), []
+    for _ in range(n_new):
+        logits = _hf_logits(hf, torch.tensor([seq]))[0, -1]
+        steps.append(logits)
+        seq.append(int(logits.argmax()))
+    return seq[len(prompt):], torch.stack(steps)
+
+
+@pytest.mark.parametrize("kind", ["llama3", "qwen2"])
+def test_kv_cached_ragged_decoding_equals_full_recompute(ckpts, kind):
+    path, hf = ckpts[kind]
+    model = Transformer.from_pretrained(path)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, V, (n,), generator=g).tolist() for n in (3, 11, 7)]
+    toks, steps = _ragged_decode(model, prompts, n_new=8)
+    for b, p in enumerate(prompts):
+        ref_toks, ref_steps = _recompute(hf, p, 8)
+        assert toks[b].tolist() == ref_toks
+        assert _rel(steps[b], ref_steps) < 1e-5
+
+
+def test_kv_cache_default_mask_equals_full_forward(ckpts):
+    # Equal-length rows, no mask given: the cache's own causal mask.
+    path, _ = ckpts["mistral"]
+    model = Transformer.from_pretrained(path)
+    ids = _ids(5, n=12)
+    cache = model.make_cache(2, 12)
+    with torch.no_grad():
+        full = model(ids)
+        parts = [model(ids[:, :5], cache=cache)] + [model(ids[:, t:t + 1], cache=cache, cache_pos=t) for t in range(5, 12)]
+    assert _rel(torch.cat(parts, 1), full) < 1e-5
+
+
+def test_packed_prompt_chosen_rejected_row(ckpts):
+    # One row [prompt | chosen | rejected]: rejected sees the prompt but not chosen, its positions restart
+    # after the prompt. Each half must equal transformers on [prompt | chosen] and [prompt | rejected].
+    path, hf = ckpts["llama3"]
+    model = Transformer.from_pretrained(path)
+    P, C, R = _ids(6, B=1, n=6)[0], _ids(7, B=1, n=5)[0], _ids(8, B=1, n=4)[0]
+    n = len(P) + len(C) + len(R)
+    pos = torch.cat([torch.arange(len(P) + len(C)), torch.arange(len(P), len(P) + len(R))])[None]
+    mask = torch.ones(n, n, dtype=torch.bool).tril()
+    mask[len(P) + len(C):, len(P):len(P) + len(C)] = False
+    with torch.no_grad():
+        packed = model(torch.cat([P, C, R])[None], positions=pos, mask=mask[None])[0]
+    ref_c = _hf_logits(hf, torch.cat([P, C])[None])[0]
+    ref_r = _hf_logits(hf, torch.cat([P, R])[None])[0]
+    assert _rel(packed[:len(P) + len(C)], ref_c) < 1e-5
+    assert _rel(packed[len(P) + len(C):], ref_r[len(P):]) < 1e-5
+
+
+def test_activation_checkpointing_same_gradients(ckpts):
+    model = Transformer.from_pretrained(ckpts["head_dim"][0]).train()
+    ids = _ids(9)
+    grads = []
+    for ckpt in (False, True):
+        model.checkpointing = ckpt
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(*grads))
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_save_pretrained_then_transformers_loads_the_same_model(ckpts, kind, tmp_path):
+    model = Transformer.from_pretrained(ckpts[kind][0])
+    model.save_pretrained(tmp_path / "out", max_shard_size=200_000)   # several shards + index
+    assert os.path.isfile(tmp_path / "out" / "model.safetensors.index.json")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32).eval()
+    ids = _ids(10)
+    with torch.no_grad():
+        assert _rel(_hf_logits(hf, ids), model(ids)) < 1e-5
+    again = Transformer.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.equal(again(ids), model(ids))
+
+
+def test_mistral_longer_than_its_sliding_window_is_refused(ckpts, tmp_path):
+    path = shutil.copytree(ckpts["mistral"][0], tmp_path / "m")
+    cfg = json.load(open(path / "config.json"))
+    json.dump({**cfg, "sliding_window": 8}, open(path / "config.json", "w"))
+    model = Transformer.from_pretrained(path)
+    with pytest.raises(ValueError, match="sliding window"):
+        model(_ids(n=12))
+
+
+# ---- bad input: each error says what is wrong and where --------------------------------------------
+def _copy(ckpts, kind, tmp_path):
+    return shutil.copytree(ckpts[kind][0], tmp_path / kind)
+
+
+def _edit_config(path, **changes):
+    cfg = json.load(open(path / "config.json"))
+    json.dump({**cfg, **changes}, open(path / "config.json", "w"))
+
+
+def test_missing_files(ckpts, tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "config.json")):
+        Transformer.from_pretrained(tmp_path)
+    path = _copy(ckpts, "llama3", tmp_path)
+    os.remove(path / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match=f"{path}.*model.safetensors"):
+        Transformer.from_pretrained(path)
+    path = _copy(ckpts, "qwen2", tmp_path)
+    shard = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))[1]
+    os.remove(path / shard)
+    with pytest.raises(FileNotFoundError, match=shard):
+        Transformer.from_pretrained(path)
+
+
+def test_unknown_model_type_lists_the_supported_ones(ckpts, tmp_path):
+    path = _copy(ckpts, "llama3", tmp_path)
+    _edit_config(path, model_type="gpt2")
+    with pytest.raises(ValueError, match="gpt2") as e:
+        Transformer.from_pretrained(path)
+    assert all(t in str(e.value) for t in ("llama", "mistral", "qwen2", "internlm2"))
+
+
+def test_missing_and_unexpected_tensors_are_listed(ckpts, tmp_path):
+    path = _copy(ckpts, "llama3", tmp_path)
+    sd = load_file(path / "model.safetensors")
+    del sd["model.norm.weight"], sd["model.layers.1.mlp.up_proj.weight"]
+    sd["model.layers.0.mlp.extra_proj.weight"] = torch.zeros(2, 2)
+    save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError) as e:
+        Transformer.from_pretrained(path)
+    msg = str(e.value)
+    assert "missing" in msg and "norm.weight" in msg
+    assert "layers.1.mlp.up_proj.weight" in msg or "layers.1.feed_forward.w3.weight" in msg
+    assert "unexpected" in msg and "model.layers.0.mlp.extra_proj.weight" in msg
+
+
+def test_shape_mismatch_names_the_tensor_and_both_shapes(ckpts, tmp_path):
+    path = _copy(ckpts, "mistral", tmp_path)
+    _edit_config(path, intermediate_size=96)
+    with pytest.raises(ValueError) as e:
+        Transformer.from_pretrained(path)
+    msg = str(e.value)
+    assert "model.layers.0.mlp.gate_proj.weight" in msg and "(128, 64)" in msg and "(96, 64)" in msg
+
+
+def test_tokenizer_larger_than_the_embedding(ckpts, tmp_path):
+    path = _copy(ckpts, "llama3", tmp_path)
+    for f in ("tokenizer.json", "tokenizer_config.json"):   # Mistral's tokenizer: 32000 tokens > 1000 rows
+        shutil.copy(os.path.join(DATA, "tokenizers", "mistral-7b-v0.1", f), path)
+    with pytest.raises(ValueError, match="32000.*1000"):
+        load(path)
+
+
+def test_internlm2_packed_shape_mismatch_names_the_tensor(ckpts, tmp_path):
+    path = _copy(ckpts, "internlm2", tmp_path)
+    _edit_config(path, num_key_value_heads=1)   # wqkv rows: (4 + 2*2) * 16 = 128 in the file, (4 + 2*1) * 16 = 96 expected
+    with pytest.raises(ValueError) as e:
+        Transformer.from_pretrained(path)
+    msg = str(e.value)
+    assert "model.layers.0.attention.wqkv.weight" in msg and "(128, 64)" in msg and "(96, 64)" in msg
