@@ -1,0 +1,1009 @@
+"""Data for Step-Controlled DPO: loading, answer grading, step splitting, the pair filters of
+METHOD.md, pair records (JSONL and TRL's format), tokenised training rows and batches.
+
+Everything here is a small pure function; `sample.py pairs` strings them together.
+
+Solution formats (`fmt`):
+- "cot": chain of thought. A step is a paragraph: text up to and including a run of the delimiter
+  (default "\\n\\n"; "\\n" cuts at lines).
+- "code": code-integrated. Blocks of text, code and execution output, fenced in markdown:
+
+      Let me compute the sum.
+      ```python
+      print(sum(range(10)))
+      ```
+      ```output
+      45
+      ```
+      The sum is $\\boxed{45}$.
+
+  Each block is one step: text runs up to the next fence; a code block is CODE_START .. CODE_END and an
+  execution block OUTPUT_START .. OUTPUT_END, fences and their newline included. Output blocks are
+  written by running the code, never by the model. The sampler uses these same constants.
+
+Every step list satisfies "".join(steps) == solution.
+"""
+import contextlib
+import functools
+import json
+import keyword
+import math
+import os
+import re
+import signal
+import threading
+import time
+import warnings
+
+import sympy
+import torch
+from sympy.parsing.sympy_parser import parse_expr, standard_transformations, implicit_multiplication_application
+
+CODE_START, CODE_END = "```python\n", "```\n"
+OUTPUT_START, OUTPUT_END = "```output\n", "```\n"
+
+# ----------------------------------------------------------------------------------------------
+# Loading. Records: {id, source, question, gold} plus solution / level / subject when the set has them.
+# ----------------------------------------------------------------------------------------------
+# name -> (file under the data root, {our field: file field}); gold is derived when the file has no answer
+_MATH = {"question": "problem", "gold": "answer", "id": "unique_id", "level": "level"}
+DATASETS = {
+    "gsm8k:train": ("gsm8k/train.jsonl", {"question": "question", "solution": "answer"}),
+    "gsm8k:test": ("gsm8k/test.jsonl", {"question": "question", "solution": "answer"}),
+    "math:train": ("math/train.jsonl", {**_MATH, "subject": "subject"}),
+    "math:test": ("math/test.jsonl", {**_MATH, "solution": "solution", "subject": "type"}),
+    "math:test500": ("math/test500.jsonl", {**_MATH, "solution": "solution", "subject": "subject"}),
+    "svamp": ("extra/svamp.jsonl", {"question": "question", "gold": "answer"}),
+    "asdiv": ("extra/asdiv.jsonl", {"question": "question", "gold": "answer"}),
+    "mawps": ("extra/mawps.jsonl", {"question": "question", "gold": "answer"}),
+}
+OPTIONAL_FIELDS = ("id", "solution", "level", "subject")
+
+
+def data_root(root=None):
+    """The shared data folder: `root`, else $SCDPO_DATA, else ../shared/data beside the repository."""
+    return root or os.environ.get("SCDPO_DATA") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data")
+
+
+def load_dataset(spec, fields=None, root=None, source=None):
+    """Records of a named set ("gsm8k:test", "math:test500", "svamp", ...; see DATASETS) or of any JSONL
+    file with `fields` mapping our names to its own, e.g. {"question": "problem", "gold": "answer"}.
+    A GSM8K-style set without a gold field gets the value after '####' of its solution."""
+    if spec in DATASETS:
+        rel, fields = DATASETS[spec]
+        path, source = os.path.join(data_root(root), rel), source or spec.split(":")[0]
+    elif fields is not None:
+        path, source = spec, source or os.path.splitext(os.path.basename(spec))[0]
+    else:
+        raise ValueError(f"unknown data set {spec!r}: use one of {sorted(DATASETS)} or a .jsonl path with fields=")
+
+    def record(row, where):
+        def get(name):
+            key = fields[name]
+            if key not in row:
+                raise ValueError(f"{where}: missing field {key!r}")
+            if not isinstance(row[key], (str, int, float)) or isinstance(row[key], bool):
+                raise ValueError(f"{where}: field {key!r} is {type(row[key]).__name__}, expected text or a number")
+            return str(row[key])
+        rec = {"id": get("id") if fields.get("id") in row else None, "source": source, "question": get("question")}
+        rec.update({name: get(name) for name in OPTIONAL_FIELDS if name in fields and name != "id"})
+        if "gold" in fields:
+            rec["gold"] = get("gold")
+        else:  # GSM8K: the worked solution ends with '#### N'
+            gold = _hash_answer(rec.get("solution") or "")
+            if gold is None:
+                raise ValueError(f"{where}: field {fields.get('solution', 'solution')!r} has no '#### answer' line")
+            rec["gold"] = gold.replace(",", "")
+        return rec
+
+    records = read_jsonl(path, record)
+    tag = spec.replace(":", "/") if spec in DATASETS else source
+    for i, rec in enumerate(records):
+        rec["id"] = f"{source}/{rec['id']}" if rec["id"] else f"{tag}/{i}"
+    empty = [r["id"] for r in records if not r["gold"].strip()]
+    if empty:  # nothing to grade against (2 MATH train problems): said, and left out
+        print(f"load_dataset({spec}): skipped {len(empty)} records with an empty gold answer: {', '.join(empty)}")
+    return [r for r in records if r["gold"].strip()]
+
+
+def read_jsonl(path, check=None):
+    """Rows of a JSONL file (blank lines skipped). A line that is not a JSON object is a ValueError naming
+    file and line; `check(row, "file:line")` may check fields (see check_pair) and return the row."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            rows.append(check(row, f"{path}:{lineno}") if check else row)
+    return rows
+
+
+def write_jsonl(path, rows, append=False):
+    """One JSON object a line, flushed; `append` adds to the end (resumable runs append question by question)."""
+    with open(path, "a" if append else "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+
+
+# ----------------------------------------------------------------------------------------------
+# Final answers. extract_answer looks, in order, for the last \boxed{..} / \fbox{..}, the last
+# '#### N' (GSM8K), the last 'The answer is ..' (MetaMath), and else the last number in the text.
+# ----------------------------------------------------------------------------------------------
+_NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|(?<![\w.])-?\.\d+")
+
+
+def last_boxed(text):
+    """Content of the last \\boxed{..} or \\fbox{..} (nested and escaped braces allowed), or of the
+    unbraced `\\boxed 5`; None when there is none or the last one never closes (a truncated answer)."""
+    starts = list(re.finditer(r"\\(?:boxed|fbox)(?![a-zA-Z])\s*", text))
+    if not starts:
+        return None
+    i = starts[-1].end()
+    if text.startswith("{", i):
+        depth, j = 0, i
+        while j < len(text):
+            if text[j] == "\\":
+                j += 2
+                continue
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            if depth == 0:
+                return text[i + 1:j].strip()
+            j += 1
+        return None
+    m = re.match(r"[^\s$}]+", text[i:])
+    return m.group(0).rstrip(".") if m else None
+
+
+def _hash_answer(text):
+    found = re.findall(r"####\s*(.+)", text)
+    return found[-1].strip() if found else None
+
+
+def extract_answer(text, fallback=True):
+    """The final answer of a solution as a string, or None (also when its last box is cut off).
+    `fallback`: the last number when no explicit answer marker exists (word problems)."""
+    if text is None:
+        return None
+    if re.search(r"\\(?:boxed|fbox)(?![a-zA-Z])", text):  # a text that boxes is judged by its last box alone
+        return last_boxed(text) or None
+    found = _hash_answer(text)
+    if found:
+        return found
+    said = re.findall(r"[Tt]he (?:final )?answer is[:\s]*(.+)", text)
+    if said:
+        ans = said[-1].strip().rstrip(".").strip().strip("$").strip()
+        if ans:
+            return ans
+    if fallback:
+        nums = _NUMBER.findall(text)
+        if nums:
+            return nums[-1].replace(",", "")
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Equivalence. Both answers are first brought to one canonical LaTeX string (MATH's normalisation:
+# \dfrac -> \frac, \left/\right, \text{units}, degrees, dollars, percent, spacing, \frac12 ->
+# \frac{1}{2}, thousands commas, 'x = 5' -> '5'). Equal strings are equal answers. Otherwise the
+# structure is compared (sets and lists order-free; tuples, intervals and matrices in order, brackets
+# exact) and single values as numbers (relative 1e-6), then symbolically: LaTeX is translated by our
+# own small translator to a plain expression whose every name is checked before sympy parses it, and
+# sympy runs under a timer (SIGALRM, so only in the main thread: elsewhere the symbolic step is off,
+# with a one-time message) so that no answer can hang the caller.
+# ----------------------------------------------------------------------------------------------
+_TEXT = re.compile(r"\\(?:text|textbf|textrm|mbox|mathrm)\s*\{([^{}]*)\}(?:\^\{?[23]\}?)?")
+
+
+def normalize_answer(s):
+    """Canonical string form of an answer (see above)."""
+    s = str(s).strip().replace("\n", " ")
+    s = re.sub(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|big|Big|displaystyle)(?![a-zA-Z])", "", s)
+    for mark in ("\\!", "\\,", "\\;", "\\:", "\\$", "$", "\\%", "%", "°"):
+        s = s.replace(mark, "")
+    s = s.replace("\\ ", " ")
+    s = re.sub(r"\\[dt]frac(?![a-zA-Z])", r"\\frac", s)
+    s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|\\circ", "", s)
+    s = re.sub(r"\\text\{\s*and\s*\}|(?<![a-zA-Z\\])and(?![a-zA-Z])", ",", s)
+    bare = _TEXT.sub("", s)
+    s = bare if bare.strip(" ,.") else _TEXT.sub(r"\1", s)        # units go; a text-only answer stays
+    m = re.fullmatch(r"\s*(-?[\d.,/]*\d)\s+[a-zA-Z][a-zA-Z\s.]*", s)  # '18 ways', '5 dollars'
+    s = m.group(1) if m else s
+    if re.fullmatch(r"[A-Za-z' ]+", s.strip()):
+        s = s.lower()
+    s = s.replace(" ", "").rstrip(".").strip(",")
+    s = re.sub(r",+", ",", s)
+    s = _brace_args(s)
+    s = re.sub(r"(?<![\d,.])([1-9]\d{0,2})((?:,\d{3})+)(?![\d])", lambda m: m.group(1) + m.group(2).replace(",", ""), s)
+    s = re.sub(r"(?<![\d}])\.(\d)", r"0.\1", s)
+    return _drop_lhs(s)
+
+
+_LHS = re.compile(r"([a-zA-Z](?:_\{?\w+\}?|\([a-z]\))?)(?:=|\\in)(.+)")
+
+
+def _drop_lhs(s):
+    """'x=5' -> '5', 'f(x)=2x+3' -> '2x+3', 'x\\in[1,2]' -> '[1,2]': a lone variable's name goes."""
+    m = _LHS.fullmatch(s)
+    return m.group(2) if m and "=" not in m.group(2) else s
+
+
+def _drop_common_lhs(items):
+    """'x=1,x=2' -> ['1', '2'], but 'x=1,y=2' keeps its names (which value is which matters)."""
+    names = {m.group(1) if m else None for m in map(_LHS.fullmatch, items)}
+    return [_drop_lhs(x) for x in items] if len(names) == 1 else items
+
+
+def _match_brace(s, i):
+    """Index of the bracket closing s[i] ('{', '(' or '['); -1 if unbalanced. Escaped \\{ \\} are text."""
+    depth, j = 0, i
+    while j < len(s):
+        if s[j] == "\\" and j + 1 < len(s) and s[j + 1] in "{}":
+            j += 2
+            continue
+        depth += (s[j] in "{([") - (s[j] in "})]")
+        if depth == 0:
+            return j
+        j += 1
+    return -1
+
+
+_COMMAND, _BRACED = re.compile(r"\\[a-zA-Z]+"), re.compile(r"\\(frac|binom|sqrt)(?![a-zA-Z])")
+
+
+def _take_arg(s, i):
+    """One TeX argument at s[i]: a {group}, a \\command or one character. -> (text, next index)."""
+    if i >= len(s):
+        return None, i
+    if s[i] == "{":
+        j = _match_brace(s, i)
+        return (s[i + 1:j], j + 1) if j > 0 else (None, i)
+    m = _COMMAND.match(s, i)
+    return (m.group(0), m.end()) if m else (s[i], i + 1)
+
+
+def _brace_args(s):
+    """\\frac12 -> \\frac{1}{2}, \\sqrt2 -> \\sqrt{2}, \\frac\\pi4 -> \\frac{\\pi}{4} (spaces already gone)."""
+    out, i = [], 0
+    while i < len(s):
+        m = _BRACED.match(s, i)
+        if not m:
+            out.append(s[i])
+            i += 1
+            continue
+        out.append(m.group(0))
+        i = m.end()
+        if m.group(1) == "sqrt" and s.startswith("[", i):
+            j = s.find("]", i)
+            out.append(s[i:j + 1] if j > 0 else s[i:])
+            i = j + 1 if j > 0 else len(s)
+        for _ in range(1 if m.group(1) == "sqrt" else 2):
+            arg, i = _take_arg(s, i)
+            if arg is None:
+                break
+            out.append("{" + _brace_args(arg) + "}")
+    return "".join(out)
+
+
+MAX_ANSWER_CHARS = 1000
+
+
+def is_equiv(pred, gold, timeout=2.0):
+    """True when the answer `pred` equals `gold` (see the rules above). None is never equal."""
+    if pred is None or gold is None:
+        return False
+    if max(len(str(pred)), len(str(gold))) > MAX_ANSWER_CHARS:  # no real answer is this long: exact text only
+        return str(pred).strip() == str(gold).strip()
+    try:
+        a, b = normalize_answer(pred), normalize_answer(gold)
+        return a == b or _equiv(a, b, timeout)
+    except RecursionError:  # braces nested hundreds deep: not an answer
+        return False
+
+
+def _split_top(s, sep):
+    """s split at `sep` outside any brackets."""
+    parts, depth, start, i = [], 0, 0, 0
+    while i < len(s):
+        if s[i] == "\\" and s[i + 1:i + 2] in ("{", "}"):
+            depth += 1 if s[i + 1] == "{" else -1
+            i += 2
+            continue
+        depth += (s[i] in "{([") - (s[i] in "})]")
+        if depth == 0 and s.startswith(sep, i):
+            parts.append(s[start:i])
+            start = i = i + len(sep)
+            continue
+        i += 1
+    return parts + [s[start:]]
+
+
+def _structure(s):
+    """(kind, brackets, items): 'union' of intervals, 'matrix', 'seq' (tuple or interval), 'set', 'scalar'."""
+    parts = _split_top(s, "\\cup")
+    if len(parts) > 1:
+        return "union", "", parts
+    m = re.fullmatch(r"\\begin\{([pbv]?matrix)\}(.*)\\end\{\1\}", s)
+    if m:
+        rows = [r for r in re.split(r"\\\\|\\(?![a-zA-Z])", m.group(2)) if r]  # '\\' rows ('\' in MATH's answer field)
+        return "matrix", str([len(r.split("&")) for r in rows]), [c for r in rows for c in r.split("&")]
+    if s.startswith("\\{") and s.endswith("\\}"):
+        return "set", "", _drop_common_lhs(_split_top(s[2:-2], ","))
+    if len(s) > 1 and s[0] in "([" and s[-1] in ")]" and _match_brace(s, 0) == len(s) - 1:
+        items = _split_top(s[1:-1], ",")
+        if len(items) > 1:
+            return "seq", s[0] + s[-1], items
+    items = _split_top(s, ",")
+    if len(items) > 1:
+        return "set", "", _drop_common_lhs([x for x in items if x])
+    if s.count("\\pm") == 1:
+        return "set", "", [s.replace("\\pm", "+"), s.replace("\\pm", "-")]
+    return "scalar", "", [s]
+
+
+def _equiv(a, b, timeout):
+    if a == b:
+        return True
+    (ka, ba, xs), (kb, bb, ys) = _structure(a), _structure(b)
+    if ka != kb or ba != bb or len(xs) != len(ys):
+        return False
+    if ka == "scalar":
+        return _scalar_equiv(a, b, timeout)
+    if ka in ("seq", "matrix"):
+        return all(_equiv(x, y, timeout) for x, y in zip(xs, ys))
+    left = list(ys)  # sets and unions: match each item once, in any order
+    for x in xs:
+        hit = next((j for j, y in enumerate(left) if _equiv(x, y, timeout)), None)
+        if hit is None:
+            return False
+        left.pop(hit)
+    return True
+
+
+def _to_number(s):
+    """Plain numbers only: '-3', '2.50', '7/2', '\\frac{7}{2}', '-\\frac{7}{2}', '3\\frac{1}{2}' (mixed)."""
+    m = re.fullmatch(r"(-?)(\d*)\\frac\{(\d+)\}\{(\d+)\}", s)
+    if m:
+        sign, whole, num, den = m.groups()
+        if int(den) == 0:
+            return None
+        return (-1 if sign else 1) * (int(whole or 0) + int(num) / int(den))
+    m = re.fullmatch(r"(-?\d+(?:\.\d+)?)(?:/(\d+(?:\.\d+)?))?", s)
+    if not m or (m.group(2) is not None and float(m.group(2)) == 0):
+        return None
+    return float(m.group(1)) / (float(m.group(2)) if m.group(2) else 1.0)
+
+
+def _close(x, y, rel=1e-6):
+    return abs(x - y) <= rel * max(abs(x), abs(y)) + 1e-12
+
+
+def _scalar_equiv(a, b, timeout):
+    x, y = _to_number(a), _to_number(b)
+    if x is not None and y is not None:
+        return _close(x, y)
+    return _symbolic_equal(a, b, timeout)
+
+
+_FUNCS = ("arcsin", "arccos", "arctan", "sinh", "cosh", "tanh", "sin", "cos", "tan", "cot", "sec", "csc", "ln", "log", "exp")
+_SYMBOLS = {"pi": "pi", "infty": "oo", "cdot": "*", "times": "*", "div": "/", "theta": "theta", "alpha": "alpha",
+            "beta": "beta", "gamma": "gamma", "phi": "phi", "omega": "omega", "lambda": "lamda"}
+_SYMPY = {name: getattr(sympy, name) for name in (
+    "Integer", "Float", "Rational", "Symbol", "Function", "Add", "Mul", "Pow", "sqrt", "pi", "oo", "E", "I", "sin",
+    "cos", "tan", "cot", "sec", "csc", "asin", "acos", "atan", "sinh", "cosh", "tanh", "log", "exp", "binomial",
+    "factorial")}
+_SYMPY.update(arcsin=sympy.asin, arccos=sympy.acos, arctan=sympy.atan, ln=sympy.log, __builtins__={})
+
+
+def latex_to_expr(s):
+    """Translate a normalised LaTeX answer into a plain expression string for sympy ('2\\sqrt{3}' ->
+    '2sqrt((3))'); None for anything outside the small supported subset (the answer then only counts
+    as equal by string)."""
+    out, i = [], 0
+    while i < len(s):
+        c = s[i]
+        if c == "\\":
+            m = _COMMAND.match(s, i)
+            if not m:
+                return None
+            name, i = m.group(0)[1:], m.end()
+            if name in ("frac", "binom"):
+                a, i = _take_arg(s, i)
+                b, i = _take_arg(s, i)
+                a, b = latex_to_expr(a or ""), latex_to_expr(b or "")
+                if not a or not b:
+                    return None
+                # a whole number right before \frac is a mixed number: 3\frac{1}{2} = 7/2 (but x^2\frac{1}{2} is a product)
+                whole = re.search(r"(?:^|(?<=[+\-(, ]))\d+$", "".join(out)) if name == "frac" else None
+                if whole:
+                    out = ["".join(out)[:whole.start()], f"({whole.group(0)}+({a})/({b}))"]
+                else:
+                    out.append(f"(({a})/({b}))" if name == "frac" else f"binomial({a},{b})")
+            elif name == "sqrt":
+                root = None
+                if s.startswith("[", i):
+                    j = s.find("]", i)
+                    root, i = latex_to_expr(s[i + 1:j]) if j > 0 else None, j + 1
+                    if not root:
+                        return None
+                a, i = _take_arg(s, i)
+                a = latex_to_expr(a or "")
+                if not a:
+                    return None
+                out.append(f"(({a})**(1/({root})))" if root else f"sqrt({a})")
+            elif name in _SYMBOLS:
+                out.append(f" {_SYMBOLS[name]} ")
+            else:  # a function: \cos 58, \cotx (MATH's answer field lost the space), \sin(x), \log{x}
+                fn = next((f for f in _FUNCS if name.startswith(f)), None)
+                if fn is None:
+                    return None
+                arg = name[len(fn):]
+                if not arg:
+                    if s.startswith("(", i):
+                        out.append(fn)
+                        continue
+                    m = re.compile(r"\d+(?:\.\d+)?|[a-zA-Z]").match(s, i) if not s.startswith("{", i) else None
+                    arg, i = (m.group(0), m.end()) if m else _take_arg(s, i)
+                arg = latex_to_expr(arg or "")
+                if not arg:
+                    return None
+                out.append(f"{fn}({arg})")
+        elif c == "{":
+            j = _match_brace(s, i)
+            inner = latex_to_expr(s[i + 1:j]) if j > 0 else None
+            if not inner:
+                return None
+            out.append(f"({inner})")
+            i = j + 1
+        elif c == "^":
+            out.append("**")
+            i += 1
+        elif c.isalnum() or c in "+-*/().!":
+            out.append(c)
+            i += 1
+        else:
+            return None
+    return "".join(out).strip() or None
+
+
+def _parse(expr):
+    """sympy expression of a latex_to_expr string. The string is checked first (letters, digits,
+    operators and brackets; no keyword, no underscore, no attribute access) and names resolve only to
+    the functions in _SYMPY or to new symbols, so the text cannot reach anything else. Powers with
+    exponents of 10^4 or more and factorials other than n! (n < 1000, or a symbol) are refused: big
+    integer arithmetic runs in C, where the timer cannot stop it."""
+    if (len(expr) > 300 or not re.fullmatch(r"[A-Za-z0-9+\-*/().,! ]+", expr) or re.search(r"\.\s*[A-Za-z]", expr)
+            or any(keyword.iskeyword(w) for w in re.findall(r"[A-Za-z]+", expr))
+            or any(not re.search(r"(?:(?<!\d)\d{1,3}|[A-Za-z])\s*$", expr[:m.start()]) for m in re.finditer("!", expr))):
+        raise ValueError(f"refused: {expr!r}")
+    lazy = parse_expr(expr, local_dict={}, global_dict=_SYMPY, transformations=_TRANSFORMS, evaluate=False)
+    for node in sympy.preorder_traversal(lazy):
+        if isinstance(node, sympy.Pow) and not node.exp.free_symbols:
+            size = abs(complex(node.exp.evalf(8)))
+            if not size < 1e4:
+                raise ValueError(f"refused: exponent {node.exp} too large")
+    full = parse_expr(expr, local_dict={}, global_dict=_SYMPY, transformations=_TRANSFORMS)
+    return full.subs(sympy.Symbol("i"), sympy.I)
+
+
+_TRANSFORMS = standard_transformations + (implicit_multiplication_application,)
+
+
+class _Timeout(BaseException):
+    pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds):
+    """Raise _Timeout in the main thread after `seconds`; a timer the caller had set is put back after."""
+    def expire(signum, frame):
+        raise _Timeout()
+    old = signal.signal(signal.SIGALRM, expire)
+    start = time.monotonic()
+    pending, interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        if pending:
+            signal.setitimer(signal.ITIMER_REAL, max(pending - (time.monotonic() - start), 1e-3), interval)
+
+
+_warned_thread = []
+
+
+@functools.lru_cache(maxsize=65536)
+def _symbolic_equal(a, b, timeout):
+    """a == b through sympy (expressions: simplify(x - y) == 0; numbers: relative 1e-6; equations: the
+    two sides' differences proportional), within `timeout` seconds; False when it cannot decide."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGALRM"):
+        if not _warned_thread:  # the timer needs the main thread; outside it only string equality counts
+            _warned_thread.append(1)
+            print("data.is_equiv: not in the main thread, symbolic equivalence is off (string/number rules only)")
+        return False
+    equation = a.count("=") == 1
+    if equation != (b.count("=") == 1):
+        return False
+    ea, eb = (latex_to_expr("{%s}-{%s}" % tuple(s.split("=")) if equation else s) for s in (a, b))
+    if ea is None or eb is None:
+        return False
+    try:
+        with _time_limit(timeout), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # sympy's deprecation notes on odd input (a tuple times x)
+            x, y = _parse(ea), _parse(eb)
+            if equation:  # same solution set when one side-difference is a multiple of the other
+                ratio = sympy.simplify(x / y)
+                return bool(ratio.is_number and ratio != 0 and ratio.is_finite)
+            if x == y:
+                return True
+            if not (x.free_symbols or y.free_symbols):
+                vx, vy = complex(x.evalf(30)), complex(y.evalf(30))
+                finite = all(map(math.isfinite, (vx.real, vx.imag, vy.real, vy.imag)))
+                return finite and abs(vx - vy) <= 1e-6 * max(abs(vx), abs(vy)) + 1e-12
+            if sympy.expand(x - y) == 0:
+                return True
+            return x.free_symbols == y.free_symbols and sympy.simplify(x - y) == 0
+    except _Timeout:
+        return False
+    except Exception:  # anything sympy cannot parse or decide is not equal
+        return False
+
+
+# ----------------------------------------------------------------------------------------------
+# Steps. "".join(split_steps(s, fmt)) == s for every string s.
+# ----------------------------------------------------------------------------------------------
+_FENCE_CLOSE = re.compile(r"^```[ \t]*(?:\n|$)", re.M)
+
+
+def split_steps(solution, fmt="cot", delim="\n\n"):
+    """The steps of a solution. "cot": a step ends after a run of `delim` (plus any further newlines);
+    "code": text, code and execution blocks (see the module docstring). Whitespace-only pieces join
+    the step before them (the first step keeps leading whitespace), so no step is blank."""
+    if fmt == "cot":
+        cuts = [m.end() for m in re.finditer(f"(?:{re.escape(delim)})+\n*", solution)]
+    elif fmt == "code":
+        cuts, i = [], 0
+        while i < len(solution):
+            fence = solution.startswith(CODE_START, i) or solution.startswith(OUTPUT_START, i)
+            if fence:  # a block runs to its closing fence line (to the end when unclosed)
+                m = _FENCE_CLOSE.search(solution, solution.index("\n", i) + 1)
+                i = m.end() if m else len(solution)
+            else:  # text runs to the next opening fence
+                i = min([j for j in (solution.find(CODE_START, i), solution.find(OUTPUT_START, i)) if j >= 0] or [len(solution)])
+            cuts.append(i)
+    else:
+        raise ValueError(f"unknown solution format {fmt!r}: expected 'cot' or 'code'")
+    steps, start = [], 0
+    for end in cuts + [len(solution)]:
+        piece = solution[start:end]
+        if not piece:
+            continue
+        if steps and not piece.strip():
+            steps[-1] += piece
+        elif steps and not steps[-1].strip():
+            steps[-1] += piece
+        else:
+            steps.append(piece)
+        start = end
+    return steps
+
+
+def step_kind(step):
+    """'code', 'output' or 'text' (a code-integrated block; every chain-of-thought step is 'text')."""
+    step = step.lstrip()  # a solution's leading whitespace stays with its first step
+    return "code" if step.startswith(CODE_START) else "output" if step.startswith(OUTPUT_START) else "text"
+
+
+def step_of_char(steps, char_index):
+    """Index of the step that holds character `char_index` of "".join(steps)."""
+    end = 0
+    for i, step in enumerate(steps):
+        end += len(step)
+        if char_index < end:
+            return i
+    raise IndexError(f"character {char_index} is past the end ({end} characters)")
+
+
+def cut_points(steps, mode="paper"):
+    """Steps k after which a step-controlled continuation may start: the prefix is steps[:k + 1].
+    "paper": k in [0, m-1] (m = last step index); "scripts" (the authors' code): k in [1, m-2].
+    Never after a code block: what follows it is its execution output, not the model's choice."""
+    m = len(steps) - 1
+    ks = range(0, m) if mode == "paper" else range(1, m - 1) if mode == "scripts" else None
+    if ks is None:
+        raise ValueError(f"unknown cut mode {mode!r}: expected 'paper' or 'scripts'")
+    return [k for k in ks if step_kind(steps[k]) != "code"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Filters (METHOD.md sections 1 and 2). A solution is preferred when its answer is right and it shows
+# no error or correction (the authors' scripts: no "error" / "apolog" anywhere, any case) and, for
+# code, no execution error; dispreferred when its answer is wrong or missing; else neither.
+# ----------------------------------------------------------------------------------------------
+ERROR_MARKERS = ("error", "apolog")
+_EXEC_ERROR = re.compile(r"Traceback \(most recent call last\)|\b\w*(?:Error|Exception)\b|[Tt]imed? ?out")
+
+
+def has_exec_error(solution):
+    """An execution block of a code-integrated solution reports an exception or a timeout."""
+    return any(step_kind(s) == "output" and _EXEC_ERROR.search(s) for s in split_steps(solution, "code"))
+
+
+def judge(solution, gold, fmt="cot"):
+    """(label, answer): label is 'preferred', 'dispreferred', or 'flawed' (right answer but an
+    error/apology marker or an execution error: neither side of a pair). Chain-of-thought answers may
+    fall back to the last number; code-integrated ones must be \\boxed or stated."""
+    pred = extract_answer(solution, fallback=fmt == "cot")
+    if not is_equiv(pred, gold):
+        return "dispreferred", pred
+    lower = solution.lower()
+    if any(mark in lower for mark in ERROR_MARKERS) or (fmt == "code" and has_exec_error(solution)):
+        return "flawed", pred
+    return "preferred", pred
+
+
+def is_preferred(solution, gold, fmt="cot"):
+    return judge(solution, gold, fmt)[0] == "preferred"
+
+
+def is_dispreferred(solution, gold, fmt="cot"):
+    return judge(solution, gold, fmt)[0] == "dispreferred"
+
+
+def is_noisy(continuation, fmt="cot", max_blocks=24, max_block_chars=3000, delim="\n\n"):
+    """None for a clean continuation, else why it is noise (a short key for the sampler's drop counts):
+    'too_many_blocks', 'long_block', 'delimiter_in_block' (a fence inside a text, code or output
+    block) or 'unclosed_block'."""
+    blocks = split_steps(continuation, fmt, delim)
+    if len(blocks) > max_blocks:
+        return "too_many_blocks"
+    if any(len(b) > max_block_chars for b in blocks):
+        return "long_block"
+    if fmt == "code":
+        for b in blocks:
+            kind = step_kind(b)
+            inner = b if kind == "text" else b.lstrip()[len(CODE_START if kind == "code" else OUTPUT_START):]
+            if kind != "text" and not _FENCE_CLOSE.search(inner):
+                return "unclosed_block"
+            if "```" in (inner if kind == "text" else inner[:_FENCE_CLOSE.search(inner).start()]):
+                return "delimiter_in_block"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Pair records, one JSON object a line. A naive pair has prefix "" and k = -1; a step-controlled
+# pair's prefix is the shared steps t_0..t_k of the preferred solution, and chosen / rejected are the
+# two continuations after it (so prefix + chosen is the whole preferred solution).
+# ----------------------------------------------------------------------------------------------
+PAIR_FIELDS = {"id": str, "source": str, "question": str, "prefix": str, "chosen": str, "rejected": str,
+               "kind": str, "k": int, "gold": str, "chosen_answer": (str, type(None)),
+               "rejected_answer": (str, type(None)), "fmt": str, "sampling": dict}
+
+
+def make_pair(record, chosen, rejected, prefix="", k=-1, fmt="cot", sampling=None):
+    """The pair record of a question `record` (from load_dataset). The answers are extracted from the
+    whole solutions (prefix + continuation); `sampling`: the settings that produced it (temperature,
+    ramp, tries, seed ...)."""
+    if bool(prefix) != (k >= 0):
+        raise ValueError(f"a step-controlled pair has a prefix and k >= 0, a naive one neither (k={k}, prefix={prefix[:40]!r})")
+    fallback = fmt == "cot"
+    return {"id": record["id"], "source": record["source"], "question": record["question"], "prefix": prefix,
+            "chosen": chosen, "rejected": rejected, "kind": "sc" if k >= 0 else "naive", "k": k,
+            "gold": record["gold"], "chosen_answer": extract_answer(prefix + chosen, fallback),
+            "rejected_answer": extract_answer(prefix + rejected, fallback), "fmt": fmt, "sampling": dict(sampling or {})}
+
+
+def check_pair(pair, where="pair"):
+    """The pair itself, after checking every field of PAIR_FIELDS; else ValueError naming `where` and the field."""
+    for name, kind in PAIR_FIELDS.items():
+        if name not in pair:
+            raise ValueError(f"{where}: missing field {name!r}")
+        if not isinstance(pair[name], kind) or (kind is int and isinstance(pair[name], bool)):
+            raise ValueError(f"{where}: field {name!r} is {type(pair[name]).__name__}, expected {getattr(kind, '__name__', kind)}")
+    if pair["kind"] not in ("naive", "sc") or (pair["kind"] == "sc") != (pair["k"] >= 0):
+        raise ValueError(f"{where}: field 'kind' is {pair['kind']!r} with k={pair['k']}: expected 'naive' (k=-1) or 'sc' (k>=0)")
+    return pair
+
+
+def read_pairs(path):
+    return read_jsonl(path, check_pair)
+
+
+# TRL's preference format with plain strings: prompt = question, plus "\n\n" + prefix for a
+# step-controlled pair; chosen / rejected = the continuations. The other fields ride along.
+def to_trl(pair):
+    prompt = pair["question"] + ("\n\n" + pair["prefix"] if pair["prefix"] else "")
+    return {"prompt": prompt, "chosen": pair["chosen"], "rejected": pair["rejected"],
+            **{k: v for k, v in pair.items() if k not in ("chosen", "rejected")}}
+
+
+def from_trl(row, source="trl"):
+    """A pair record from a TRL row; rows written by to_trl come back exactly, foreign rows become
+    naive pairs with prompt as the question."""
+    if all(k in row for k in PAIR_FIELDS):
+        return check_pair({k: row[k] for k in PAIR_FIELDS})
+    record = {"id": str(row.get("id", "")), "source": row.get("source", source), "question": row["prompt"],
+              "gold": str(row.get("gold", ""))}
+    return make_pair(record, row["chosen"], row["rejected"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenised rows and batches. The prompt is tok.render_prompt(question, prefix): the question as the
+# user turn, then the prefix as the start of the assistant turn, left open. Prompt + continuation is
+# tokenised once and split at the character boundary (tok.encode_prompt_response). Every chosen and
+# rejected of this project is a complete solution, so EOS follows it, unless max_len cut it short.
+# A pair whose prompt is longer than max_prompt_len is dropped (never cut), and counted.
+# ----------------------------------------------------------------------------------------------
+def _cap(ids, room, eos_id):
+    """ids + [EOS] cut to `room` tokens; (ids, truncated)."""
+    full = list(ids) + [eos_id]
+    return full[:room], len(full) > room
+
+
+def tokenize_pair(pair, tok, max_len=1024, max_prompt_len=512):
+    """{"prompt", "chosen", "rejected": token ids, "chosen_truncated", "rejected_truncated": bool, "id",
+    "kind"}, with len(prompt) + len(each continuation) <= max_len; None when the prompt has more than
+    max_prompt_len tokens."""
+    if not 0 < max_prompt_len < max_len:
+        raise ValueError(f"need 0 < max_prompt_len ({max_prompt_len}) < max_len ({max_len})")
+    text = tok.render_prompt(pair["question"], pair["prefix"])
+    (ids_c, n_c), (ids_r, n_r) = (tok.encode_prompt_response(text, pair[side]) for side in ("chosen", "rejected"))
+    n = 0  # both encodings share the prompt's ids; a token straddling the boundary belongs to the continuation
+    while n < min(n_c, n_r) and ids_c[n] == ids_r[n]:
+        n += 1
+    if n == 0:  # the first continuation token is predicted by the last prompt token: there must be one
+        raise ValueError(f"pair {pair['id']}: the rendered prompt has no tokens")
+    if n > max_prompt_len:
+        return None
+    chosen, cut_c = _cap(ids_c[n:], max_len - n, tok.eos_id)
+    rejected, cut_r = _cap(ids_r[n:], max_len - n, tok.eos_id)
+    return {"prompt": ids_c[:n], "chosen": chosen, "rejected": rejected, "chosen_truncated": cut_c,
+            "rejected_truncated": cut_r, "id": pair["id"], "kind": pair["kind"]}
+
+
+def tokenize_pairs(pairs, tok, max_len=1024, max_prompt_len=512, log=print):
+    """tokenize_pair over a list, with a one-line summary of what was kept, dropped and truncated."""
+    rows = [tokenize_pair(p, tok, max_len, max_prompt_len) for p in pairs]
+    kept = [r for r in rows if r is not None]
+    log(f"tokenize_pairs: kept {len(kept)}/{len(pairs)} pairs | dropped {len(pairs) - len(kept)} (prompt > "
+        f"{max_prompt_len} tokens) | truncated to {max_len} tokens: chosen {sum(r['chosen_truncated'] for r in kept)}, "
+        f"rejected {sum(r['rejected_truncated'] for r in kept)}")
+    return kept
+
+
+def tokenize_sft(question, solution, tok, max_len=2048):
+    """{"prompt", "response": ids, "truncated"} of a complete solution (EOS appended) for SFT;
+    the prompt is never cut (None when it alone fills max_len)."""
+    ids, n = tok.encode_prompt_response(tok.render_prompt(question), solution)
+    if n >= max_len:
+        return None
+    response, cut = _cap(ids[n:], max_len - n, tok.eos_id)
+    return {"prompt": ids[:n], "response": response, "truncated": cut}
+
+
+# Batches. The model returns hidden states h (B, L, D); the loss needs, for each continuation token,
+# the hidden state that predicts it. A batch names them with flat indices into h.view(B * L, D):
+#   idx (N,) rows of the flattened h, tgt (N,) the token each predicts, seg (N,) its segment:
+#   2p for pair p's chosen, 2p + 1 for its rejected (collate_sft: p for row p's response);
+#   lengths (n_seg,) tokens per segment.
+# Then logp = log_softmax(h[idx] @ W.T).gather(tgt) summed by seg (index_add) is (2P,) and
+# chosen = logp[0::2], rejected = logp[1::2]. Prompt positions never reach the LM head.
+#
+# Packed layout (one row per pair, prompt P, chosen C, rejected R tokens):
+#   ids        p_0 .. p_P-1 | c_0 .. c_C-1   | r_0 .. r_R-1
+#   positions  0 .. P-1     | P .. P+C-1     | P .. P+R-1        (rejected restarts after the prompt)
+#   mask       causal, except that rejected queries never see chosen keys; padding sees itself
+#   c_i is predicted by h[P-1+i]; r_0 by h[P-1] (the last prompt token, as c_0), r_i by h[P+C-1+i].
+# The prompt (for a step-controlled pair: question and the shared prefix) is computed once, and both
+# continuations see exactly what they would in a row of their own.
+# Unpacked layout: rows 2p = prompt + chosen and 2p + 1 = prompt + rejected, right-padded, plain causal
+# (mask None); every real query only sees keys before it, padding included.
+def collate_pairs(rows, packed=True, pad_id=0):
+    """dict(input_ids, positions (B, L) long, mask (B, L, L) bool or None, idx, tgt, seg, lengths) of
+    tokenised pairs; B = len(rows) packed, 2 * len(rows) unpacked."""
+    if packed:
+        seqs = [r["prompt"] + r["chosen"] + r["rejected"] for r in rows]
+    else:
+        seqs = [r["prompt"] + r[side] for r in rows for side in ("chosen", "rejected")]
+    B, L = len(seqs), max(map(len, seqs))
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    positions = torch.zeros((B, L), dtype=torch.long)
+    mask = torch.eye(L, dtype=torch.bool).repeat(B, 1, 1) if packed else None
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    idx, tgt, seg = [], [], []
+    for b, seq in enumerate(seqs):
+        input_ids[b, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        positions[b] = torch.arange(L)
+    for p, r in enumerate(rows):
+        P, C, R = len(r["prompt"]), len(r["chosen"]), len(r["rejected"])
+        if packed:
+            b, T = p, P + C + R
+            positions[b, P + C:T] = torch.arange(P, P + R)
+            mask[p, :T, :T] = causal[:T, :T]
+            mask[p, P + C:T, P:P + C] = False
+            starts = {"chosen": (b, P, P - 1), "rejected": (b, P + C, P - 1)}
+        else:
+            starts = {"chosen": (2 * p, P, P - 1), "rejected": (2 * p + 1, P, P - 1)}
+        for s, side in enumerate(("chosen", "rejected")):
+            b, first, h0 = starts[side]  # tokens at first.., predicted by h0, then by the token before each
+            n = len(r[side])
+            idx += [b * L + (h0 if i == 0 else first + i - 1) for i in range(n)]
+            tgt += r[side]
+            seg += [2 * p + s] * n
+    lengths = torch.tensor([len(r[side]) for r in rows for side in ("chosen", "rejected")], dtype=torch.long)
+    return {"input_ids": input_ids, "positions": positions, "mask": mask, "idx": torch.tensor(idx, dtype=torch.long),
+            "tgt": torch.tensor(tgt, dtype=torch.long), "seg": torch.tensor(seg, dtype=torch.long), "lengths": lengths}
+
+
+def collate_sft(rows, pad_id=0):
+    """The same dict for SFT rows (tokenize_sft): one row per example, right-padded, plain causal
+    (mask None), the loss on the response tokens only (seg = the row)."""
+    seqs = [r["prompt"] + r["response"] for r in rows]
+    B, L = len(seqs), max(map(len, seqs))
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    idx, tgt, seg = [], [], []
+    for b, (r, seq) in enumerate(zip(rows, seqs)):
+        input_ids[b, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        P, n = len(r["prompt"]), len(r["response"])
+        idx += [b * L + P - 1 + i for i in range(n)]
+        tgt += r["response"]
+        seg += [b] * n
+    return {"input_ids": input_ids, "positions": torch.arange(L).expand(B, L).clone(), "mask": None,
+            "idx": torch.tensor(idx, dtype=torch.long), "tgt": torch.tensor(tgt, dtype=torch.long),
+            "seg": torch.tensor(seg, dtype=torch.long),
+            "lengths": torch.tensor([len(r["response"]) for r in rows], dtype=torch.long)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Miniature task (the default `python scdpo.py`, issue 7). Synthetic word problems in which every
+# step is one computation that can be checked exactly, so the first wrong step of ANY solution is
+# known (first_wrong_step), which is what the credit-assignment metric needs and what real data lacks:
+#
+#   Eva has 7 bags of 6 pens. Eva gets 3, uses 8, uses 5. How many now?
+#   6*7=42            step 0   a*b (operands in either order)
+#   42+3=45           step 1   one line per operation, in the question's order (+: either order)
+#   45-8=37           step 2
+#   37-5=32           step 3
+#   The answer is 32  step 4   (data.extract_answer reads it)
+#
+# Solutions vary in wording (operand order of * and +), so two solutions of one question differ in
+# more than their error. The SFT demonstrations carry a systematic "bad habit": in a subtraction that
+# needs a borrow (45-8), a fraction `habit` of them forget it (45-8=47), the classic primary-school
+# bug. The SFT model learns the habit as a probability, so greedy decoding repeats it while sampling
+# sometimes does it right: outcome feedback (pairs) can fix it, and every habit error sits at a known
+# step type, anywhere from step 1 to the last operation.
+# Steps are lines: split_steps(solution, "cot", MINI_DELIM).
+# ----------------------------------------------------------------------------------------------
+MINI_DELIM = "\n"
+MINI_NAMES = ("Ann", "Bob", "Cai", "Dev", "Eva", "Fay", "Gus", "Ida")
+MINI_ITEMS = ("nuts", "pens", "eggs", "cups", "bows", "jars")
+_MINI_Q = re.compile(r"^(\w+) has (\d+) bags of (\d+) \w+\. \1 ((?:(?:gets|uses) \d+(?:, )?)+)\. How many now\?$")
+_MINI_STEP = re.compile(r"^(\d+)([+\-*])(\d+)=(-?\d+)\n?$")
+_MINI_ANSWER = re.compile(r"^The answer is (-?\d+)$")
+
+
+def mini_problem(rng, n_ops=3):
+    """{"question", "gold"}: a*b, then n_ops additions or subtractions of 2..9, every value in 1..99."""
+    while True:
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
+        v, ops = a * b, []
+        for _ in range(n_ops):
+            op, n = rng.choice("+-"), rng.randint(2, 9)
+            v = v + n if op == "+" else v - n
+            ops.append(f"{'gets' if op == '+' else 'uses'} {n}")
+        if all(1 <= x <= 99 for x in mini_values(a, b, ops)):
+            break
+    name, item = rng.choice(MINI_NAMES), rng.choice(MINI_ITEMS)
+    return {"question": f"{name} has {a} bags of {b} {item}. {name} {', '.join(ops)}. How many now?", "gold": str(v)}
+
+
+def mini_values(a, b, ops):
+    v, out = a * b, [a * b]
+    for o in ops:
+        n = int(o.split()[1])
+        v = v + n if o.startswith("gets") else v - n
+        out.append(v)
+    return out
+
+
+def mini_nodes(question):
+    """The computation a right solution performs, one (op, x, y, result) per step."""
+    m = _MINI_Q.match(question)
+    if m is None:
+        raise ValueError(f"not a miniature question: {question!r}")
+    a, b, ops = int(m[2]), int(m[3]), m[4].split(", ")
+    nodes, v = [("*", a, b, a * b)], a * b
+    for o in ops:
+        op, n = ("+" if o.startswith("gets") else "-"), int(o.split()[1])
+        r = v + n if op == "+" else v - n
+        nodes.append((op, v, n, r))
+        v = r
+    return nodes
+
+
+def needs_borrow(x, y):
+    return x % 10 < y % 10
+
+
+def mini_solution(question, rng, habit=0.0, vary=True):
+    """A worked solution. vary: random operand order for * and + (the wording); habit: the chance that a
+    subtraction needing a borrow forgets it (result 10 too big); every later step is right given it."""
+    steps, v = [], None
+    for op, x, y, r in mini_nodes(question):
+        if v is not None:
+            x = v                                       # carries an earlier mistake forward
+            r = x + y if op == "+" else x - y
+        if op == "-" and needs_borrow(x, y) and rng.random() < habit:
+            r += 10
+        a, b = (y, x) if op in "+*" and vary and rng.random() < 0.5 else (x, y)
+        steps.append(f"{a}{op}{b}={r}")
+        v = r
+    return "\n".join(steps + [f"The answer is {v}"])
+
+
+def first_wrong_step(question, solution):
+    """Index of the first wrong step of `solution` (steps = lines), -1 when every step is right.
+    Step i < n must compute node i of the question (operands in either order for + and *; a wrong
+    number, operation or result is wrong); step n must be 'The answer is <right>'; anything more, or a
+    solution that stops early, is wrong at the first missing or extra line."""
+    nodes = mini_nodes(question)
+    lines = split_steps(solution, "cot", MINI_DELIM)
+    for i, line in enumerate(lines):
+        if i < len(nodes):
+            op, x, y, r = nodes[i]
+            m = _MINI_STEP.match(line)
+            if not m or m[2] != op or int(m[4]) != r:
+                return i
+            if (int(m[1]), int(m[3])) != (x, y) and not (op in "+*" and (int(m[3]), int(m[1])) == (x, y)):
+                return i
+        elif i == len(nodes):
+            m = _MINI_ANSWER.match(line.rstrip("\n"))
+            if not m or int(m[1]) != nodes[-1][3]:
+                return i
+        else:
+            return i
+    return -1 if len(lines) == len(nodes) + 1 else len(lines)
+
+
+def mini_dataset(n, seed, habit=0.0, n_ops=3, offset=0):
+    """n records {id, source, question, gold, solution}, reproducible from seed (solutions with the habit)."""
+    import random
+    rng = random.Random(seed)
+    recs = []
+    for i in range(n):
+        p = mini_problem(rng, n_ops)
+        p.update(id=f"mini/{offset + i}", source="mini", solution=mini_solution(p["question"], rng, habit))
+        recs.append(p)
+    return recs
+
+
+MINI_CHARS = "\n ,.?*+-=0123456789" + "".join(sorted(set("".join(MINI_NAMES + MINI_ITEMS) + "bagsofhasgetsusesHowmanynowTheansweris")))
+# The chat template: BOS, the question, a newline; the answer, then EOS. render_prompt is a prefix of render.
+MINI_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] + '\\n' }}"
+                 "{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}")
+
+
+def mini_tokenizer(path):
+    """A character tokenizer (BPE with no merges) saved as tokenizer.json + tokenizer_config.json, so
+    that model.Tokenizer.from_pretrained(path) loads it like any hub tokenizer."""
+    import tokenizers
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for c in MINI_CHARS:
+        vocab.setdefault(c, len(vocab))
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
+    tok.add_special_tokens(["<pad>", "<s>", "</s>"])
+    tok.decoder = tokenizers.decoders.Fuse()
+    os.makedirs(path, exist_ok=True)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    config = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "chat_template": MINI_TEMPLATE,
+              "model_max_length": 256, "tokenizer_class": "PreTrainedTokenizerFast"}
+    with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+    return path
