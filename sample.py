@@ -1,0 +1,718 @@
+"""Sampling for Step-Controlled DPO: a KV-cached batched sampler with a per-step temperature ramp, a
+sandbox that runs the code blocks of code-integrated solutions, and the pair pipeline.
+
+    python sample.py pairs --model PATH --data gsm8k:train,math:train --out pairs.jsonl
+    python sample.py pairs --model PATH --data math:train --fmt code --k-max 100 --ramp scripts --cut random
+    torchrun --standalone --nproc_per_node=8 sample.py pairs --model PATH --data gsm8k:train --out pairs.jsonl
+
+The pipeline (METHOD.md sections 1-2), per question: sample at temperature 1 until there is a preferred
+and a dispreferred solution or --k-max samples (the naive pair); then cut the preferred solution after
+each eligible step (--cut all) or one (--cut random), continue from each cut --tries times with the
+ramp T_j = min(start + j * inc, max), and keep the first wrong, clean continuation (the step-controlled
+pair), at most --sc-per-question per question. Grading, steps, filters and the pair record are data.py's.
+Progress is kept in <out>.parts/: kill the run at any time and rerun the same command to go on.
+In Python: generate() (token ids), sample_solutions() (text), make_pairs() (the pipeline).
+"""
+import json
+import os
+import random
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from collections import Counter
+
+import torch
+from tqdm import tqdm
+
+import data
+
+# ----------------------------------------------------------------------------------------------
+# Code sandbox: one persistent interpreter per solution (notebook-kernel-like state across blocks)
+# ----------------------------------------------------------------------------------------------
+# The kernel's own source, run as `python -I -c _KERNEL_SRC ...` in a fresh process. It sets its limits,
+# installs an audit hook (PEP 578: cannot be removed from Python code), then executes one code block per
+# request line and answers one JSON line on a private copy of its stdout. fds 0-2 point to /dev/null so
+# that user code cannot write into the protocol by accident.
+_KERNEL_SRC = r'''
+import ast, ctypes, io, json, os, resource, signal, subprocess, sys, traceback, _posixsubprocess
+root, timeout, mem_mb, max_out = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+inp, out = os.fdopen(os.dup(0), "rb", 0), os.fdopen(os.dup(1), "wb", 0)
+null = os.open(os.devnull, os.O_RDWR)
+for fd in (0, 1, 2): os.dup2(null, fd)
+os.chdir(root)
+netns = ctypes.CDLL(None, use_errno=True).unshare(0x40000000) == 0  # CLONE_NEWNET: needs CAP_SYS_ADMIN
+R = resource
+for lim, v in ((R.RLIMIT_AS, mem_mb << 20), (R.RLIMIT_FSIZE, 16 << 20), (R.RLIMIT_CORE, 0),
+               (R.RLIMIT_NOFILE, 64), (R.RLIMIT_CPU, 600), (R.RLIMIT_NPROC, 0)):
+    R.setrlimit(lim, (v, v))
+def _blocked(*a, **k): raise PermissionError("blocked in the sandbox: subprocesses")
+_posixsubprocess.fork_exec = subprocess._fork_exec = _blocked  # the one spawn path with no audit event
+ROOT, PID = os.path.realpath(root), os.getpid()
+READ_OK = [ROOT, "/dev/null", "/dev/urandom", f"/proc/{PID}", "/usr/share/zoneinfo"] + [
+    os.path.realpath(p) for p in sys.path + [sys.prefix, sys.base_prefix, sys.exec_prefix] if p]
+def under(p, dirs): return any(p == d or p.startswith(d.rstrip("/") + "/") for d in dirs)
+def resolve(p, dir_fd=None):
+    p = os.fsdecode(p)
+    base = os.readlink(f"/proc/self/fd/{dir_fd}") if dir_fd not in (None, -1) else os.getcwd()
+    return os.path.realpath(os.path.join(base, p))
+ALWAYS = {"os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn", "os.system", "subprocess.Popen",
+          "os.killpg", "resource.setrlimit", "resource.prlimit", "sys.addaudithook", "ctypes.dlopen",
+          "ctypes.dlsym", "ctypes.dlsym/handle", "ctypes.cdata", "ctypes.cdata/buffer", "socket.__new__",
+          "socket.connect", "socket.bind", "socket.sendto", "socket.getaddrinfo", "socket.gethostbyname",
+          "socket.gethostbyaddr", "os.setxattr", "os.removexattr"}
+WRITES = {"os.remove": (0,), "os.rmdir": (0,), "os.rename": (0, 1), "os.truncate": (0,), "os.chmod": (0,),
+          "os.chown": (0,), "os.utime": (0,), "os.link": (0, 1), "os.symlink": (0, 1), "os.mkdir": (0,),
+          "shutil.rmtree": (0,), "os.chflags": (0,), "os.lchflags": (0,)}
+WFLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+def hook(event, args):
+    if event in ALWAYS:
+        raise PermissionError(f"blocked in the sandbox: {event}")
+    if event == "os.kill" and args[0] not in (0, PID):
+        raise PermissionError("blocked in the sandbox: os.kill")
+    if event == "import" and args[0] in ("_posixsubprocess", "_xxsubinterpreters", "_ctypes"):
+        raise PermissionError(f"blocked in the sandbox: import {args[0]}")
+    if event == "open" and not isinstance(args[0], int):
+        p = resolve(args[0])
+        if (args[2] & WFLAGS and not under(p, [ROOT, "/dev/null"])) or not under(p, READ_OK):
+            raise PermissionError(f"blocked in the sandbox: open {args[0]!r} outside the sandbox")
+    if event in WRITES:
+        dir_fd = args[-1] if event in ("os.remove", "os.rmdir", "shutil.rmtree", "os.mkdir") else None
+        for i in WRITES[event]:
+            if isinstance(args[i], (str, bytes, os.PathLike)) and not under(resolve(args[i], dir_fd), [ROOT]):
+                raise PermissionError(f"blocked in the sandbox: {event} outside the sandbox")
+sys.addaudithook(hook)
+class Cap(io.TextIOBase):  # bounded capture: a print loop cannot grow memory without limit
+    def __init__(self): self.parts, self.n = [], 0
+    def write(self, s):
+        if self.n <= max_out: self.parts.append(s[: max_out + 1 - self.n]); self.n += len(self.parts[-1])
+        return len(s)
+def on_alarm(*a): raise TimeoutError(f"code execution exceeded {timeout:g} s")
+signal.signal(signal.SIGALRM, on_alarm)
+env = {"__name__": "__main__"}
+out.write(json.dumps({"ready": True, "netns": netns, "uid": os.getuid()}).encode() + b"\n")
+for line in inp:
+    code, cap = json.loads(line)["code"], Cap()
+    sys.stdout = sys.stderr = cap
+    err = False
+    try:
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+        tree = ast.parse(code)
+        last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+        exec(compile(tree, "<code>", "exec"), env)
+        if last is not None:  # notebook-like: show the value of a trailing expression
+            v = eval(compile(ast.Expression(last.value), "<code>", "eval"), env)
+            if v is not None: print(repr(v))
+    except BaseException as e:
+        err = True
+        cap.write("".join(traceback.format_exception_only(type(e), e)))
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+    text = "".join(cap.parts)
+    text = text[:max_out] + "\n...(output truncated)" if len(text) > max_out else text
+    out.write(json.dumps({"out": text, "error": err}).encode() + b"\n")
+'''
+
+
+class Kernel:
+    """One solution's interpreter: a separate Python process whose globals persist across run() calls.
+
+    What is enforced (and how), without needing to drop root:
+    - time: each block gets `timeout` s (SIGALRM inside the kernel raises TimeoutError, state is kept);
+      a block that ignores it is killed at timeout + 2 s by the parent (kernel restarted, state lost).
+    - memory: RLIMIT_AS (`mem_mb`); a big allocation raises MemoryError inside the kernel.
+    - files: a private temporary working directory (removed on close); RLIMIT_FSIZE 16 MiB; the audit
+      hook refuses writes, deletes, renames, chmod/chown, links and mkdir outside it, and reads outside
+      it except Python's own installation (so /proc/<parent>/environ, /etc/shadow, the repo are refused).
+    - processes: os.fork/exec/spawn/system/posix_spawn, subprocess and _posixsubprocess are refused by the
+      audit hook; RLIMIT_NPROC=0 also stops fork at the kernel level, but only for a non-root uid (Linux
+      exempts uid 0 from RLIMIT_NPROC) -- as root, the hook is the only barrier.
+    - network: the hook refuses socket creation/connect/bind/DNS; when the process may unshare
+      (root/CAP_SYS_ADMIN) the kernel also runs in an empty network namespace (`self.netns`).
+    - environment: the parent's environment is not inherited (a fixed minimal env), and /proc reads of
+      other processes are refused.
+    - output: stdout+stderr captured, at most `max_output` characters kept.
+    What is NOT enforced: ctypes is loaded but its dlopen/dlsym/from_address are refused, yet CPython is
+    not a security boundary -- interpreter bugs or C extensions can get around an audit hook; CPU share
+    and disk I/O rate are not limited; as root without the namespace, the hook is the only network barrier.
+    Treat it as protection against model mistakes, not against an adversary; use a VM or nsjail for that.
+    """
+
+    def __init__(self, timeout=6.0, mem_mb=1024, max_output=1000):
+        self.timeout, self.mem_mb, self.max_output = timeout, mem_mb, max_output
+        self.proc = self.dir = None
+        self.netns = None
+
+    def start(self):
+        self.dir = tempfile.mkdtemp(prefix="scdpo-kernel-")
+        env = {"PATH": "/usr/bin:/bin", "HOME": self.dir, "TMPDIR": self.dir, "OPENBLAS_NUM_THREADS": "1",
+               "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "LANG": "C.UTF-8"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-I", "-c", _KERNEL_SRC, self.dir, str(self.timeout), str(self.mem_mb),
+             str(self.max_output)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, env=env, cwd=self.dir, start_new_session=True)
+        self._buf, self._ready = b"", False   # the kernel's hello is read with the first result
+
+    def _read(self, deadline):
+        """One JSON line from the kernel, or None when it died, garbled its reply or ran past deadline."""
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return None
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        try:
+            return json.loads(line)
+        except ValueError:
+            return None
+
+    def submit(self, code):
+        """Send one block; collect its output with result(). Lets many kernels run at once."""
+        if self.proc is None or self.proc.poll() is not None:
+            self.close()
+            self.start()
+        self._deadline = time.monotonic() + self.timeout + 2
+        try:
+            self.proc.stdin.write(json.dumps({"code": code}).encode() + b"\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:  # died since the poll above; result() reports it
+            self._deadline = 0
+
+    def result(self):
+        if not self._ready:   # started by submit() without waiting, so that many kernels start at once
+            hello = self._read(time.monotonic() + 60)
+            if hello is None or not hello.get("ready"):
+                self.close()
+                return "RuntimeError: the sandbox kernel failed to start"
+            self._ready, self.netns = True, hello["netns"]
+            self._deadline = time.monotonic() + self.timeout + 2
+        reply = self._read(self._deadline)
+        if reply is None:  # hard timeout, crash (segfault, OOM kill) or garbage: restart on next submit
+            died = self.proc.poll() is not None
+            self.close()
+            return ("RuntimeError: the kernel died; it was restarted and its state is lost" if died else
+                    f"TimeoutError: code execution exceeded {self.timeout:g} s; the kernel was restarted "
+                    "and its state is lost")
+        return reply["out"]
+
+    def run(self, code):
+        self.submit(code)
+        return self.result()
+
+    def close(self):
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            self.proc.wait()
+            for f in (self.proc.stdin, self.proc.stdout):
+                try:
+                    f.close()
+                except OSError:
+                    pass
+            self.proc = None
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling: small pure functions (gpt-fast style) around the model's preallocated KV cache
+# ----------------------------------------------------------------------------------------------
+# The temperature ramp of METHOD.md section 2: T_j = min(start + j * inc, max) for a row's j-th step.
+RAMPS = {"paper": (1.1, 0.05, 1.4), "scripts": (1.1, 0.1, 1.4)}
+
+
+def parse_ramp(s):
+    """'paper' | 'scripts' | 'start,inc,max' -> (start, inc, max)."""
+    return RAMPS[s] if s in RAMPS else tuple(float(x) for x in s.split(","))
+
+
+def logits_to_probs(logits, temperature, top_k=0, top_p=1.0):
+    """(B, V) logits, (B,) temperatures > 0 -> (B, V) float32 probabilities after top-k, then top-p
+    (the smallest set of most likely tokens whose mass reaches top_p), renormalised."""
+    logits = logits.float() / temperature[:, None]
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        p, idx = torch.sort(probs, dim=-1, descending=True)
+        drop = (p.cumsum(-1) - p) >= top_p          # the mass before this token already reaches top_p
+        probs = torch.zeros_like(probs).scatter_(-1, idx, p.masked_fill(drop, 0.0))
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample(logits, temperature, u, top_k=0, top_p=1.0):
+    """Next ids (B,): argmax where temperature == 0, else the inverse CDF of the probabilities at the
+    uniform u (B,). One uniform per (row, step), drawn from that row's own generator, makes a row's
+    samples independent of which other rows share its batch."""
+    greedy = logits.argmax(-1)
+    hot = temperature > 0
+    if not hot.any():
+        return greedy
+    probs = logits_to_probs(logits, temperature.clamp_min(1e-6), top_k, top_p)
+    cdf = probs.cumsum(-1)
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    return torch.where(hot, idx.clamp_max(logits.shape[-1] - 1), greedy)
+
+
+def forward_step(model, cache, state, seqs):
+    """Append each row's new tokens (a list per row, lengths may differ) and return the logits after
+    each row's last token, (B, V). Every row writes the same T cache slots; a shorter row is right-
+    aligned and its leading slots are holes (`state.valid` False) that no query attends. So one function
+    does the ragged prefill (left padding), the one-token decode step, and appending execution output."""
+    dev, T, B = state.valid.device, max(len(s) for s in seqs), len(seqs)
+    c0 = state.cache_pos
+    if c0 + T > cache.max_len:   # execution output made the rows longer than planned: grow the cache
+        n = max(c0 + T, 2 * cache.max_len) - cache.max_len
+        grow = lambda t: torch.cat([t, t.new_zeros(*t.shape[:2], n, t.shape[3])], 2)
+        cache.k, cache.v = [grow(k) for k in cache.k], [grow(v) for v in cache.v]
+        state.valid = torch.cat([state.valid, state.valid.new_zeros(B, n)], 1)
+    if T == 1:   # the decode step: every row appends one real token, the mask is the valid slots
+        ids = torch.tensor(seqs, device=dev)
+        state.valid[:, c0] = True
+        h = model(ids, positions=state.npos[:, None], mask=state.valid[:, None, :c0 + 1], cache=cache,
+                  cache_pos=c0, return_hidden=True)
+        state.npos += 1
+        state.cache_pos = c0 + 1
+        return model.output(h[:, -1])
+    ids = torch.zeros(B, T, dtype=torch.long)
+    real = torch.zeros(B, T, dtype=torch.bool)
+    for b, s in enumerate(seqs):
+        ids[b, T - len(s):] = torch.tensor(s, dtype=torch.long)
+        real[b, T - len(s):] = True
+    ids, real = ids.to(dev), real.to(dev)
+    pos = state.npos[:, None] + (real.cumsum(1) - 1).clamp_min(0)   # (B, T) positions restart per row
+    state.valid[:, c0:c0 + T] = real
+    slots = torch.arange(c0 + T, device=dev)
+    q = c0 + torch.arange(T, device=dev)
+    # a query sees the valid slots up to its own; a hole sees itself only (so its output stays finite)
+    mask = (state.valid[:, None, :c0 + T] & (slots <= q[:, None])) | (slots == q[:, None])   # (B, T, S)
+    h = model(ids, positions=pos, mask=mask, cache=cache, cache_pos=c0, return_hidden=True)
+    state.npos += real.sum(1)
+    state.cache_pos = c0 + T
+    return model.output(h[:, -1])
+
+
+class _State:
+    def __init__(self, B, max_len, device):
+        self.valid = torch.zeros(B, max_len, dtype=torch.bool, device=device)
+        self.npos = torch.zeros(B, dtype=torch.long, device=device)
+        self.cache_pos = 0
+
+    def select(self, keep):
+        self.valid, self.npos = self.valid[keep], self.npos[keep]
+
+
+class _Row:
+    """Host-side bookkeeping of one sample: its tokens, its decoded text, its step count j, its kernel."""
+
+    def __init__(self, rid, context):
+        self.rid, self.ids = rid, []
+        self.ctx, self.off, self.read = list(context), 0, len(context)   # incremental detokenization
+        self.text, self.scan, self.steps, self.in_code, self.kernel = "", 0, 0, False, None
+        self.temps, self.finish = [], None
+
+    def detok(self, tok):
+        """Text of the tokens added since the last call (held back while it ends in a partial character).
+        Decoding a window that starts a few tokens back keeps SentencePiece's leading spaces right."""
+        ids = self.ctx + self.ids
+        before = tok.decode(ids[self.off:self.read])
+        now = tok.decode(ids[self.off:])
+        if len(now) <= len(before) or now.endswith("\ufffd"):
+            return ""
+        self.off, self.read = self.read, len(ids)
+        return now[len(before):]
+
+
+def _scan_steps(row, fmt, delimiter):
+    """Advance row.steps over the step boundaries completed in row.text since the last scan; returns the
+    code of a code block that has just been closed (fmt "code"), else None. cot: each `delimiter`;
+    code: the end of a text block (CODE_START written) and the end of a code block (CODE_END)."""
+    code = None
+    while True:
+        d = delimiter if fmt == "cot" else data.CODE_END if row.in_code else data.CODE_START
+        i = row.text.find(d, row.scan)
+        if i < 0:
+            row.scan = max(row.scan, len(row.text) - len(d) + 1)
+            return code
+        if fmt == "code":
+            if row.in_code:
+                code = row.text[row.text.rfind(data.CODE_START, 0, i) + len(data.CODE_START):i]
+            row.in_code = not row.in_code
+        row.steps, row.scan = row.steps + 1, i + len(d)
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, stop=None, ramp=None,
+             seed=None, n=1, tok=None, eos_id=None, fmt="cot", delimiter="\n\n", sandbox=None, setup=None,
+             progress=False, return_rows=False):
+    """Sample continuations of `prompts` (lists of token ids, any lengths); each prompt n times.
+    Returns the new ids per row (len(prompts) * n rows, prompt-major), or the _Row objects with
+    return_rows (ids, text, per-token temperatures `temps`, `steps`, `finish` in eos|stop|length).
+
+    temperature 0 is greedy. ramp=(start, inc, max) replaces the temperature: a row's j-th step is
+    sampled at min(start + j * inc, max), j counting the boundaries (`_scan_steps`) in its own text.
+    A row ends at an EOS id (`eos_id`: an id or a list, default tok.stop_ids), at a `stop` string, or
+    after max_new_tokens new tokens (execution output included). `tok` is needed for stop, ramp and
+    fmt="code": there each closed code block runs in the row's own sandbox kernel (`sandbox()`, default
+    Kernel) and the output block is appended to the row before decoding goes on; `setup` (a list of code
+    blocks per prompt: those of a step-controlled prefix) runs in a row's kernel before its first block.
+    Each prompt is prefilled once and its cache repeated for its n samples. Row r's sampling noise comes
+    from its own generator seeded (seed, r) (or (seed[p], i) with a list of per-prompt seeds): the same
+    seed gives the same rows whatever the batching, so n=3 equals the prompt given three times."""
+    dev = model.output.weight.device
+    if seed is None:
+        seed = int(torch.randint(2**31, ()))
+    per_prompt = isinstance(seed, (list, tuple))   # one seed per prompt: rows (seed[p], i) for i < n
+    seeds = list(seed) if per_prompt else [seed] * len(prompts)
+    if eos_id is None:
+        eos_id = tok.stop_ids if tok is not None else model.args.eos_token_id
+    eos = set([eos_id] if isinstance(eos_id, int) else eos_id or [])
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    assert tok is not None or not (stop or ramp or fmt == "code"), "stop strings, ramp and code need tok"
+    sandbox = sandbox or Kernel
+    B0 = len(prompts)
+    max_len = max(len(p) for p in prompts) + max_new_tokens + 1
+    cache = model.make_cache(B0, max_len)
+    state = _State(B0, max_len, dev)
+    logits = forward_step(model, cache, state, [list(p) for p in prompts])    # the prefill, once per prompt
+    if n > 1:
+        cache, logits = cache.expand(n), logits.repeat_interleave(n, 0)
+        state.select(torch.arange(B0, device=dev).repeat_interleave(n))
+    rows, noise = [], torch.empty(B0 * n, max_new_tokens)
+    for r in range(B0 * n):
+        g = torch.Generator().manual_seed(seeds[r // n] * 1_000_003 + (r % n if per_prompt else r))
+        noise[r] = torch.rand(max_new_tokens, generator=g)
+        rows.append(_Row(r, prompts[r // n][-6:]))
+    noise = noise.to(dev)
+    rid = torch.arange(B0 * n, device=dev)           # the row id of each batch row
+    nsamp = torch.zeros(B0 * n, dtype=torch.long, device=dev)
+    active, done, ntok, t0 = list(rows), 0, 0, time.time()
+    bar = tqdm(total=len(rows), disable=not progress, desc="generate", unit="row")
+    while active:
+        if ramp is not None:
+            temps = [min(ramp[0] + r.steps * ramp[1], ramp[2]) for r in active]
+        else:
+            temps = [float(temperature)] * len(active)
+        if ramp is None and temperature == 0:
+            nxt = logits.argmax(-1).tolist()
+        else:
+            u = noise[rid, nsamp.clamp_max(max_new_tokens - 1)]
+            nxt = sample(logits, torch.tensor(temps, device=dev), u, top_k, top_p).tolist()
+        nsamp += 1
+        feed, todo = [], []
+        for r, t, i in zip(active, temps, nxt):
+            r.ids.append(i)
+            r.temps.append(t)
+            add, code = [i], None
+            if tok is not None and (stop or ramp or fmt == "code"):
+                old = len(r.text)
+                r.text += r.detok(tok)
+                code = _scan_steps(r, fmt, delimiter)
+            if i in eos:
+                r.finish = "eos"
+            elif any(s in r.text[max(0, old - len(s) + 1):] for s in stop):   # only where it can be new
+                r.finish = "stop"
+            elif len(r.ids) >= max_new_tokens:
+                r.finish = "length"
+            elif code is not None:
+                if r.kernel is None:
+                    r.kernel = sandbox()
+                    for c in setup[r.rid // n] if setup else []:
+                        r.kernel.run(c)   # the prefix's code, so that its variables exist
+                r.kernel.submit(code)     # all rows' code runs at once; collected below
+                todo.append((r, add))
+            feed.append(add)
+        for r, add in todo:
+            out = r.kernel.result()
+            block = data.OUTPUT_START + out + ("" if out.endswith("\n") or not out else "\n") + data.OUTPUT_END
+            ids = tok.encode(block)[: max(0, max_new_tokens - len(r.ids) - 1)]
+            add += ids
+            r.ids += ids
+            r.text += tok.decode(ids)
+            L = len(r.ctx) + len(r.ids)
+            r.off, r.read = max(0, L - 6), L   # the detokenizer goes on after the output block
+            r.scan = len(r.text)
+        ntok += sum(len(a) for a in feed)
+        finished = [k for k, r in enumerate(active) if r.finish]
+        for k in finished:
+            if active[k].kernel is not None:
+                active[k].kernel.close()
+        if finished:
+            done += len(finished)
+            bar.update(len(finished))
+            bar.set_postfix(tok_s=f"{ntok / (time.time() - t0):.0f}")
+            keep = [k for k, r in enumerate(active) if not r.finish]
+            if not keep:
+                break
+            sel = torch.tensor(keep, device=dev)
+            cache, _ = cache.select(sel), state.select(sel)
+            rid, nsamp = rid[sel], nsamp[sel]
+            active, feed = [active[k] for k in keep], [feed[k] for k in keep]
+        logits = forward_step(model, cache, state, feed)
+    bar.close()
+    return rows if return_rows else [r.ids for r in rows]
+
+
+def sample_solutions(model, tok, questions, n=1, prefixes=None, max_new_tokens=512, stop=None, **kw):
+    """Text in, text out: each question rendered with the chat template (plus its prefix, the open start of
+    the assistant turn), n continuations each. Returns one list of n texts per question, the EOS dropped
+    and each cut before its first stop string."""
+    prefixes = prefixes or [""] * len(questions)
+    prompts = [tok.encode(tok.render_prompt(q, p)) for q, p in zip(questions, prefixes)]
+    if kw.get("fmt") == "code":   # a prefix's code blocks re-run in each sample's kernel first
+        kw["setup"] = [[s[len(data.CODE_START):s.rstrip().rfind("```")] for s in data.split_steps(p, "code")
+                        if data.step_kind(s) == "code"] for p in prefixes]
+    rows = generate(model, prompts, max_new_tokens, n=n, tok=tok, stop=stop, return_rows=True, **kw)
+    texts = []
+    for r in rows:   # decoded after a few prompt tokens, so that a leading SentencePiece space survives
+        t = tok.decode(r.ctx + r.ids)[len(tok.decode(r.ctx)):]
+        for s in [stop] if isinstance(stop, str) else stop or []:
+            t = t.split(s)[0]
+        texts.append(t)
+    return [texts[i * n:(i + 1) * n] for i in range(len(questions))]
+
+
+# ----------------------------------------------------------------------------------------------
+# The pair pipeline (METHOD.md sections 1-2): naive pairs, then step-controlled pairs, per question
+# ----------------------------------------------------------------------------------------------
+SC_PER_QUESTION = {"gsm8k": 2, "math": 3}   # the authors' scripts; other sources default to 2
+
+
+def _seed(*parts):
+    return zlib.crc32("|".join(map(str, parts)).encode()) & 0x7FFFFFFF
+
+
+def pairs_for_chunk(model, tok, recs, fmt="cot", k_max=100, naive_batch=8, cut="all", cut_mode="paper",
+                    sc_per_question=None, tries=8, ramp=RAMPS["paper"], max_new_tokens=512, delimiter="\n\n",
+                    seed=0, **kw):
+    """Pairs of a few questions sampled together. Returns one dict per record: {id, pairs, stats}.
+    Every random choice is seeded by (seed, question id, round), so a question's pairs do not depend on
+    the rank or on a resumed run (given the same chunking)."""
+    sc_limit = {**SC_PER_QUESTION, **(sc_per_question or {})}
+    gen = dict(max_new_tokens=max_new_tokens, fmt=fmt, delimiter=delimiter, **kw)
+    st = [dict(pref=None, disp=None, n=0, stats=Counter()) for _ in recs]
+    # Naive: temperature 1 until a question has a preferred and a dispreferred solution, or k_max samples.
+    rnd = 0
+    while True:
+        act = [i for i, s in enumerate(st) if (s["pref"] is None or s["disp"] is None) and s["n"] < k_max]
+        if not act:
+            break
+        nb = min(naive_batch, k_max - st[act[0]]["n"])   # all active questions have drawn equally many
+        out = sample_solutions(model, tok, [recs[i]["question"] for i in act], n=nb, temperature=1.0,
+                               seed=[_seed(seed, recs[i]["id"], "naive", rnd) for i in act], **gen)
+        for i, texts in zip(act, out):
+            s = st[i]
+            s["n"] += nb
+            for t in texts:
+                label, _ = data.judge(t, recs[i]["gold"], fmt)
+                s["stats"][f"samples_{label}"] += 1
+                if label == "preferred" and s["pref"] is None:
+                    s["pref"] = t
+                elif label == "dispreferred" and s["disp"] is None:
+                    s["disp"] = t
+        rnd += 1
+    results = []
+    for rec, s in zip(recs, st):
+        s["stats"]["samples"] += s["n"]
+        pairs = []
+        if s["pref"] is not None and s["disp"] is not None:
+            pairs.append(data.make_pair(rec, s["pref"], s["disp"], fmt=fmt, sampling={
+                "temperature": 1.0, "samples": s["n"], "seed": seed}))
+        else:
+            s["stats"]["drop_naive_no_" + ("preferred" if s["pref"] is None else "dispreferred")] += 1
+        results.append(dict(id=rec["id"], pairs=pairs, stats=s["stats"]))
+    # Step-controlled: cut a preferred solution after step k, continue it with the ramp `tries` times,
+    # keep the first continuation that is wrong (and not noise). Waves: the w-th cut of every question
+    # that still wants pairs, so that cutting stops once a question has its quota.
+    cuts = []
+    for rec, s, res in zip(recs, st, results):
+        ks = []
+        if s["pref"] is not None:
+            steps = data.split_steps(s["pref"], fmt, delimiter)
+            ks = data.cut_points(steps, cut_mode)
+            if not ks:
+                s["stats"]["drop_sc_no_cut_point"] += 1
+            if cut == "random" and ks:
+                ks = [random.Random(_seed(seed, rec["id"], "cut")).choice(ks)]
+        cuts.append([(k, "".join(steps[:k + 1])) for k in ks] if ks else [])
+    limit = [sc_limit.get(rec["source"], 2) for rec in recs]
+    wave = 0
+    while True:
+        jobs = [(i, *cuts[i][wave]) for i in range(len(recs))
+                if wave < len(cuts[i]) and sum(p["kind"] == "sc" for p in results[i]["pairs"]) < limit[i]]
+        if not jobs:
+            break
+        out = sample_solutions(model, tok, [recs[i]["question"] for i, _, _ in jobs], n=tries,
+                               prefixes=[p for _, _, p in jobs], ramp=ramp,
+                               seed=[_seed(seed, recs[i]["id"], "sc", k) for i, k, _ in jobs], **gen)
+        for (i, k, prefix), texts in zip(jobs, out):
+            stats = st[i]["stats"]
+            stats["samples_sc"] += len(texts)
+            why = "no_wrong_continuation"
+            for t in texts:
+                if data.judge(prefix + t, recs[i]["gold"], fmt)[0] != "dispreferred":
+                    continue
+                noise = data.is_noisy(t, fmt, delim=delimiter)
+                if noise:
+                    why = "noisy_" + noise
+                    continue
+                chosen = st[i]["pref"][len(prefix):]
+                results[i]["pairs"].append(data.make_pair(recs[i], chosen, t, prefix=prefix, k=k, fmt=fmt, sampling={
+                    "ramp": list(ramp), "tries": tries, "seed": seed}))
+                why = None
+                break
+            if why:
+                stats["drop_sc_" + why] += 1
+        wave += 1
+    for res in results:
+        res["stats"] = dict(res["stats"])
+    return results
+
+
+def _read_parts(folder):
+    """Finished questions of every rank's part file; a line cut short by a kill is dropped."""
+    done = {}
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        with open(os.path.join(folder, name), encoding="utf-8") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                done[row["id"]] = row
+    return done
+
+
+def make_pairs(model, tok, records, out_path, chunk=16, rank=0, world=1, progress=True, **kw):
+    """The whole pipeline, resumable. Questions are sharded by rank (record i goes to rank i % world) and
+    sampled `chunk` at a time; each finished chunk's questions are appended at once (one line per
+    question, its pairs and counts) to `<out>.parts/rank<r>.jsonl`. A rerun skips the questions found
+    there, so a killed run resumes without duplicates. At the end rank 0 writes every pair to out_path in
+    record order and returns the summary counts (call it on every rank; it barriers when distributed)."""
+    folder = out_path + ".parts"
+    os.makedirs(folder, exist_ok=True)
+    part = os.path.join(folder, f"rank{rank}.jsonl")
+    done = _read_parts(folder)
+    if os.path.exists(part):   # rewrite our own file without a torn last line before appending to it
+        mine = [r for r in done.values() if r.get("rank") == rank]
+        data.write_jsonl(part, mine)
+    shard = records[rank::world]
+    chunks = [shard[i:i + chunk] for i in range(0, len(shard), chunk)]
+    bar = tqdm(total=len(shard), disable=not progress or rank != 0, desc=f"pairs (rank {rank})", unit="q")
+    bar.update(sum(r["id"] in done for r in shard))
+    for c in chunks:
+        todo = [r for r in c if r["id"] not in done]
+        if not todo:
+            continue
+        res = pairs_for_chunk(model, tok, todo, **kw)
+        with open(part, "a", encoding="utf-8") as f:   # one write: a kill leaves whole questions or a torn tail
+            f.write("".join(json.dumps({**r, "rank": rank}, ensure_ascii=False) + "\n" for r in res))
+            f.flush()
+            os.fsync(f.fileno())
+        bar.update(len(todo))
+    bar.close()
+    if world > 1:
+        torch.distributed.barrier()
+    summary = None
+    if rank == 0:
+        done = _read_parts(folder)
+        rows = [done[r["id"]] for r in records if r["id"] in done]
+        data.write_jsonl(out_path, [p for row in rows for p in row["pairs"]])
+        stats = Counter()
+        for row in rows:
+            stats.update(row["stats"])
+            stats.update(f"pairs_{p['kind']}" for p in row["pairs"])
+        summary = {"questions": len(rows), **dict(sorted(stats.items()))}
+        print(" | ".join(f"{k} {v}" for k, v in summary.items()))
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+def compute_init():
+    """(rank, world, device) from torchrun's variables; gloo on CPU, nccl on GPUs."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = "cpu"
+    if torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if device != "cpu" else "gloo")
+    return rank, world, device
+
+
+def load_records(spec, limit=None):
+    """'gsm8k:train,math:train' (names of data.DATASETS) or .jsonl paths with question/answer fields
+    (source = the file's name); each set cut to its first `limit` records."""
+    records = []
+    for s in spec.split(","):
+        recs = data.load_dataset(s) if s in data.DATASETS else data.load_dataset(s, {"question": "question", "gold": "answer"})
+        records += recs[:limit]
+    return records
+
+
+def main(argv=None):
+    import argparse
+    from model import load
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("pairs", help="sample naive and step-controlled pairs")
+    # input / output
+    a.add_argument("--model", required=True, help="hub-format folder: the SFT model and its tokenizer")
+    a.add_argument("--data", default="gsm8k:train,math:train", help="comma-separated sets or .jsonl files")
+    a.add_argument("--out", default="pairs.jsonl", help="pairs JSONL; progress in <out>.parts/")
+    a.add_argument("--limit", type=int, default=None, help="first N questions of each set")
+    # format and sampling
+    a.add_argument("--fmt", default="cot", choices=["cot", "code"], help="solution format")
+    a.add_argument("--delimiter", default="\n\n", help="chain-of-thought step delimiter")
+    a.add_argument("--max-new-tokens", type=int, default=512)
+    a.add_argument("--dtype", default=None, help="e.g. bfloat16; default: the checkpoint's")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--chunk", type=int, default=16, help="questions sampled together (and committed together)")
+    # naive pairs
+    a.add_argument("--k-max", type=int, default=100, help="most samples per question for a naive pair")
+    a.add_argument("--naive-batch", type=int, default=8, help="samples per question per round")
+    # step-controlled pairs
+    a.add_argument("--cut", default="all", choices=["all", "random"], help="every eligible step, or one at random")
+    a.add_argument("--cut-points", default="paper", choices=["paper", "scripts"], help="eligible steps: data.cut_points")
+    a.add_argument("--sc-per-question", default="gsm8k=2,math=3", help="most step-controlled pairs per question, by source")
+    a.add_argument("--tries", type=int, default=8, help="continuations per cut before giving up")
+    a.add_argument("--ramp", default="paper", help="paper (1.1,+0.05,1.4) | scripts (1.1,+0.1,1.4) | start,inc,max")
+    args = p.parse_args(argv)
+    rank, world, device = compute_init()
+    if rank == 0:
+        print(vars(args))
+    model, tok = load(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None, device=device)
+    model.eval()
+    make_pairs(model, tok, load_records(args.data, args.limit), args.out, chunk=args.chunk, rank=rank, world=world,
+               fmt=args.fmt, k_max=args.k_max, naive_batch=args.naive_batch, cut=args.cut, cut_mode=args.cut_points,
+               sc_per_question={k: int(v) for k, v in (x.split("=") for x in args.sc_per_question.split(",") if x)},
+               tries=args.tries, ramp=parse_ramp(args.ramp), max_new_tokens=args.max_new_tokens,
+               delimiter=args.delimiter.encode().decode("unicode_escape"), seed=args.seed)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+# python -m pytest -q tests/test_pairs.py
+"""The pair pipeline end to end: a tiny random checkpoint on a 20-question slice produces both pair
+kinds, graded by data.py for real; a run killed with SIGKILL and restarted writes the same file as an
+uninterrupted one.
+
+For right answers to happen by chance, the random model is tilted toward short digit strings: its
+blocks write nothing into the residual stream, so its next-token distribution is a fixed bias (digits,
+spaces, newlines, EOS) plus a little dependence on the last token. The questions ask for one digit, and
+data.judge grades the last number of a solution (the chain-of-thought fallback), so about one sample in
+twenty is right, most step-controlled continuations are wrong, and steps are lines (--delimiter '\\n').
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import data
+from model import ModelArgs, Transformer
+from sample import load_records, make_pairs
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_sample import byte_tokenizer  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SETTINGS = dict(k_max=16, naive_batch=8, tries=4, max_new_tokens=40, delimiter="\n", chunk=2, seed=0)
+CLI = ["--k-max", "16", "--naive-batch", "8", "--tries", "4", "--max-new-tokens", "40", "--delimiter", "\\n",
+       "--chunk", "2", "--seed", "0"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models decode fastest on one thread; on a shared 2-core machine extra threads spin and wait."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tilted_model(tok):
+    torch.manual_seed(0)
+    m = Transformer(ModelArgs(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=4, intermediate_size=64,
+                              bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)).eval()
+    with torch.no_grad():
+        for layer in m.layers:
+            layer.attention.wo.weight.zero_()
+            layer.feed_forward.w2.weight.zero_()
+        m.tok_embeddings.weight.normal_(0, 0.1)
+        m.tok_embeddings.weight[:, 0] = 10.0         # the normed hidden state is ~5.6 in dimension 0 always
+        m.output.weight.normal_(0, 0.3)
+        p = torch.full((tok.vocab_size,), 1e-9)
+        for ch, q in [*((d, 0.045) for d in "0123456789"), (" ", 0.15), ("\n", 0.15), ("+", 0.05), ("=", 0.05),
+                      ("a", 0.03), ("b", 0.03)]:
+            p[tok.encode(ch)[0]] = q
+        p[tok.eos_id] = 0.04
+        m.output.weight[:, 0] = p.log() / 5.6
+    return m
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pairs")
+    tok = byte_tokenizer(str(d / "ckpt"))
+    model = tilted_model(tok)
+    model.save_pretrained(str(d / "ckpt"))
+    rows = [{"question": f"What is {a} + {b}?", "answer": str(a + b)} for a in range(5) for b in range(4)]
+    data.write_jsonl(str(d / "gsm8k.jsonl"), rows)   # the source is the file's name: gsm8k (2 sc pairs each)
+    return d, model, tok, load_records(str(d / "gsm8k.jsonl"))
+
+
+def test_both_pair_kinds_end_to_end(setup):
+    d, model, tok, records = setup
+    assert len(records) == 20
+    summary = make_pairs(model, tok, records, str(d / "inproc.jsonl"), progress=False, **SETTINGS)
+    pairs = data.read_pairs(str(d / "inproc.jsonl"))
+    kinds = [p["kind"] for p in pairs]
+    assert kinds.count("naive") >= 3 and kinds.count("sc") >= 3, summary
+    assert summary["pairs_naive"] == kinds.count("naive") and summary["pairs_sc"] == kinds.count("sc")
+    assert summary["questions"] == 20
+    gold = {r["id"]: r["gold"] for r in records}
+    for p in pairs:
+        assert data.judge(p["prefix"] + p["chosen"], gold[p["id"]])[0] == "preferred"
+        assert data.judge(p["prefix"] + p["rejected"], gold[p["id"]])[0] == "dispreferred"
+        if p["kind"] == "sc":   # the prefix is whole steps of the preferred solution
+            steps = data.split_steps(p["prefix"] + p["chosen"], "cot", "\n")
+            assert p["prefix"] == "".join(steps[:p["k"] + 1])
+    for qid in gold:
+        assert sum(p["kind"] == "sc" and p["id"] == qid for p in pairs) <= 2
+        assert sum(p["kind"] == "naive" and p["id"] == qid for p in pairs) <= 1
+    naive_q = summary["pairs_naive"] + summary.get("drop_naive_no_preferred", 0) + summary.get("drop_naive_no_dispreferred", 0)
+    assert naive_q == 20
+
+
+def test_killed_and_restarted_run_writes_the_same_file(setup):
+    d, model, tok, records = setup
+    ref = str(d / "ref.jsonl")
+    make_pairs(model, tok, records, ref, progress=False, **SETTINGS)
+    out = str(d / "cli.jsonl")
+    cmd = [sys.executable, os.path.join(ROOT, "sample.py"), "pairs", "--model", str(d / "ckpt"),
+           "--data", str(d / "gsm8k.jsonl"), "--out", out, *CLI]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    part = out + ".parts/rank0.jsonl"
+    t0 = time.time()
+    while not (os.path.exists(part) and open(part).read().count("\n") >= 2) and time.time() - t0 < 120:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_done = open(part).read().count("\n")
+    assert 2 <= n_done < 20, "the run finished before it was killed"
+    with open(part, "a") as f:
+        f.write('{"id": "gsm8k/19", "pai')        # as if killed in the middle of a write
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert open(out).read() == open(ref).read()
+    ids = [row["id"] for row in data.read_jsonl(part)]
+    assert sorted(ids) == sorted(r["id"] for r in records)   # every question once
+
+
+def test_code_format_runs_the_code_of_every_sample(tmp_path):
+    """fmt="code" through the pipeline with a scripted model (test_sample.Scripted) that always writes the
+    same right solution, its outputs left for the sandbox to fill in: every sample is preferred, so no
+    pair comes out, and the counts say why."""
+    from sample import pairs_for_chunk
+    from test_sample import Scripted
+    tok = byte_tokenizer(str(tmp_path / "tok"))
+    S, E, OS, OE = data.CODE_START, data.CODE_END, data.OUTPUT_START, data.OUTPUT_END
+    prompt = tok.render_prompt("What is 6 * 7 + 1?")
+    script = f"Compute.\n{S}x = 6*7\nprint(x)\n{E}{OS}XX\n{OE}Then.\n{S}x + 1\n{E}{OS}XX\n{OE}The answer is 43."
+    model = Scripted(tok.encode(prompt + script) + [tok.eos_id], tok.vocab_size)
+    rec = {"id": "t/0", "source": "math", "question": "What is 6 * 7 + 1?", "gold": "43"}
+    res = pairs_for_chunk(model, tok, [rec], fmt="code", k_max=4, naive_batch=2, tries=2, max_new_tokens=200)[0]
+    # continuing after a prefix that defines x works only because the prefix's code re-runs in each
+    # continuation's kernel first (else `x + 1` fails, the output differs, the script derails, a pair appears)
+    assert res["pairs"] == []
+    assert res["stats"]["samples_preferred"] == 4 and res["stats"]["drop_naive_no_dispreferred"] == 1
+    # cuts after text and output blocks only (never after a code block): k = 0, 2, 3, 5, 2 tries each
+    assert res["stats"]["drop_sc_no_wrong_continuation"] == 4 and res["stats"]["samples_sc"] == 8

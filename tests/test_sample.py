@@ -1,0 +1,344 @@
+# python -m pytest -q tests/test_sample.py
+"""The sampler against independent references (a full forward per token, float64 probabilities,
+chi-square on sampled counts), the temperature ramp on a scripted model, and the code sandbox."""
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers
+
+import data
+from model import ModelArgs, Tokenizer, Transformer
+from sample import Kernel, generate, logits_to_probs, sample, sample_solutions
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models decode fastest on one thread; on a shared 2-core machine extra threads spin and wait."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(vocab=64, seed=0, **kw):
+    torch.manual_seed(seed)
+    args = dict(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64, eos_token_id=None)
+    return Transformer(ModelArgs(**{**args, **kw})).eval()
+
+
+def byte_tokenizer(path):
+    """A byte-level tokenizer without merges: one token per byte, plus <s> and </s>."""
+    alpha = sorted(pre_tokenizers.ByteLevel.alphabet())
+    t = tokenizers.Tokenizer(models.BPE(vocab={"<s>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate(alpha)}}, merges=[]))
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    t.decoder = decoders.ByteLevel()
+    t.add_special_tokens(["<s>", "</s>"])
+    os.makedirs(path, exist_ok=True)
+    t.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<s>", "eos_token": "</s>"}, f)
+    return Tokenizer.from_pretrained(path)
+
+
+def full_forward_greedy(model, prompt, steps):
+    ids = list(prompt)
+    for _ in range(steps):
+        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+# ---------------------------------------------------------------------------------------------
+def test_greedy_ragged_equals_full_forward_argmax():
+    model = tiny()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12], [13], [14, 15]]
+    assert generate(model, prompts, 16) == [full_forward_greedy(model, p, 16) for p in prompts]
+
+
+def test_rows_stop_at_eos_and_the_rest_go_on():
+    model = tiny()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [13]]
+    ref = [full_forward_greedy(model, p, 12) for p in prompts]
+    eos = ref[1][3]   # row 1 ends after 4 tokens; the others end at their first `eos` or run to the limit
+    out = generate(model, prompts, 12, eos_id=eos)
+    for o, r in zip(out, ref):
+        assert o == (r[:r.index(eos) + 1] if eos in r else r)
+    assert len(out[1]) <= 4
+
+
+def test_shared_prompt_reuse_equals_separate_prefills():
+    model = tiny()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]]
+    shared = generate(model, prompts, 10, temperature=1.0, top_k=20, seed=7, n=4)
+    separate = generate(model, [p for p in prompts for _ in range(4)], 10, temperature=1.0, top_k=20, seed=7)
+    assert shared == separate
+    assert generate(model, prompts, 10, temperature=1.0, seed=7, n=4) == generate(model, prompts, 10, temperature=1.0, seed=7, n=4)
+    assert len({tuple(r) for r in shared}) > 2   # samples differ from one another
+
+
+def reference_probs(logits, T, top_k=0, top_p=1.0):
+    """float64, one row at a time, written from the definitions."""
+    out = []
+    for row in logits.double().numpy():
+        z = row / T
+        if top_k:
+            z = np.where(z >= np.sort(z)[::-1][top_k - 1], z, -np.inf)
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        if top_p < 1:
+            order, keep, mass = np.argsort(-p, kind="stable"), np.zeros_like(p, dtype=bool), 0.0
+            for i in order:   # smallest set of most likely tokens whose mass reaches top_p
+                keep[i], mass = True, mass + p[i]
+                if mass >= top_p:
+                    break
+            p = np.where(keep, p, 0.0)
+            p /= p.sum()
+        out.append(p)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("T,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 5, 1.0), (1.0, 0, 0.8), (0.9, 8, 0.6)])
+def test_logits_to_probs_matches_float64_reference(T, top_k, top_p):
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(1)) * 3
+    got = logits_to_probs(logits, torch.full((6,), T), top_k, top_p).double().numpy()
+    np.testing.assert_allclose(got, reference_probs(logits, T, top_k, top_p), atol=1e-6)
+
+
+def test_sample_is_the_inverse_cdf_and_greedy_at_zero():
+    logits = torch.randn(3, 10, generator=torch.Generator().manual_seed(2))
+    T = torch.tensor([1.0, 0.0, 0.5])
+    for u in (0.0, 0.3, 0.999999):
+        got = sample(logits, T, torch.full((3,), u))
+        cdf = reference_probs(logits, 1.0).cumsum(1)
+        assert got[0] == np.searchsorted(cdf[0], u * cdf[0, -1], side="right")
+        assert got[1] == logits[1].argmax()
+
+
+def chi2_critical(df, z=3.09):
+    """The chi-square value exceeded with probability 0.001 (z = 3.09), Wilson-Hilferty approximation
+    (df 15: 37.7, exact 37.70; df 4: 18.4, exact 18.47)."""
+    return df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
+
+
+@pytest.mark.parametrize("T,top_k,top_p", [(1.0, 0, 1.0), (0.6, 0, 1.0), (1.5, 4, 1.0), (1.0, 0, 0.7)])
+def test_sampled_counts_match_softmax(T, top_k, top_p):
+    """End to end: 6000 one-token samples of one prompt against softmax(logits / T) (after top-k/top-p)
+    computed in float64 from a full forward."""
+    model = tiny(vocab=16, seed=3)
+    prompt = [1, 5, 9, 2]
+    p = reference_probs(model(torch.tensor([prompt]))[0, -1:].detach(), T, top_k, top_p)[0]
+    N = 6000
+    out = generate(model, [prompt], 1, temperature=T, top_k=top_k, top_p=top_p, seed=11, n=N)
+    counts = np.bincount([o[0] for o in out], minlength=16)
+    support = p > 0
+    assert counts[~support].sum() == 0, "a token outside top-k/top-p was sampled"
+    exp = N * p[support]
+    chi2 = ((counts[support] - exp) ** 2 / exp).sum()
+    assert chi2 < chi2_critical(int(support.sum()) - 1), (chi2, counts, exp)
+
+
+# ---------------------------------------------------------------------------------------------
+# A scripted model: its next token is script[position + 1], so its text is known in advance and
+# the ramp's temperatures and the execution blocks can be checked exactly.
+# ---------------------------------------------------------------------------------------------
+class Scripted(torch.nn.Module):
+    def __init__(self, script, vocab):
+        super().__init__()
+        self.inner, self.script, self.vocab = tiny(vocab=vocab), script, vocab
+        self.output = self.Head(self)
+        self.args = self.inner.args
+
+    class Head(torch.nn.Module):
+        def __init__(self, outer):
+            super().__init__()
+            self.weight, self.outer = torch.zeros(1), [outer]
+
+        def forward(self, h):    # h: the position of each row's last token
+            o = self.outer[0]
+            nxt = torch.tensor([o.script[min(int(p) + 1, len(o.script) - 1)] for p in h[:, 0]])
+            return torch.full((len(nxt), o.vocab), -30.0).scatter_(1, nxt[:, None], 30.0)
+
+    def make_cache(self, *a, **k):
+        return self.inner.make_cache(*a, **k)
+
+    def forward(self, ids, positions=None, mask=None, cache=None, cache_pos=0, return_hidden=False):
+        return positions[..., None].float()
+
+
+@pytest.fixture(scope="module")
+def btok(tmp_path_factory):
+    return byte_tokenizer(str(tmp_path_factory.mktemp("tok")))
+
+
+def test_ramp_changes_temperature_exactly_at_step_boundaries(btok):
+    prompt_text = "<s>Question: go\n\nAnswer:\n"
+    body = "One.\n\nTwo two.\n\nThree\n\n\n\nFour.\n\nFive.\n\nSix.\n\nSeven.\n\nEight."
+    script = btok.encode(prompt_text + body) + [btok.eos_id]
+    model = Scripted(script, btok.vocab_size)
+    prompts = [btok.encode(prompt_text), btok.encode(prompt_text + "One.\n\nTw")]   # the second starts mid-solution
+    for ramp in [(1.1, 0.05, 1.4), (1.1, 0.1, 1.4)]:
+        rows = generate(model, prompts, 200, ramp=ramp, tok=btok, seed=0, return_rows=True)
+        for r, start in zip(rows, [0, len("One.\n\nTw")]):
+            text = body[start:]
+            assert btok.decode(r.ids) == text and r.finish == "eos"
+            # expected: the temperature of the token at character i is ramp(j), j = delimiters completed before i
+            j, expect = 0, []
+            for i in range(len(text)):
+                expect.append(round(min(ramp[0] + j * ramp[1], ramp[2]), 6))
+                j += text[:i + 1].count("\n\n") - text[:i].count("\n\n")
+            expect.append(round(min(ramp[0] + j * ramp[1], ramp[2]), 6))   # the EOS
+            assert [round(t, 6) for t in r.temps] == expect
+            assert r.steps == text.count("\n\n")
+
+
+def test_ramp_with_line_delimiter_and_constant_temperature_without_ramp(btok):
+    prompt_text = "<s>Question: go\n\nAnswer:\n"
+    body = "a\nb\nc\nd"
+    model = Scripted(btok.encode(prompt_text + body) + [btok.eos_id], btok.vocab_size)
+    r = generate(model, [btok.encode(prompt_text)], 50, ramp=(1.0, 0.25, 1.5), tok=btok, delimiter="\n", return_rows=True)[0]
+    assert [round(t, 6) for t in r.temps] == [1.0, 1.0, 1.25, 1.25, 1.5, 1.5, 1.5, 1.5]
+    r = generate(model, [btok.encode(prompt_text)], 50, temperature=0.8, tok=btok, return_rows=True)[0]
+    assert set(r.temps) == {0.8}
+
+
+def test_stop_string(btok):
+    prompt_text = "<s>Question: go\n\nAnswer:\n"
+    model = Scripted(btok.encode(prompt_text + "One.\n\nTwo.\n\nThree.") + [btok.eos_id], btok.vocab_size)
+    texts = sample_solutions(model, btok, ["go"], n=2, stop="Two", temperature=1.0)
+    assert texts == [["One.\n\n", "One.\n\n"]]
+
+
+def test_code_blocks_run_in_one_kernel_per_row_and_outputs_are_appended(btok):
+    prompt_text = "<s>Question: go\n\nAnswer:\n"
+    S, E, OS, OE = data.CODE_START, data.CODE_END, data.OUTPUT_START, data.OUTPUT_END
+    # the model never writes the outputs: where they go the script holds X's (same length)
+    script_text = (f"Compute.\n{S}x = 6*7\nprint(x)\n{E}{OS}XX\n{OE}Then.\n{S}x + 1\n{E}{OS}XX\n{OE}"
+                   "The answer is 43.")
+    want = script_text.replace("XX", "42", 1).replace("XX", "43", 1)
+    model = Scripted(btok.encode(prompt_text + script_text) + [btok.eos_id], btok.vocab_size)
+    rows = generate(model, [btok.encode(prompt_text)] * 2, 300, ramp=(1.1, 0.1, 1.4), tok=btok, fmt="code",
+                    return_rows=True)
+    for r in rows:
+        assert btok.decode(r.ids) == want
+        # steps completed: text->code, code end, (output), text->code, code end
+        assert r.steps == 4
+    assert data.split_steps(want, "code")[2] == f"{OS}42\n{OE}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The sandbox
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture()
+def kernel():
+    k = Kernel(timeout=1.0, mem_mb=512)
+    yield k
+    k.close()
+
+
+def timed(k, code):
+    t = time.time()
+    out = k.run(code)
+    return out, time.time() - t
+
+
+def test_state_persists_and_output_is_bounded(kernel):
+    assert kernel.run("x = 6 * 7\nprint('hi')") == "hi\n"
+    assert kernel.run("x + 1") == "43\n"   # notebook-like: a trailing expression is shown
+    assert kernel.run("1/0").strip().endswith("ZeroDivisionError: division by zero")
+    assert kernel.run("import sympy\nsympy.Rational(1, 3) + x") == "127/3\n"
+    out = kernel.run("for i in range(10**6): print(i)")
+    assert len(out) < kernel.max_output + 40 and out.endswith("(output truncated)")
+    assert os.path.realpath(kernel.run("import os\nprint(os.getcwd())").strip()) == os.path.realpath(kernel.dir)
+
+
+def test_infinite_loop(kernel):
+    kernel.run("y = 5")
+    out, dt = timed(kernel, "while True:\n    pass")
+    assert "TimeoutError" in out and dt < kernel.timeout + 1
+    assert kernel.run("y") == "5\n"            # interrupted like a notebook: state kept
+    out, dt = timed(kernel, "import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\nwhile True: pass")
+    assert "TimeoutError" in out and "restarted" in out and dt < kernel.timeout + 3   # killed by the parent
+    assert "NameError" in kernel.run("y") and kernel.run("2 + 2") == "4\n"
+
+
+def test_fork_bomb(kernel):
+    for code in ["import os\nwhile True:\n    os.fork()", "import subprocess\nsubprocess.run(['sh', '-c', ':(){ :|:& };:'])",
+                 "import os\nos.system('echo hi')", "import multiprocessing as m\nm.Process(target=print).start()",
+                 "import _posixsubprocess\n_posixsubprocess.fork_exec()", "import os\nos.execv('/bin/sh', ['sh'])"]:
+        out, dt = timed(kernel, code)
+        assert "PermissionError" in out and "blocked" in out, (code, out)
+        assert dt < kernel.timeout + 1
+    assert kernel.run("print('alive')") == "alive\n"
+
+
+def test_memory_bomb(kernel):
+    for code in ["x = 'a' * (8 << 30)", "l = []\nwhile True:\n    l.append(bytearray(50 << 20))"]:
+        out, dt = timed(kernel, code)
+        assert "MemoryError" in out and dt < kernel.timeout + 1, out
+    assert kernel.run("print('alive')") == "alive\n"
+
+
+def test_files_outside_the_sandbox_survive(kernel, tmp_path):
+    canary = tmp_path / "canary.txt"
+    canary.write_text("alive")
+    attempts = [f"import os\nos.remove({str(canary)!r})", f"import shutil\nshutil.rmtree({str(tmp_path)!r})",
+                f"open({str(canary)!r}, 'w').write('x')", f"import os\nos.rename({str(canary)!r}, 'stolen')",
+                f"import pathlib\npathlib.Path({str(canary)!r}).unlink()", f"import os\nos.chmod({str(canary)!r}, 0)",
+                f"import os\nos.symlink({str(canary)!r}, 'link')\nopen('link', 'w').write('x')",
+                f"import os\nos.truncate({str(canary)!r}, 0)", f"print(open({str(canary)!r}).read())",
+                "import ctypes\nctypes.CDLL(None).unlink(b'/etc/hostname')"]
+    for code in attempts:
+        out = kernel.run(code)
+        assert "PermissionError" in out, (code, out)
+    assert canary.read_text() == "alive"
+    assert kernel.run("open('mine.txt', 'w').write('ok')\nimport os\nos.remove('mine.txt')\nprint('ok')") == "ok\n"
+
+
+def test_no_network(kernel):
+    for code in ["import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=1)",
+                 "import socket\ns = socket.socket()", "import urllib.request\nurllib.request.urlopen('http://example.com', timeout=1)"]:
+        out, dt = timed(kernel, code)
+        assert ("PermissionError" in out or "URLError" in out) and "blocked" in out, (code, out)
+        assert dt < kernel.timeout + 1
+
+
+def test_parent_environment_is_not_visible(kernel, monkeypatch):
+    monkeypatch.setenv("SCDPO_TEST_SECRET", "hunter2")
+    kernel.close()   # the next run starts a fresh kernel, after the secret was set
+    assert "hunter2" not in kernel.run("import os\nprint(dict(os.environ))")
+    for code in ["import os\nprint(open(f'/proc/{os.getppid()}/environ').read())",
+                 "import os\nprint(open('/proc/1/environ').read())"]:
+        out = kernel.run(code)
+        assert "hunter2" not in out and "PermissionError" in out, out
+
+
+def test_kernel_crash_is_reported_and_restarted(kernel):
+    out = kernel.run("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
+    assert "died" in out or "restarted" in out
+    assert kernel.run("print(1)") == "1\n"
+
+
+def test_incremental_detokenization_matches_decoding_in_context():
+    """SentencePiece (Mistral's real tokenizer): leading spaces, byte-fallback pieces of multi-byte
+    characters. The text the sampler sees (for boundaries and stop strings) must be the text in context."""
+    from conftest import DATA
+    from sample import _Row
+    tok = Tokenizer.from_pretrained(os.path.join(DATA, "tokenizers", "mistral-7b-v0.1"))
+    text = "Question: what is 3 × 4?\n\nAnswer:\nThe product is 12 — easy. 日本語 ok\n\n```python\nprint(3*4)\n```\n"
+    ids = tok.encode(text)
+    g = torch.Generator().manual_seed(0)
+    for cut in [5, 9, 14]:
+        ctx, gen = ids[:cut], ids[cut:] + torch.randint(3, 32000, (40,), generator=g).tolist()
+        row = _Row(0, ctx[-6:])
+        got = ""
+        for i in gen:
+            row.ids.append(i)
+            got += row.detok(tok)
+        want = tok.decode(ctx[-6:] + gen)[len(tok.decode(ctx[-6:])):]
+        assert want.startswith(got) and len(want) - len(got) <= 4   # at most a held-back partial character
