@@ -1,0 +1,144 @@
+"""Benchmark: one DPO training step of scdpo.py (FSDP2, fused log-probs, AdamW), with and without
+shared-prompt packing and with precomputed vs live reference log-probs.
+
+    python bench/train.py                                   # CPU: a small shape, step-controlled pairs
+    python bench/train.py --device cuda                     # GPU: Qwen2.5-0.5B and -1.5B shapes, length 1024
+    torchrun --standalone --nproc_per_node=8 bench/train.py --device cuda --shapes qwen2.5-1.5b
+
+The models are random (no weights can be downloaded), in the real shapes: the cost of a step does not
+depend on the values. The pairs are synthetic step-controlled pairs: a long shared prompt (question +
+the first k steps) and two short continuations, the case packing is for. Unpacked, every pair is two
+rows that both carry the prompt; packed, one row [prompt | chosen | rejected] carries it once.
+
+Reported per configuration, for the fastest of --steps steps (the least disturbed one; the four
+configurations' steps are interleaved): pairs/s (over all ranks: what decides training time), tokens/s per GPU
+(tokens actually run through the model, so packing LOWERS it for the same pairs), and MFU on a GPU
+(scdpo.step_flops over the GPU's bf16 peak; the live reference's extra forward is overhead, not counted).
+"""
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data                                     # noqa: E402
+import scdpo                                    # noqa: E402
+from model import ModelArgs, Transformer        # noqa: E402
+
+SHAPES = {   # the hub configs' sizes (Qwen2.5: tied embeddings, qkv bias, GQA)
+    "qwen2.5-0.5b": dict(vocab_size=151936, dim=896, n_layers=24, n_heads=14, n_kv_heads=2, intermediate_size=4864,
+                         qkv_bias=True, tie_embeddings=True, model_type="qwen2", rope_theta=1e6, max_seq_len=32768),
+    "qwen2.5-1.5b": dict(vocab_size=151936, dim=1536, n_layers=28, n_heads=12, n_kv_heads=2, intermediate_size=8960,
+                         qkv_bias=True, tie_embeddings=True, model_type="qwen2", rope_theta=1e6, max_seq_len=32768),
+    "cpu-small": dict(vocab_size=4096, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=1024,
+                      model_type="llama", max_seq_len=2048),
+}
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+parser.add_argument("--shapes", default=None, help="comma-separated SHAPES (default: cpu-small on cpu, both Qwen2.5 on cuda)")
+parser.add_argument("--prompt-len", type=int, default=None, help="shared prompt tokens (default 384 cpu, 768 cuda)")
+parser.add_argument("--cont-len", type=int, default=None, help="mean continuation tokens (default 48 cpu, 256 cuda; length 1024 = prompt + continuation)")
+parser.add_argument("--micro-batch", type=int, default=4, help="pairs per forward")
+parser.add_argument("--accum", type=int, default=2, help="micro-batches per optimizer step")
+parser.add_argument("--steps", type=int, default=4, help="timed steps per configuration (after one warm-up step); the fastest counts")
+parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
+args = parser.parse_args()
+cuda = args.device == "cuda"
+shapes = (args.shapes or ("qwen2.5-0.5b,qwen2.5-1.5b" if cuda else "cpu-small")).split(",")
+P = args.prompt_len or (768 if cuda else 384)
+C = args.cont_len or (256 if cuda else 48)
+MB = args.micro_batch
+rank, world, _, device = scdpo.compute_init()
+train_args = scdpo.get_parser().parse_args([])    # the script's loss defaults: sigmoid, beta 0.1
+
+
+def synthetic_pairs(n, vocab, seed=0):
+    """Tokenised step-controlled pairs: prompt P tokens, continuations of C +- C/4 tokens (<= 1024 - P)."""
+    rng = random.Random(seed)
+    ids = lambda k: [rng.randrange(3, vocab) for _ in range(k)]
+    cont = lambda: ids(min(rng.randint(C - C // 4, C + C // 4), 1024 - P))
+    return [{"prompt": ids(P), "chosen": cont(), "rejected": cont(), "kind": "sc"} for _ in range(n)]
+
+
+def one_step(net, opt, ref_net, margs, n_block, rows, ref_lps, packed, step):
+    """One optimizer step over args.accum micro-batches; (seconds, FLOPs, tokens) of this rank."""
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0, flops, tokens = time.time(), 0, 0
+    for a in range(args.accum):
+        first = ((step * args.accum + a) * world + rank) * MB
+        ids = list(range(first, first + MB))
+        batch = data.collate_pairs([rows[i] for i in ids], packed=packed, pad_id=0)
+        loss, _, _ = scdpo.pair_losses(net, batch, ref_lps[ids], ref_net, train_args, device)
+        loss.mean().backward()
+        n = sum(len(rows[i]["prompt"]) * (1 if packed else 2) + len(rows[i]["chosen"]) + len(rows[i]["rejected"]) for i in ids)
+        tokens += n
+        flops += scdpo.step_flops(margs, n_block, n, len(batch["tgt"]), batch["input_ids"].shape[1])
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.time() - t0, flops, tokens
+
+
+def bench(shape):
+    """The four configurations on one policy and optimizer (a step costs the same whatever the values),
+    their steps interleaved so that a slow spell of a shared machine hits all of them alike; per
+    configuration the fastest step after a warm-up counts."""
+    torch.manual_seed(0)
+    margs = ModelArgs(**SHAPES[shape])
+    policy = Transformer(margs)
+    policy.checkpointing = args.checkpointing
+    n_block = sum(p.numel() for p in policy.layers.parameters()) + policy.norm.weight.numel()
+    net = scdpo.shard(scdpo.SeqLogprobs(policy), device, cuda)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-7)
+    live = scdpo.shard(scdpo.SeqLogprobs(Transformer(margs).requires_grad_(False)), device, cuda).eval()
+    rows = synthetic_pairs(MB * world * args.accum * (args.steps + 1), margs.vocab_size)
+    ref_lps = torch.randn(len(rows), 2) - 50.0      # what the precomputed cache would hold
+    configs = [(packed, ref) for packed in (True, False) for ref in ("precompute", "live")]
+    best, peak_mem = {}, {}
+    for step in range(args.steps + 1):
+        for packed, ref in configs:
+            r = one_step(net, opt, live if ref == "live" else None, margs, n_block, rows, ref_lps, packed, step)
+            if cuda:
+                peak_mem[(packed, ref)] = torch.cuda.max_memory_allocated() / 2**30
+            if step > 0 and ((packed, ref) not in best or r[0] < best[(packed, ref)][0]):   # step 0: warm-up
+                best[(packed, ref)] = r
+    peak = scdpo.peak_flops(device)
+    res = {}
+    for cfg, (dt, flops, tokens) in best.items():
+        res[cfg] = {"shape": shape, "packed": cfg[0], "ref": cfg[1], "pairs/s": MB * world * args.accum / dt,
+                    "tok/s/gpu": tokens / dt, "s/step": dt}
+        if peak:
+            res[cfg].update(mfu=flops / dt / peak, peak_mem_gb=peak_mem[cfg])
+    del net, live, opt, policy
+    if cuda:
+        torch.cuda.empty_cache()
+    return res
+
+
+scdpo.print0(f"device {device} x {world} | prompt {P} tokens, continuations ~{C} | micro-batch {MB} pairs x {args.accum} "
+             f"accumulation | fastest of {args.steps} steps | torch threads {torch.get_num_threads()}")
+for shape in shapes:
+    res = bench(shape)
+    for (packed, ref_mode), r in res.items():
+        line = (f"{shape:<14} {'packed  ' if packed else 'unpacked'} ref {ref_mode:<10} | {r['pairs/s']:8.2f} pairs/s | "
+                f"{r['tok/s/gpu']:10,.0f} tok/s/{'gpu' if cuda else 'proc'} | {r['s/step']:7.3f} s/step")
+        if "mfu" in r:
+            line += f" | mfu {100 * r['mfu']:5.1f}% | peak {r['peak_mem_gb']:.1f} GiB"
+        scdpo.print0(line)
+    for ref_mode in ("precompute", "live"):
+        scdpo.print0(f"{shape}: packing speed-up (pairs/s packed / unpacked), ref {ref_mode}: "
+                     f"{res[(True, ref_mode)]['pairs/s'] / res[(False, ref_mode)]['pairs/s']:.2f}x")
+    for packed in (True, False):
+        scdpo.print0(f"{shape}: precomputed reference speed-up over live, {'packed' if packed else 'unpacked'}: "
+                     f"{res[(packed, 'precompute')]['pairs/s'] / res[(packed, 'live')]['pairs/s']:.2f}x")
+    if rank == 0:
+        print(json.dumps({f"{'packed' if k[0] else 'unpacked'}/{k[1]}": v for k, v in res.items()}))

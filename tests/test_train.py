@@ -1,0 +1,324 @@
+# python -m pytest -q tests/test_train.py
+"""The training loop of scdpo.py on tiny stand-ins (byte tokenizer, 2-layer models of width 32):
+which tokens the loss sees, packing, overfitting, 1 vs 2 processes, kill + resume, the hub export
+against transformers, and the refusals (malformed pairs, foreign pairs, a non-finite loss)."""
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import data
+import scdpo
+from model import ModelArgs, Transformer
+from test_sample import byte_tokenizer   # one token per byte, plus <s> and </s>
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_model(path, seed=0, tied=False, vocab=None):
+    """A tiny random hub checkpoint with the byte tokenizer; Qwen2-shaped (qkv bias, tied embeddings)
+    with tied=True, Llama-shaped otherwise."""
+    tok = byte_tokenizer(path)
+    torch.manual_seed(seed)
+    args = ModelArgs(vocab_size=vocab or tok.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                     intermediate_size=64, max_seq_len=512, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                     model_type="qwen2" if tied else "llama", qkv_bias=tied, tie_embeddings=tied)
+    m = Transformer(args)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.2)
+    m.save_pretrained(path)
+    return m, tok
+
+
+def make_pairs(path, n=16, seed=0):
+    """n toy pairs, alternately naive and step-controlled (the prefix is the first step)."""
+    rng, pairs = random.Random(seed), []
+    for i in range(n):
+        a, b, c = rng.randint(1, 9), rng.randint(1, 9), rng.randint(1, 9)
+        rec = {"id": f"q{i}", "source": "toy", "question": f"Ann has {a} bags of {b} nuts and {c} more. How many?", "gold": str(a * b + c)}
+        s1, good, bad = f"{a}*{b}={a * b}\n\n", f"{a * b}+{c}={a * b + c}\n\nThe answer is {a * b + c}.", f"{a * b}+{c}={a * b + c + 1}\n\nThe answer is {a * b + c + 1}."
+        if i % 2:
+            pairs.append(data.make_pair(rec, good, bad, prefix=s1, k=0))
+        else:
+            pairs.append(data.make_pair(rec, s1 + good, f"{a}*{b}={a * b - 1}\n\n" + bad))
+    data.write_jsonl(path, pairs)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    model, tok = make_model(str(root / "model"))
+    pairs = make_pairs(str(root / "pairs.jsonl"))
+    rows = data.tokenize_pairs(data.read_pairs(pairs), tok, log=lambda *a: None)
+    return root, model, tok, pairs, rows
+
+
+def args_for(model_dir, pairs, out, *extra):
+    return scdpo.get_parser().parse_args(["--model", model_dir, "--pairs", pairs, "--out", out, "--quiet", *extra])
+
+
+# ----------------------------------------------------------------------------------------------
+# Which tokens the loss sees
+# ----------------------------------------------------------------------------------------------
+def reference_seq_logprob(model, ids, n_prompt):
+    """float64 log pi(continuation | prompt) of one unpadded sequence, through the full logits."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).double()[0]                      # (T, V)
+    lp = F.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    return lp[n_prompt - 1:].sum().item()                                   # targets ids[n_prompt:] only
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_logprobs_cover_exactly_the_continuations(tiny, packed):
+    _, model, tok, _, rows = tiny
+    batch = data.collate_pairs(rows[:4], packed=packed, pad_id=tok.pad_id)
+    lp = scdpo.run_logprobs(scdpo.SeqLogprobs(model), batch, "cpu")
+    for p, r in enumerate(rows[:4]):
+        for s, side in enumerate(("chosen", "rejected")):
+            want = reference_seq_logprob(model, r["prompt"] + r[side], len(r["prompt"]))
+            assert lp[2 * p + s].item() == pytest.approx(want, rel=1e-5)
+
+
+def test_packed_and_unpacked_give_the_same_logprobs(tiny):
+    _, model, tok, _, rows = tiny
+    net = scdpo.SeqLogprobs(model)
+    a = scdpo.run_logprobs(net, data.collate_pairs(rows, packed=True, pad_id=tok.pad_id), "cpu")
+    b = scdpo.run_logprobs(net, data.collate_pairs(rows, packed=False, pad_id=tok.pad_id), "cpu")
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_prompt_predictions_get_exactly_zero_gradient(tiny, packed):
+    """The loss must not depend on how well the model predicts prompt tokens (question and, for a
+    step-controlled pair, the shared steps): the final hidden states at positions 0..P-2, which predict
+    prompt tokens 1..P-1, receive exactly zero gradient; P-1 (predicting the first continuation
+    token) receives some. The index arrays hold no prompt position at all (the first indexed position
+    of every row is P-1) and their targets are exactly the continuation tokens."""
+    _, model, tok, _, rows = tiny
+    batch = data.collate_pairs(rows[:4], packed=packed, pad_id=tok.pad_id)
+    seen = {}
+
+    def keep(mod, inp, out):   # the final hidden states (the final norm's output), kept for their gradient
+        out.retain_grad()
+        seen["h"] = out
+    hook = model.norm.register_forward_hook(keep)
+    lp = scdpo.run_logprobs(scdpo.SeqLogprobs(model), batch, "cpu")
+    hook.remove()
+    h = seen["h"]
+    loss, _, _ = scdpo.dpo_loss(lp[0::2], lp[1::2], lp[0::2].detach() + 1, lp[1::2].detach() - 1, beta=0.1)
+    loss = loss + scdpo.nll_loss(lp[0::2], batch["lengths"][0::2])
+    loss.sum().backward()
+    g = h.grad.abs().sum(-1)                                                # (B, L)
+    L = batch["input_ids"].shape[1]
+    for p, r in enumerate(rows[:4]):
+        P = len(r["prompt"])
+        for b in ([p] if packed else [2 * p, 2 * p + 1]):
+            assert torch.all(g[b, :P - 1] == 0), "a prompt prediction received gradient"
+            assert g[b, P - 1] > 0
+        # every indexed position predicts a continuation token: its flat index lies at or after P-1
+        for side_rows in ([p] if packed else [2 * p, 2 * p + 1]):
+            pos = batch["idx"][(batch["idx"] // L) == side_rows] % L
+            assert pos.min() == P - 1
+    assert batch["tgt"].tolist() == [t for r in rows[:4] for side in ("chosen", "rejected") for t in r[side]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Training behaviour
+# ----------------------------------------------------------------------------------------------
+def test_select_kind_and_batch_order():
+    rows = [{"kind": k} for k in ["naive", "sc", "sc", "naive", "sc"]]
+    assert scdpo.select_kind(rows, "naive", 0) == [0, 3]
+    assert scdpo.select_kind(rows, "scdpo", 0) == [0, 1, 2, 3, 4]
+    eq = scdpo.select_kind(rows, "data-equal", 0)
+    assert len(eq) == 5 and set(eq) == {0, 3} and eq.count(0) >= 2 and eq.count(3) >= 2
+    steps = scdpo.batch_order(10, 2, 4, seed=1)
+    assert len(steps) == 4 and all(len(s) == 4 and len(set(s)) == 4 for s in steps)
+
+
+def test_tiny_model_overfits_a_handful_of_pairs(tiny, tmp_path):
+    root, _, _, pairs, _ = tiny
+    small = make_pairs(str(tmp_path / "pairs8.jsonl"), n=8, seed=3)
+    recs = [{"id": "e0", "question": "Ann has 2 bags of 3 nuts and 1 more. How many?", "gold": "7"}]
+    data.write_jsonl(str(tmp_path / "test.jsonl"), recs)
+    args = args_for(str(root / "model"), small, str(tmp_path / "run"), "--global-batch", "8", "--micro-batch", "4",
+                    "--lr", "3e-3", "--epochs", "30", "--beta", "0.5", "--warmup-ratio", "0", "--max-len", "160",
+                    "--max-prompt", "128", "--eval", str(tmp_path / "test.jsonl"))
+    scdpo.train(args)
+    log = [json.loads(l) for l in open(tmp_path / "run" / "log.jsonl")]
+    assert log[0]["loss"] == pytest.approx(0.6931, abs=1e-3)    # policy == reference at step 1
+    assert log[-1]["acc"] == 1.0 and log[-1]["loss"] < 0.3
+    preds = data.read_jsonl(str(tmp_path / "run" / "eval.jsonl"))   # --eval: eval.py on the final model
+    assert len(preds) == 1 and preds[0]["gold"] == "7" and isinstance(preds[0]["correct"], bool)
+
+
+def test_sft_lowers_the_loss(tiny, tmp_path):
+    root = tiny[0]
+    recs = [{"id": str(i), "question": f"What is {i}+{i}?", "solution": f"{i}+{i}={2 * i}\n\nThe answer is {2 * i}.", "gold": str(2 * i)}
+            for i in range(8)]
+    data.write_jsonl(str(tmp_path / "sft.jsonl"), recs)
+    args = scdpo.get_parser().parse_args(["--objective", "sft", "--model", str(root / "model"), "--data", str(tmp_path / "sft.jsonl"),
+                                          "--out", str(tmp_path / "sft"), "--global-batch", "8", "--lr", "1e-2", "--epochs", "30",
+                                          "--quiet"])
+    model = scdpo.train(args)
+    log = [json.loads(l) for l in open(tmp_path / "sft" / "log.jsonl")]
+    assert log[-1]["loss"] < 0.7 * log[0]["loss"]
+    assert isinstance(model, Transformer)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path, monkeypatch):
+    root, _, _, pairs, _ = tiny
+    calls = {"n": 0}
+    real = scdpo.dpo_loss
+
+    def poisoned(*a, **k):   # steps 1-2 are fine (2 micro-batches each), step 3 gives NaN
+        calls["n"] += 1
+        loss, w, l = real(*a, **k)
+        return (loss * float("nan") if calls["n"] > 4 else loss), w, l
+    monkeypatch.setattr(scdpo, "dpo_loss", poisoned)
+    args = args_for(str(root / "model"), pairs, str(tmp_path / "run"), "--global-batch", "8", "--micro-batch", "4",
+                    "--save-every", "1", "--lr", "1e-3")
+    with pytest.raises(FloatingPointError, match=r"step 3: loss is nan.*step-000002"):
+        scdpo.train(args)
+    assert os.path.exists(tmp_path / "run" / "checkpoints" / "step-000002" / "meta.json")
+    assert not os.path.exists(tmp_path / "run" / "final")
+    # resuming that checkpoint with another schedule is refused
+    args = args_for(str(root / "model"), pairs, str(tmp_path / "run"), "--global-batch", "8", "--micro-batch", "4",
+                    "--lr", "2e-3", "--resume")
+    with pytest.raises(ValueError, match=r"other settings: --lr 0.001 \(now 0.002\)"):
+        scdpo.train(args)
+
+
+def test_bad_pairs_are_refused_up_front(tiny, tmp_path):
+    root, _, _, pairs, _ = tiny
+    lines = open(pairs).read().splitlines()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines[:2] + ['{"id": "x", "question": "no answers"'] + lines[2:]) + "\n")
+    with pytest.raises(ValueError, match=rf"{bad}:3"):
+        scdpo.train(args_for(str(root / "model"), str(bad), str(tmp_path / "a")))
+    # a model whose vocabulary is smaller than the tokenizer that encoded the pairs
+    make_model(str(tmp_path / "small"), vocab=100)
+    with pytest.raises(ValueError, match="embeddings: pairs and model do not match"):
+        scdpo.train(args_for(str(tmp_path / "small"), pairs, str(tmp_path / "b")))
+    # pairs recorded as sampled by another model
+    shutil.copy(pairs, tmp_path / "p.jsonl")
+    fp = scdpo.model_fingerprint(str(root / "model"))
+    json.dump({**fp, "model": "0" * 16}, open(tmp_path / "p.jsonl.meta.json", "w"))
+    with pytest.raises(ValueError, match="sampled with model 0000000000000000"):
+        scdpo.train(args_for(str(root / "model"), str(tmp_path / "p.jsonl"), str(tmp_path / "c")))
+
+
+# ----------------------------------------------------------------------------------------------
+# 1 vs 2 processes, kill + resume, export (each a real `python` / `torchrun` process)
+# ----------------------------------------------------------------------------------------------
+def run(*argv, nproc=1):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                   f"--nproc_per_node={nproc}"]
+    r = subprocess.run(launch + [os.path.join(ROOT, "scdpo.py"), *argv], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same tiny Qwen2-shaped (tied) SCDPO run: 1 process; 2 processes; 2 processes killed after
+    step 3 (checkpoint at step 2) and resumed."""
+    root = tmp_path_factory.mktemp("dist")
+    make_model(str(root / "model"), seed=1, tied=True)
+    pairs = make_pairs(str(root / "pairs.jsonl"), n=16, seed=1)
+    common = ["--model", str(root / "model"), "--pairs", pairs, "--global-batch", "8", "--micro-batch", "2",
+              "--lr", "1e-3", "--epochs", "3", "--nll-weight", "0.5", "--save-every", "2"]
+    out = {}
+    out["one"] = run(*common, "--out", str(root / "one"))
+    # with activation checkpointing, which must not change the result either
+    out["two"] = run(*common, "--out", str(root / "two"), "--checkpointing", nproc=2)
+    out["killed"] = run(*common, "--out", str(root / "resumed"), "--checkpointing", "--stop-after", "3", nproc=2)
+    out["resumed"] = run(*common, "--out", str(root / "resumed"), "--checkpointing", "--resume", nproc=2)
+    # SFT: the loss is the mean over the global batch's response tokens, however they fall on ranks
+    recs = [{"id": str(i), "question": f"What is {i}+{i}?" + " Think." * (i % 3), "gold": str(2 * i),
+             "solution": f"{i}+{i}={2 * i}" + "\n\nSo" * (i % 4) + f" the answer is {2 * i}."} for i in range(16)]
+    data.write_jsonl(str(root / "sft.jsonl"), recs)
+    sft = ["--objective", "sft", "--model", str(root / "model"), "--data", str(root / "sft.jsonl"), "--global-batch", "8",
+           "--micro-batch", "2", "--lr", "1e-3", "--epochs", "1"]
+    out["sft-one"] = run(*sft, "--out", str(root / "sft-one"))
+    out["sft-two"] = run(*sft, "--out", str(root / "sft-two"), nproc=2)
+    return root, out
+
+
+def weights(folder):
+    return load_file(os.path.join(folder, "final", "model.safetensors"))
+
+
+def test_one_and_two_processes_end_with_the_same_parameters(runs):
+    root, out = runs
+    assert "step 00006/00006" in out["one"] and "step 00006/00006" in out["two"]
+    a, b = weights(root / "one"), weights(root / "two")
+    assert a.keys() == b.keys()
+    start = load_file(os.path.join(root, "model", "model.safetensors"))
+    for k in a:
+        assert not torch.equal(a[k], start[k]), f"{k} did not train"
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_sft_one_and_two_processes_end_with_the_same_parameters(runs):
+    root, out = runs
+    a, b = weights(root / "sft-one"), weights(root / "sft-two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_kill_and_resume_gives_the_uninterrupted_result(runs):
+    root, out = runs
+    assert "stopping after step 3" in out["killed"] and "resumed from" in out["resumed"]
+    assert "step-000002" in out["resumed"] and "step 00003/00006" in out["resumed"]   # step 3 is redone
+    a, b = weights(root / "two"), weights(root / "resumed")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-7)
+
+
+def test_export_loads_in_transformers_with_identical_logits(runs):
+    transformers = pytest.importorskip("transformers")
+    root, _ = runs
+    final = str(root / "one" / "final")
+    ours = Transformer.from_pretrained(final).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
+    ids = torch.randint(0, ours.args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=1e-5, atol=1e-5)
+    assert os.path.exists(os.path.join(final, "tokenizer.json")) and os.path.exists(os.path.join(final, "tokenizer_config.json"))
+
+
+def test_live_reference_equals_precomputed(tiny, tmp_path):
+    root, _, _, pairs, _ = tiny
+    common = ["--global-batch", "8", "--micro-batch", "4", "--lr", "1e-3", "--max-steps", "2"]
+    a = scdpo.train(args_for(str(root / "model"), pairs, str(tmp_path / "pre"), *common))
+    b = scdpo.train(args_for(str(root / "model"), pairs, str(tmp_path / "live"), "--ref", "live", *common))
+    for (k, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_without_pairs_the_pairs_are_sampled_once(tiny, tmp_path, monkeypatch):
+    """No --pairs: sample.make_pairs runs into --out first; a rerun finds the stage complete. (A random
+    model solves next to nothing: too few pairs for one global batch, so training itself is refused.)"""
+    import sample
+    root = tiny[0]
+    recs = [{"id": str(i), "question": f"What is {i}+1?", "gold": str(i + 1)} for i in range(2)]
+    data.write_jsonl(str(tmp_path / "q.jsonl"), recs)
+    argv = ["--model", str(root / "model"), "--data", str(tmp_path / "q.jsonl"), "--out", str(tmp_path / "run"),
+            "--max-len", "72", "--max-prompt", "64", "--quiet"]
+    with pytest.raises(ValueError, match="training items is less than one global batch"):
+        scdpo.train(scdpo.get_parser().parse_args(argv))
+    meta = json.load(open(tmp_path / "run" / "pairs.jsonl.meta.json"))
+    assert meta["summary"]["questions"] == 2 and meta["model"] == scdpo.model_fingerprint(str(root / "model"))["model"]
+    monkeypatch.setattr(sample, "make_pairs", lambda *a, **k: pytest.fail("the finished stage ran again"))
+    with pytest.raises(ValueError, match="training items is less than one global batch"):
+        scdpo.train(scdpo.get_parser().parse_args(argv))
