@@ -25,6 +25,8 @@ Every step list satisfies "".join(steps) == solution.
 """
 import contextlib
 import functools
+import glob
+import hashlib
 import json
 import keyword
 import math
@@ -716,6 +718,59 @@ def read_pairs(path):
     return read_jsonl(path, check_pair)
 
 
+# Provenance of a pairs file: `<pairs>.meta.json` records hashes of the model and tokenizer that sampled it
+# (written last, so its presence also marks the file complete); scdpo.check_pairs_match refuses to train a
+# model whose hashes differ. sample.py's CLI and scdpo.py's sampling stage both write it.
+def sha256_file(path, sample=None):
+    """sha256 of a file; with `sample` bytes, of its size and 16 evenly spaced slices (a fingerprint of
+    multi-GB weights that changes whenever training changes the weights, without reading them all)."""
+    h, size = hashlib.sha256(), os.path.getsize(path)
+    with open(path, "rb") as f:
+        if sample is None or size <= 16 * sample:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        else:
+            h.update(str(size).encode())
+            for i in range(16):
+                f.seek(i * (size - sample) // 15)
+                h.update(f.read(sample))
+    return h.hexdigest()
+
+
+def model_fingerprint(path):
+    """{'model': .., 'tokenizer': ..}: hashes of a hub folder's config + weights and of its tokenizer files."""
+    def digest(files, sample=None):
+        return hashlib.sha256("".join(sha256_file(f, sample) for f in sorted(files)).encode()).hexdigest()[:16]
+    weights = glob.glob(os.path.join(path, "*.safetensors")) + [os.path.join(path, "config.json")]
+    toks = [os.path.join(path, f) for f in ("tokenizer.json", "tokenizer_config.json") if os.path.exists(os.path.join(path, f))]
+    return {"model": digest(weights, sample=1 << 20), "tokenizer": digest(toks)}
+
+
+def pairs_meta_path(pairs_path):
+    return pairs_path + ".meta.json"
+
+
+def write_pairs_meta(pairs_path, model_dir, summary=None):
+    """Write `<pairs>.meta.json` ({model, tokenizer} hashes of model_dir, plus the summary counts) atomically:
+    a temporary file renamed into place. Call it once the pairs file is complete, on one process."""
+    path = pairs_meta_path(pairs_path)
+    with open(path + ".tmp", "w") as f:
+        json.dump({**model_fingerprint(model_dir), "summary": summary}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def read_pairs_meta(pairs_path):
+    """The recorded provenance of a pairs file, or None when it has no `<pairs>.meta.json`."""
+    path = pairs_meta_path(pairs_path)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 # TRL's preference format with plain strings: prompt = question, plus "\n\n" + prefix for a
 # step-controlled pair; chosen / rejected = the continuations. The other fields ride along.
 def to_trl(pair):
@@ -867,13 +922,13 @@ def collate_sft(rows, pad_id=0):
 # known (first_wrong_step), which is what the credit-assignment metric needs and what real data lacks:
 #
 #   Eva has 7 bags of 6 pens. Eva gets 3, uses 8, uses 5. How many now?
-#   6*7=42            step 0   a*b (operands in either order)
+#   7*6=42            step 0   a*b (the checker takes either order; demonstrations keep the question's)
 #   42+3=45           step 1   one line per operation, in the question's order (+: either order)
 #   45-8=37           step 2
 #   37-5=32           step 3
 #   The answer is 32  step 4   (data.extract_answer reads it)
 #
-# Solutions vary in wording (operand order of * and +), so two solutions of one question differ in
+# Solutions vary in wording (operand order of +), so two solutions of one question differ in
 # more than their error. The SFT demonstrations carry a systematic "bad habit": in a subtraction that
 # needs a borrow (45-8), a fraction `habit` of them forget it (45-8=47), the classic primary-school
 # bug. The SFT model learns the habit as a probability, so greedy decoding repeats it while sampling
@@ -933,7 +988,7 @@ def needs_borrow(x, y):
 
 
 def mini_solution(question, rng, habit=0.0, vary=True):
-    """A worked solution. vary: random operand order for * and + (the wording); habit: the chance that a
+    """A worked solution. vary: random operand order for + (the wording); habit: the chance that a
     subtraction needing a borrow forgets it (result 10 too big); every later step is right given it."""
     steps, v = [], None
     for op, x, y, r in mini_nodes(question):
@@ -942,7 +997,7 @@ def mini_solution(question, rng, habit=0.0, vary=True):
             r = x + y if op == "+" else x - y
         if op == "-" and needs_borrow(x, y) and rng.random() < habit:
             r += 10
-        a, b = (y, x) if op in "+*" and vary and rng.random() < 0.5 else (x, y)
+        a, b = (y, x) if op == "+" and vary and rng.random() < 0.5 else (x, y)
         steps.append(f"{a}{op}{b}={r}")
         v = r
     return "\n".join(steps + [f"The answer is {v}"])
@@ -1007,3 +1062,21 @@ def mini_tokenizer(path):
     with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
     return path
+
+
+def mini_error(question, solution):
+    """(first wrong step, kind): kind "none" (all right), "habit" (a subtraction that needed a borrow
+    written 10 too big), "arith" (the right operation on the right numbers, a wrong result otherwise),
+    "format" (anything else: wrong numbers or operation, a missing, extra or garbled line)."""
+    i = first_wrong_step(question, solution)
+    if i == -1:
+        return i, "none"
+    nodes, lines = mini_nodes(question), split_steps(solution, "cot", MINI_DELIM)
+    m = _MINI_STEP.match(lines[i]) if i < min(len(nodes), len(lines)) else None
+    if m is None:
+        return i, "format"
+    op, x, y, r = nodes[i]
+    a, b, got = int(m[1]), int(m[3]), int(m[4])
+    if m[2] != op or not ((a, b) == (x, y) or (op in "+*" and (b, a) == (x, y))):
+        return i, "format"
+    return i, "habit" if op == "-" and needs_borrow(x, y) and got == r + 10 else "arith"

@@ -155,29 +155,8 @@ def print0(*a, **k):
         print(*a, **k, flush=True)
 
 
-def sha256_file(path, sample=None):
-    """sha256 of a file; with `sample` bytes, of its size and 16 evenly spaced slices (a fingerprint of
-    multi-GB weights that changes whenever training changes the weights, without reading them all)."""
-    h, size = hashlib.sha256(), os.path.getsize(path)
-    with open(path, "rb") as f:
-        if sample is None or size <= 16 * sample:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        else:
-            h.update(str(size).encode())
-            for i in range(16):
-                f.seek(i * (size - sample) // 15)
-                h.update(f.read(sample))
-    return h.hexdigest()
-
-
-def model_fingerprint(path):
-    """{'model': .., 'tokenizer': ..}: hashes of a hub folder's config + weights and of its tokenizer files."""
-    def digest(files, sample=None):
-        return hashlib.sha256("".join(sha256_file(f, sample) for f in sorted(files)).encode()).hexdigest()[:16]
-    weights = glob.glob(os.path.join(path, "*.safetensors")) + [os.path.join(path, "config.json")]
-    toks = [os.path.join(path, f) for f in ("tokenizer.json", "tokenizer_config.json") if os.path.exists(os.path.join(path, f))]
-    return {"model": digest(weights, sample=1 << 20), "tokenizer": digest(toks)}
+# file / model hashes live in data.py, shared with sample.py's CLI, which records them next to its pairs
+sha256_file, model_fingerprint = data.sha256_file, data.model_fingerprint
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,16 +213,14 @@ def load_records(spec):
 
 def check_pairs_match(pairs_path, rows, tok, margs, model_dir):
     """Refuse, up front, pairs that do not belong to this model: token ids past the model's vocabulary,
-    or a tokenizer / model recorded at sampling time (`<pairs>.meta.json`, written when this script
-    samples the pairs) that differs from --model's."""
+    or a tokenizer / model recorded at sampling time (`<pairs>.meta.json`, data.write_pairs_meta: written
+    when this script or `sample.py pairs` samples the pairs) that differs from --model's."""
     top = max((max(r["prompt"] + r["chosen"] + r["rejected"]) for r in rows), default=-1)
     if top >= margs.vocab_size:
         raise ValueError(f"{pairs_path}: tokenised with {tok.vocab_size} ids (largest {top}) but the model has "
                          f"{margs.vocab_size} embeddings: pairs and model do not match")
-    meta_path = pairs_path + ".meta.json"
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
+    meta_path, meta = data.pairs_meta_path(pairs_path), data.read_pairs_meta(pairs_path)
+    if meta is not None:
         have = model_fingerprint(model_dir)
         for key in ("tokenizer", "model"):
             if key in meta and meta[key] != have[key]:
@@ -452,7 +429,7 @@ def sample_pairs(args, rank, world, device, log):
     stage is skipped when its output is complete; a killed run resumes question by question."""
     import sample
     path = os.path.join(args.out, "pairs.jsonl")
-    if os.path.exists(path + ".meta.json"):
+    if os.path.exists(data.pairs_meta_path(path)):
         log(f"pairs: reusing {path}")
         return path
     if not args.data:
@@ -463,8 +440,7 @@ def sample_pairs(args, rank, world, device, log):
     del gen_model
     if rank == 0:
         log(f"pairs: {json.dumps(summary)}")
-        with open(path + ".meta.json", "w") as f:   # written last: marks the stage complete
-            json.dump({**model_fingerprint(args.model), "summary": summary}, f, indent=1)
+        data.write_pairs_meta(path, args.model, summary)   # written last: marks the stage complete
     dist.barrier()
     return path
 

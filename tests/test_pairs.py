@@ -119,6 +119,32 @@ def test_killed_and_restarted_run_writes_the_same_file(setup):
     assert sorted(ids) == sorted(r["id"] for r in records)   # every question once
 
 
+def test_cli_pairs_record_their_model_and_scdpo_refuses_another(setup, tmp_path):
+    """`sample.py pairs` writes <out>.meta.json last (data.write_pairs_meta); scdpo.check_pairs_match then
+    accepts the pairs for the model that sampled them and refuses a model whose tokenizer differs, even
+    with the same vocabulary (which the vocabulary check alone would let through)."""
+    import json
+    import shutil
+    import sample
+    import scdpo
+    d, _, tok, _ = setup
+    model_a, model_b = str(d / "ckpt"), str(tmp_path / "b")
+    shutil.copytree(model_a, model_b)
+    with open(os.path.join(model_b, "tokenizer_config.json"), "w") as f:   # same ids, other tokenizer files
+        json.dump({"bos_token": "<s>", "eos_token": "</s>", "model_max_length": 64}, f)
+    out = str(tmp_path / "cli.jsonl")
+    sample.main(["pairs", "--model", model_a, "--data", str(d / "gsm8k.jsonl"), "--out", out, "--limit", "4", *CLI])
+    meta = data.read_pairs_meta(out)
+    assert meta == {**data.model_fingerprint(model_a), "summary": meta["summary"]} and meta["summary"]["questions"] == 4
+    assert not os.path.exists(out + ".meta.json.tmp")
+    rows = data.tokenize_pairs(data.read_pairs(out), tok, log=lambda *a: None)
+    assert rows   # (seed 0: one naive and one step-controlled pair)
+    margs = ModelArgs.from_hf_config(json.load(open(os.path.join(model_a, "config.json"))))
+    scdpo.check_pairs_match(out, rows, tok, margs, model_a)                # the sampling model: accepted
+    with pytest.raises(ValueError, match=r"sampled with tokenizer [0-9a-f]{16} .* but --model .*/b has tokenizer"):
+        scdpo.check_pairs_match(out, rows, tok, margs, model_b)
+
+
 def test_code_format_runs_the_code_of_every_sample(tmp_path):
     """fmt="code" through the pipeline with a scripted model (test_sample.Scripted) that always writes the
     same right solution, its outputs left for the sandbox to fill in: every sample is preferred, so no
