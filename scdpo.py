@@ -626,9 +626,18 @@ def main(argv=None):
 #   4. greedy accuracy on held-out problems (eval.evaluate), the step-localisation metric of the
 #      implicit reward (eval.credit_assignment) on SFT samples labelled by the exact checker, and the
 #      credit-assignment HTML; then Table 1 in miniature.
-#     python scdpo.py                        # one seed (~6-8 min on 2 CPU cores)
+#     python scdpo.py                        # one seed: 11.6 CPU-minutes single-threaded (see below)
 #     python scdpo.py --seeds 3              # mean and spread over 3 seeds (SFT retrained per seed)
+#     python scdpo.py --mini --seed 1 --reuse  # seeds in separate processes; --seeds 3 --reuse collects them
 #     torchrun --standalone --nproc_per_node=2 scdpo.py --mini
+# Why this task (../shared/MINIATURE-NOTES.md): the SFT model's greedy errors are systematic (it forgets
+# the borrow), so outcome feedback can fix them; solutions vary in wording, so naive pairs differ in more
+# than the error. Each seed's log prints where each rejected solution goes wrong relative to the cut k
+# and how (habit / other arithmetic / format), and each model's greedy errors by kind: preference
+# training removes most habit errors but over-generalises the fix (plain subtractions start to
+# "borrow"), which is what costs accuracy on problems the SFT model already solved.
+# Timing: measured only on a shared, heavily loaded 2-core machine (34 min wall for 11.6 CPU-minutes at
+# one thread); an idle 2-core machine at two threads should take less than the CPU time, not verified.
 # ----------------------------------------------------------------------------------------------
 def miniature_parser():
     p = argparse.ArgumentParser(prog="python scdpo.py", description="the miniature: SFT -> pairs -> DPO / DPO "

@@ -1,0 +1,101 @@
+# Run with: python -m pytest -q tests/test_miniature.py
+"""The miniature task's exact checker and tokenizer by hand, and the miniature itself (`python scdpo.py`)
+shortened to a few steps per stage: the same code path (train() for SFT and DPO, sample.make_pairs,
+eval.evaluate, eval.credit_assignment), with its table checked against the files it wrote."""
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+import data
+import model as M
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+Q = "Eva has 7 bags of 6 pens. Eva gets 3, uses 8, uses 5. How many now?"
+RIGHT = "6*7=42\n42+3=45\n45-8=37\n37-5=32\nThe answer is 32"
+
+
+def test_first_wrong_step_by_hand():
+    assert data.first_wrong_step(Q, RIGHT) == -1
+    assert data.first_wrong_step(Q, "7*6=42\n3+42=45\n45-8=37\n37-5=32\nThe answer is 32") == -1   # other wording
+    assert data.first_wrong_step(Q, "6*7=42\n42+3=45\n45-8=47\n47-5=42\nThe answer is 42") == 2     # forgot the borrow
+    assert data.first_wrong_step(Q, "6*7=48\n48+3=51\n51-8=43\n43-5=38\nThe answer is 38") == 0     # wrong product
+    assert data.first_wrong_step(Q, "6*7=42\n42-3=39\n39-8=31\n31-5=26\nThe answer is 26") == 1     # wrong operation
+    assert data.first_wrong_step(Q, "6*7=42\n42+3=45\n8-45=37\n37-5=32\nThe answer is 32") == 2     # operands swapped in -
+    assert data.first_wrong_step(Q, "6*7=42\n42+3=45\n45-8=37\nThe answer is 37") == 3              # a step left out
+    assert data.first_wrong_step(Q, "6*7=42\n42+3=45\n45-8=37\n37-5=32\nThe answer is 31") == 4     # wrong final line
+    assert data.first_wrong_step(Q, RIGHT + "\n1+1=2") == 5                                          # trailing step
+    assert data.first_wrong_step(Q, "6*7=42\n42+3=45") == 2                                          # stops early
+    assert data.extract_answer(RIGHT) == "32" and data.mini_nodes(Q)[-1][3] == 32
+
+
+def test_generated_solutions_and_the_habit():
+    rng = random.Random(0)
+    for _ in range(300):
+        p = data.mini_problem(rng)
+        right = data.mini_solution(p["question"], rng)
+        assert data.first_wrong_step(p["question"], right) == -1 and data.extract_answer(right) == p["gold"]
+        habit = data.mini_solution(p["question"], rng, habit=1.0)
+        borrows = [i for i, (op, x, y, _) in enumerate(data.mini_nodes(p["question"])) if op == "-" and data.needs_borrow(x, y)]
+        assert data.first_wrong_step(p["question"], habit) == (borrows[0] if borrows else -1)
+        assert len(data.split_steps(right, "cot", data.MINI_DELIM)) == len(data.mini_nodes(p["question"])) + 1
+
+
+def test_mini_tokenizer_loads_with_model_tokenizer(tmp_path):
+    tok = M.Tokenizer.from_pretrained(data.mini_tokenizer(str(tmp_path)))
+    prompt = tok.render_prompt(Q)
+    assert prompt == "<s>" + Q + "\n" and tok.render(Q, RIGHT) == prompt + RIGHT + "</s>"
+    ids, n = tok.encode_prompt_response(prompt, RIGHT)
+    assert tok.decode(ids[n:]) == RIGHT and len(ids) == 1 + len(Q) + 1 + len(RIGHT)   # one token a character
+    assert tok.stop_ids == [tok.eos_id]
+
+
+# A few steps per stage; the task is shortened to one operation after the product so that a short SFT
+# already solves some problems (pairs need a right and a wrong sample).
+QUICK = ["--n-ops", "1", "--n-sft", "6000", "--sft-steps", "300", "--sft-batch", "32", "--dim", "64", "--layers", "2",
+         "--n-pairs", "96", "--n-eval", "64", "--n-credit", "48", "--epochs", "1", "--batch", "8", "--k-max", "8",
+         "--tries", "2"]
+
+
+def check_run(out, printed, seed=0):
+    assert "Table 1 in miniature" in printed
+    folder = os.path.join(out, f"seed{seed}")
+    pairs = data.read_pairs(os.path.join(folder, "pairs.jsonl"))
+    n_naive, n_sc = sum(p["kind"] == "naive" for p in pairs), sum(p["kind"] == "sc" for p in pairs)
+    assert n_naive > 0 and n_sc > 0
+    table = {}
+    for line in printed.splitlines():
+        for name in ("SFT", "DPO (data-equal)", "DPO", "SCDPO"):
+            if line.startswith(name + " ") and name not in table:
+                table[name] = line[len(name):].split()
+                break
+    assert table["SCDPO"][:3] == [str(n_naive), "+", str(n_sc)] and table["DPO"][:3] == [str(n_naive), "+", "0"]
+    assert table["DPO (data-equal)"][:3] == [str(n_naive + n_sc), "+", "0"]
+    for name, tag in (("SFT", "sft"), ("DPO", "dpo"), ("DPO (data-equal)", "dpo-eq"), ("SCDPO", "scdpo")):
+        rows = data.read_jsonl(os.path.join(folder, f"preds-{tag}.jsonl"))
+        assert len(rows) == 64
+        right = sum(data.is_equiv(data.extract_answer(r["completion"]), r["gold"]) for r in rows)
+        acc = float(table[name][1 if name == "SFT" else 3]) / 100
+        assert abs(acc - right / len(rows)) < 0.0006, (name, acc, right)
+        # a solution whose every step is right has the right answer
+        assert all(r["correct"] for r in rows if data.first_wrong_step(r["question"], r["completion"]) == -1)
+    for tag in ("dpo", "dpo-eq", "scdpo"):
+        page = open(os.path.join(folder, f"credit-{tag}.html")).read()
+        assert "rgba(" in page and "<table class=sol>" in page
+
+
+def test_miniature_shortened(tmp_path, capsys):
+    import scdpo
+    scdpo.main(["--mini", "--out", str(tmp_path)] + QUICK)
+    check_run(str(tmp_path), capsys.readouterr().out)
+
+
+def test_miniature_under_torchrun(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "scdpo.py",
+                        "--mini", "--out", str(tmp_path)] + QUICK, cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("Table 1 in miniature") == 1   # rank 0 prints
+    check_run(str(tmp_path), r.stdout)
