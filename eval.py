@@ -30,29 +30,11 @@ import torch
 import torch.distributed as dist
 
 import data
+from scdpo import compute_init, print0   # one distributed set-up for every script
 
 # ----------------------------------------------------------------------------------------------
 # Distributed plumbing: the same file runs on a laptop CPU, one GPU and torchrun on 8.
 # ----------------------------------------------------------------------------------------------
-
-
-def dist_init():
-    """(rank, world_size, device). Under torchrun: a process group (nccl on GPU, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-def print0(*a, **k):
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*a, **k, flush=True)
 
 
 def gather_rows(rows):
@@ -355,8 +337,8 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=None, help="only the first N questions")
     p.add_argument("--out", default=None, help="predictions JSONL (default: none)")
     # decoding
-    p.add_argument("--max_new_tokens", type=int, default=512, help="per completion")
-    p.add_argument("--batch_size", type=int, default=64, help="questions per generation batch (per rank)")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="per completion")
+    p.add_argument("--batch-size", type=int, default=64, help="questions per generation batch (per rank)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16")
     # credit assignment
     p.add_argument("--ref", default=None, help="reference model (the SFT model) for implicit rewards")
@@ -370,7 +352,7 @@ def main(argv=None):
     if (args.data is None) == (args.processbench is None):
         p.error("give exactly one of --data and --processbench")
     import model as M
-    rank, world, device = dist_init()
+    rank, world, _, device = compute_init()
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
              "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     print0(json.dumps(vars(args)))

@@ -68,7 +68,7 @@ def printed_accuracy(out):
 def test_eval_end_to_end_on_gsm8k_and_math(ckpts, problems, tmp_path, capsys):
     for name, src in (("gsm8k", problems[0]), ("math", problems[1])):
         out = tmp_path / f"{name}.jsonl"
-        E.main(["--model", ckpts[0], "--data", src, "--max_new_tokens", "24", "--batch_size", "8", "--out", str(out)])
+        E.main(["--model", ckpts[0], "--data", src, "--max-new-tokens", "24", "--batch-size", "8", "--out", str(out)])
         printed = printed_accuracy(capsys.readouterr().out)
         assert printed == recount(out) and printed[1] == 10
         rows = data.read_jsonl(out)
@@ -77,7 +77,7 @@ def test_eval_end_to_end_on_gsm8k_and_math(ckpts, problems, tmp_path, capsys):
 
 
 def test_named_sets_and_breakdown(ckpts, tmp_path, capsys):
-    E.main(["--model", ckpts[0], "--data", "math500", "--limit", "6", "--max_new_tokens", "8", "--out", str(tmp_path / "p.jsonl")])
+    E.main(["--model", ckpts[0], "--data", "math500", "--limit", "6", "--max-new-tokens", "8", "--out", str(tmp_path / "p.jsonl")])
     out = capsys.readouterr().out
     assert "subject/" in out and "level/" in out and printed_accuracy(out) == recount(tmp_path / "p.jsonl")
 
@@ -97,7 +97,7 @@ def test_printed_accuracy_equals_recount_when_some_are_right(ckpts, problems, tm
 
 def test_eval_under_torchrun_matches_one_process(ckpts, problems, tmp_path):
     one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
-    common = ["--model", ckpts[0], "--data", problems[0], "--max_new_tokens", "16"]
+    common = ["--model", ckpts[0], "--data", problems[0], "--max-new-tokens", "16"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run([sys.executable, "eval.py", *common, "--out", str(one)], cwd=ROOT, check=True, env=env, capture_output=True)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "eval.py",
