@@ -286,7 +286,7 @@ def test_kill_and_resume_gives_the_uninterrupted_result(runs):
 
 
 def test_export_loads_in_transformers_with_identical_logits(runs):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     root, _ = runs
     final = str(root / "one" / "final")
     ours = Transformer.from_pretrained(final).eval()
