@@ -1,7 +1,7 @@
 """Step-Controlled DPO (Lu et al. 2024, arXiv 2407.00782): SFT and DPO / SCDPO training on FSDP2.
 One file, read top to bottom: losses, flags, distributed init, data, model, optimizer, loop, export.
 
-    python scdpo.py                                                    # the miniature demo (CPU, minutes)
+    python scdpo.py                                                    # the miniature (CPU, ~6 min); --mini --help: its flags
     python scdpo.py --model PATH --pairs pairs.jsonl --out runs/scdpo  # 1 CPU or 1 GPU
     torchrun --standalone --nproc_per_node=8 scdpo.py --model PATH --pairs pairs.jsonl --out runs/scdpo
     torchrun --standalone --nproc_per_node=8 scdpo.py --model PATH --data gsm8k:train,math:train --out runs/scdpo
@@ -609,7 +609,10 @@ def train(args):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or "--mini" in argv or "--seeds" in argv:   # the miniature (end of this file)
+    # No model, no pairs, no objective: the miniature (end of this file), so `python scdpo.py --out X`
+    # or `--seeds 3` configure it. `--help` shows the training flags; `--mini --help` the miniature's.
+    named = {a.split("=")[0] for a in argv}
+    if "--mini" in named or not named & {"--model", "--pairs", "--objective", "-h", "--help"}:
         return miniature(argv)
     train(get_parser().parse_args(argv))
     if dist.is_initialized():
