@@ -56,7 +56,8 @@ class ModelArgs:
     def __post_init__(self):
         self.n_kv_heads = self.n_kv_heads or self.n_heads
         self.head_dim = self.head_dim or self.dim // self.n_heads
-        assert self.n_heads % self.n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads"
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.model_type not in SUPPORTED:
             raise ValueError(f"unsupported model_type {self.model_type!r}; supported: {', '.join(SUPPORTED)}")
 
@@ -69,6 +70,10 @@ class ModelArgs:
             raise ValueError(f"unsupported model_type {mt!r} in config.json; supported: {', '.join(SUPPORTED)}")
         if mt == "internlm2" and c.get("bias", False):
             raise ValueError("InternLM2 with bias=true is not supported (released InternLM2 models have no bias)")
+        missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                               "intermediate_size") if k not in c]
+        if missing:
+            raise ValueError(f"missing required field(s) {', '.join(missing)}")
         rope = dict(c.get("rope_parameters") or {})
         theta = rope.pop("rope_theta", None) or c.get("rope_theta", 10000.0)
         scaling = c.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
@@ -376,9 +381,12 @@ class Transformer(nn.Module):
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_path):
             raise FileNotFoundError(f"{cfg_path}: not found (a hub checkpoint folder has config.json)")
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-        args = ModelArgs.from_hf_config(cfg)
+        cfg = _read_json(cfg_path)
+        try:
+            args = ModelArgs.from_hf_config(cfg)
+            inv_freq = rope_inv_freq(args)
+        except ValueError as e:
+            raise ValueError(f"{cfg_path}: {e}") from None
         files = _safetensors_files(path)
         if dtype is None:
             dtype = getattr(torch, cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
@@ -388,7 +396,7 @@ class Transformer(nn.Module):
         model = model.to(dtype).to_empty(device=device)
         if args.tie_embeddings:
             model.output.weight = model.tok_embeddings.weight   # to_empty unties shared parameters
-        model.inv_freq = rope_inv_freq(args).to(device)
+        model.inv_freq = inv_freq.to(device)
         params = dict(model.named_parameters())   # tied weights appear once, under tok_embeddings
         table = cls.INTERNLM2_NAMES if args.model_type == "internlm2" else cls.HF_NAMES
         seen, unexpected, mismatched = set(), [], []
@@ -513,9 +521,17 @@ def _safetensors_files(path) -> list:
 
 
 def _safetensors_header(file) -> dict:
+    """{name: (dtype, shape, start, end)}, byte offsets from the file's start, checked against the file's
+    size, so that a truncated or corrupt file fails here, naming the tensor, instead of loading garbage."""
+    size = os.path.getsize(file)
     with open(file, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
+        n = struct.unpack("<Q", f.read(8))[0] if size >= 8 else None
+        if n is None or n > size - 8:
+            raise ValueError(f"{file}: truncated or not safetensors: {size} bytes, header length {n}")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise ValueError(f"{file}: safetensors header is not valid JSON: {e}") from None
     base = 8 + n
     out = {}
     for name, h in header.items():
@@ -524,6 +540,13 @@ def _safetensors_header(file) -> dict:
         if h["dtype"] not in _ST_DTYPES:
             raise ValueError(f"{file}: tensor {name} has unsupported dtype {h['dtype']}")
         s, e = h["data_offsets"]
+        need = math.prod(h["shape"]) * _ST_DTYPES[h["dtype"]].itemsize
+        if e - s != need:
+            raise ValueError(f"{file}: tensor {name} has data_offsets spanning {e - s} bytes, but its shape "
+                             f"{h['shape']} in {h['dtype']} needs {need} bytes")
+        if s < 0 or base + e > size:
+            raise ValueError(f"{file}: tensor {name} needs bytes {base + s}..{base + e} but the file has only "
+                             f"{size} bytes (truncated?)")
         out[name] = (_ST_DTYPES[h["dtype"]], h["shape"], base + s, base + e)
     return out
 
@@ -534,8 +557,8 @@ def _read_tensor(file, dtype, shape, start, end, out=None) -> torch.Tensor:
     buf = out if direct else torch.empty(shape, dtype=dtype)
     with open(file, "rb") as f:
         f.seek(start)
-        if buf.numel():
-            f.readinto(memoryview(buf.view(-1).view(torch.uint8).numpy()))
+        if buf.numel() and f.readinto(memoryview(buf.view(-1).view(torch.uint8).numpy())) != end - start:
+            raise ValueError(f"{file}: could not read bytes {start}..{end} (file truncated?)")
     if out is not None and not direct:
         out.copy_(buf)
         return out
@@ -615,7 +638,10 @@ def _token_content(value):
 
 def _read_json(file):
     with open(file, encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:   # says line and column
+            raise ValueError(f"{file}: not valid JSON: {e}") from None
 
 
 class Tokenizer:

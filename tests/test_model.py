@@ -1,12 +1,14 @@
 # python -m pytest -q tests/test_model.py
 # model.Transformer against transformers' own models (the reference), on tiny random checkpoints
 # written as the hub writes them: Llama 3 (llama3 RoPE scaling, GQA), Mistral (sliding_window),
-# Qwen2 (qkv bias, tied embeddings, sharded, the newer `rope_parameters` config form), an explicit
-# head_dim, and InternLM2 (packed wqkv) built from the Llama one.
+# Qwen2 (qkv bias, tied embeddings, sharded, the newer `rope_parameters` config form; once more with the
+# classic keys), an explicit head_dim, and InternLM2 (packed wqkv) built from the Llama one.
 import copy
 import json
 import os
+import re
 import shutil
+import struct
 
 import pytest
 import torch
@@ -163,6 +165,17 @@ def test_float32_logits_match_transformers(ckpts, kind):
     assert _rel(ours, _hf_logits(hf, ids)) < 1e-5
     if kind == "qwen2":
         assert model.output.weight is model.tok_embeddings.weight
+
+
+def test_qwen2_with_classic_config_keys(ckpts, tmp_path):
+    # hub Qwen2 configs carry top-level rope_theta / rope_scaling, not the fixture's rope_parameters
+    path = shutil.copytree(ckpts["qwen2"][0], tmp_path / "qwen2")
+    _to_classic(path)
+    model = Transformer.from_pretrained(path)
+    assert model.args.rope_theta == 1000000.0
+    ids = _ids()
+    with torch.no_grad():
+        assert _rel(model(ids), _hf_logits(ckpts["qwen2"][1], ids)) < 1e-5
 
 
 def test_llama3_rope_scaling_at_large_positions(ckpts):
@@ -385,3 +398,51 @@ def test_internlm2_packed_shape_mismatch_names_the_tensor(ckpts, tmp_path):
         Transformer.from_pretrained(path)
     msg = str(e.value)
     assert "model.layers.0.attention.wqkv.weight" in msg and "(128, 64)" in msg and "(96, 64)" in msg
+
+
+def test_bad_config_json_names_the_file_and_what_is_wrong(ckpts, tmp_path):
+    path = _copy(ckpts, "llama3", tmp_path)
+    cfg_path = re.escape(str(path / "config.json"))
+    good = (path / "config.json").read_text()
+    (path / "config.json").write_text(good[:-10])
+    with pytest.raises(ValueError, match=f"{cfg_path}: not valid JSON.*line .* column"):
+        Transformer.from_pretrained(path)
+    cfg = json.loads(good)
+    del cfg["hidden_size"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=f"{cfg_path}: missing required field.*hidden_size"):
+        Transformer.from_pretrained(path)
+    (path / "config.json").write_text(good)
+    _edit_config(path, num_key_value_heads=3)
+    with pytest.raises(ValueError, match=rf"{cfg_path}: n_heads \(4\) must be a multiple of n_kv_heads \(3\)"):
+        Transformer.from_pretrained(path)
+    _edit_config(path, num_key_value_heads=2, rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(ValueError, match=f"{cfg_path}: unsupported rope_scaling type 'yarn'.*llama3"):
+        Transformer.from_pretrained(path)
+
+
+def _rewrite_safetensors(file, edit):
+    """Apply edit(header dict) to a safetensors file's JSON header, keeping its data bytes."""
+    raw = open(file, "rb").read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    new = json.dumps(header).encode()
+    open(file, "wb").write(struct.pack("<Q", len(new)) + new + raw[8 + n:])
+
+
+def test_truncated_or_corrupt_safetensors_names_the_file_and_tensor(ckpts, tmp_path):
+    path = _copy(ckpts, "llama3", tmp_path)
+    file = path / "model.safetensors"
+    good, name = file.read_bytes(), re.escape(str(file))
+    file.write_bytes(good[:-100])   # a download cut short
+    with pytest.raises(ValueError, match=rf"{name}: tensor \S+ needs bytes \d+\.\.{len(good)} but the file "
+                                         rf"has only {len(good) - 100} bytes"):
+        Transformer.from_pretrained(path)
+    file.write_bytes(good)
+    _rewrite_safetensors(file, lambda h: h["model.norm.weight"].update(shape=[32]))
+    with pytest.raises(ValueError, match=rf"{name}: tensor model.norm.weight .* 256 bytes.* needs 128 bytes"):
+        Transformer.from_pretrained(path)
+    file.write_bytes(good[:8] + b"X" + good[9:])   # the header's opening brace
+    with pytest.raises(ValueError, match=f"{name}: safetensors header is not valid JSON.*line 1 column 1"):
+        Transformer.from_pretrained(path)
