@@ -772,28 +772,51 @@ def read_pairs_meta(pairs_path):
 
 
 # TRL's preference format with plain strings: prompt = question, plus "\n\n" + prefix for a
-# step-controlled pair; chosen / rejected = the continuations. The other fields ride along.
+# step-controlled pair; chosen / rejected = the continuations. The other pair fields ride along, except
+# the question: from_trl reads it back out of the prompt, so the prompt is what a row's question is.
+_TRL_META = [k for k in PAIR_FIELDS if k not in ("question", "chosen", "rejected")]
+
+
 def to_trl(pair):
     prompt = pair["question"] + ("\n\n" + pair["prefix"] if pair["prefix"] else "")
-    return {"prompt": prompt, "chosen": pair["chosen"], "rejected": pair["rejected"],
-            **{k: v for k, v in pair.items() if k not in ("chosen", "rejected")}}
+    return {"prompt": prompt, "chosen": pair["chosen"], "rejected": pair["rejected"], **{k: pair[k] for k in _TRL_META}}
 
 
 def from_trl(row, source="trl"):
-    """A pair record from a TRL row; rows written by to_trl come back exactly, foreign rows become
-    naive pairs with prompt as the question."""
-    if all(k in row for k in PAIR_FIELDS):
-        return check_pair({k: row[k] for k in PAIR_FIELDS})
-    record = {"id": str(row.get("id", "")), "source": row.get("source", source), "question": row["prompt"],
+    """A pair record from a TRL row. A row of to_trl comes back exactly: its question is the prompt less
+    the "\\n\\n" + prefix tail (ValueError when the prompt does not end with the row's prefix, or disagrees
+    with a `question` field). A foreign row is a naive pair with the prompt as its question; a
+    conversational one (lists of messages) takes the question from the user message and the prefix from
+    an open assistant message after it (k: the prefix's last step); other message lists are a ValueError."""
+    where = f"TRL row {row.get('id', '?')}"
+    if isinstance(row["prompt"], str) and all(k in row for k in _TRL_META):
+        tail = "\n\n" + row["prefix"] if row["prefix"] else ""
+        question = row["prompt"][:len(row["prompt"]) - len(tail)]
+        if not row["prompt"].endswith(tail) or row.get("question", question) != question:
+            raise ValueError(f"{where}: prompt ...{row['prompt'][-60:]!r} is not question + '\\n\\n' + prefix "
+                             f"(prefix ...{row['prefix'][-60:]!r}, question {str(row.get('question'))[:60]!r})")
+        return check_pair({k: question if k == "question" else row[k] for k in PAIR_FIELDS}, where)
+
+    def texts(x, roles):   # [x] for a string; the contents of messages whose roles are one of `roles`
+        if isinstance(x, str):
+            return [x]
+        if [m.get("role") for m in x] not in roles:
+            raise ValueError(f"{where}: messages with roles {[m.get('role') for m in x]}, expected one of {list(roles)}")
+        return [m["content"] for m in x]
+
+    question, prefix = (texts(row["prompt"], (["user"], ["user", "assistant"])) + [""])[:2]
+    (chosen,), (rejected,) = (texts(row[side], (["assistant"],)) for side in ("chosen", "rejected"))
+    record = {"id": str(row.get("id", "")), "source": row.get("source", source), "question": question,
               "gold": str(row.get("gold", ""))}
-    return make_pair(record, row["chosen"], row["rejected"])
+    return make_pair(record, chosen, rejected, prefix=prefix, k=len(split_steps(prefix)) - 1 if prefix else -1)
 
 
 # ----------------------------------------------------------------------------------------------
 # Tokenised rows and batches. The prompt is tok.render_prompt(question, prefix): the question as the
 # user turn, then the prefix as the start of the assistant turn, left open. Prompt + continuation is
 # tokenised once and split at the character boundary (tok.encode_prompt_response). Every chosen and
-# rejected of this project is a complete solution, so EOS follows it, unless max_len cut it short.
+# rejected of this project is a complete solution (sample.py drops samples cut off at max_new_tokens),
+# so EOS follows it, unless max_len cut it short.
 # A pair whose prompt is longer than max_prompt_len is dropped (never cut), and counted.
 # ----------------------------------------------------------------------------------------------
 def _cap(ids, room, eos_id):
@@ -1039,20 +1062,32 @@ def mini_dataset(n, seed, habit=0.0, n_ops=3, offset=0):
     return recs
 
 
-MINI_CHARS = "\n ,.?*+-=0123456789" + "".join(sorted(set("".join(MINI_NAMES + MINI_ITEMS) + "bagsofhasgetsusesHowmanynowTheansweris")))
+MINI_CHARS = "\n ,.?*+-=0123456789"
+# Words are one token each (" has", " bags", "Eva" ...); digits, operators and punctuation are single
+# characters, so arithmetic is done digit by digit. A word costs one position instead of 3-6, which
+# roughly halves the length of a training row (and the CPU time of the miniature).
+MINI_WORDS = tuple(" " + w for w in MINI_NAMES + MINI_ITEMS) + (
+    " has", " bags", " of", " gets", " uses", " How", " many", " now", " answer", " is") + MINI_NAMES + ("The",)
 # The chat template: BOS, the question, a newline; the answer, then EOS. render_prompt is a prefix of render.
 MINI_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] + '\\n' }}"
                  "{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}")
 
 
 def mini_tokenizer(path):
-    """A character tokenizer (BPE with no merges) saved as tokenizer.json + tokenizer_config.json, so
-    that model.Tokenizer.from_pretrained(path) loads it like any hub tokenizer."""
+    """A word tokenizer saved as tokenizer.json + tokenizer_config.json, so that
+    model.Tokenizer.from_pretrained(path) loads it like any hub tokenizer: BPE over characters whose
+    merges build each of MINI_WORDS left to right (" " + "h" -> " h", " h" + "a" -> " ha", ...). Chains
+    start with a space or a capital; the spaced ones rank first, so " Eva" is not cut into " " + "Eva"."""
     import tokenizers
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
-    for c in MINI_CHARS:
+    vocab, merges = {"<pad>": 0, "<s>": 1, "</s>": 2}, []
+    for c in MINI_CHARS + "".join(MINI_WORDS):
         vocab.setdefault(c, len(vocab))
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
+    for w in MINI_WORDS:
+        for i in range(2, len(w) + 1):
+            if w[:i] not in vocab:
+                vocab[w[:i]] = len(vocab)
+                merges.append((w[:i - 1], w[i - 1]))
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=merges))
     tok.add_special_tokens(["<pad>", "<s>", "</s>"])
     tok.decoder = tokenizers.decoders.Fuse()
     os.makedirs(path, exist_ok=True)

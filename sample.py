@@ -483,10 +483,12 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0
     return rows if return_rows else [r.ids for r in rows]
 
 
-def sample_solutions(model, tok, questions, n=1, prefixes=None, max_new_tokens=512, stop=None, **kw):
+def sample_solutions(model, tok, questions, n=1, prefixes=None, max_new_tokens=512, stop=None, return_finish=False,
+                     **kw):
     """Text in, text out: each question rendered with the chat template (plus its prefix, the open start of
     the assistant turn), n continuations each. Returns one list of n texts per question, the EOS dropped
-    and each cut before its first stop string."""
+    and each cut before its first stop string; with return_finish, (text, finish) pairs, finish being
+    generate's eos | stop | length ("length": cut off at max_new_tokens, not a complete solution)."""
     prefixes = prefixes or [""] * len(questions)
     prompts = [tok.encode(tok.render_prompt(q, p)) for q, p in zip(questions, prefixes)]
     if kw.get("fmt") == "code":   # a prefix's code blocks re-run in each sample's kernel first
@@ -498,7 +500,7 @@ def sample_solutions(model, tok, questions, n=1, prefixes=None, max_new_tokens=5
         t = tok.decode(r.ctx + r.ids)[len(tok.decode(r.ctx)):]
         for s in [stop] if isinstance(stop, str) else stop or []:
             t = t.split(s)[0]
-        texts.append(t)
+        texts.append((t, r.finish) if return_finish else t)
     return [texts[i * n:(i + 1) * n] for i in range(len(questions))]
 
 
@@ -513,13 +515,17 @@ def _seed(*parts):
 
 
 def pairs_for_chunk(model, tok, recs, fmt="cot", k_max=100, naive_batch=8, cut="all", cut_mode="paper",
-                    sc_per_question=None, tries=8, ramp=RAMPS["paper"], max_new_tokens=512, delimiter="\n\n",
-                    seed=0, **kw):
+                    sc_per_question=None, tries=8, ramp=RAMPS["paper"], max_new_tokens=512, top_p=1.0,
+                    delimiter="\n\n", seed=0, **kw):
     """Pairs of a few questions sampled together. Returns one dict per record: {id, pairs, stats}.
     Every random choice is seeded by (seed, question id, round), so a question's pairs do not depend on
-    the rank or on a resumed run (given the same chunking)."""
+    the rank or on a resumed run (given the same chunking). A sample cut off at max_new_tokens is no
+    complete solution (tokenize_pair would append EOS to it), so it is never graded: it is counted
+    (samples_truncated, samples_sc_truncated) and dropped; a cut left without a pair because of one
+    counts as drop_sc_truncated."""
     sc_limit = {**SC_PER_QUESTION, **(sc_per_question or {})}
-    gen = dict(max_new_tokens=max_new_tokens, fmt=fmt, delimiter=delimiter, **kw)
+    gen = dict(max_new_tokens=max_new_tokens, top_p=top_p, fmt=fmt, delimiter=delimiter, return_finish=True, **kw)
+    decode = {"max_new_tokens": max_new_tokens, "top_p": top_p}   # recorded in every pair's `sampling`
     st = [dict(pref=None, disp=None, n=0, stats=Counter()) for _ in recs]
     # Naive: temperature 1 until a question has a preferred and a dispreferred solution, or k_max samples.
     rnd = 0
@@ -533,7 +539,10 @@ def pairs_for_chunk(model, tok, recs, fmt="cot", k_max=100, naive_batch=8, cut="
         for i, texts in zip(act, out):
             s = st[i]
             s["n"] += nb
-            for t in texts:
+            for t, finish in texts:
+                if finish == "length":
+                    s["stats"]["samples_truncated"] += 1
+                    continue
                 label, _ = data.judge(t, recs[i]["gold"], fmt)
                 s["stats"][f"samples_{label}"] += 1
                 if label == "preferred" and s["pref"] is None:
@@ -547,7 +556,7 @@ def pairs_for_chunk(model, tok, recs, fmt="cot", k_max=100, naive_batch=8, cut="
         pairs = []
         if s["pref"] is not None and s["disp"] is not None:
             pairs.append(data.make_pair(rec, s["pref"], s["disp"], fmt=fmt, sampling={
-                "temperature": 1.0, "samples": s["n"], "seed": seed}))
+                "temperature": 1.0, **decode, "samples": s["n"], "seed": seed}))
         else:
             s["stats"]["drop_naive_no_" + ("preferred" if s["pref"] is None else "dispreferred")] += 1
         results.append(dict(id=rec["id"], pairs=pairs, stats=s["stats"]))
@@ -579,7 +588,11 @@ def pairs_for_chunk(model, tok, recs, fmt="cot", k_max=100, naive_batch=8, cut="
             stats = st[i]["stats"]
             stats["samples_sc"] += len(texts)
             why = "no_wrong_continuation"
-            for t in texts:
+            for t, finish in texts:
+                if finish == "length":
+                    stats["samples_sc_truncated"] += 1
+                    why = "truncated"
+                    continue
                 if data.judge(prefix + t, recs[i]["gold"], fmt)[0] != "dispreferred":
                     continue
                 noise = data.is_noisy(t, fmt, delim=delimiter)
@@ -588,7 +601,7 @@ def pairs_for_chunk(model, tok, recs, fmt="cot", k_max=100, naive_batch=8, cut="
                     continue
                 chosen = st[i]["pref"][len(prefix):]
                 results[i]["pairs"].append(data.make_pair(recs[i], chosen, t, prefix=prefix, k=k, fmt=fmt, sampling={
-                    "ramp": list(ramp), "tries": tries, "seed": seed}))
+                    "ramp": list(ramp), **decode, "tries": tries, "seed": seed}))
                 why = None
                 break
             if why:
@@ -599,17 +612,34 @@ def pairs_for_chunk(model, tok, recs, fmt="cot", k_max=100, naive_batch=8, cut="
     return results
 
 
+PART_FIELDS = {"id": str, "pairs": list, "stats": dict, "rank": int}   # one line of rank<r>.jsonl
+
+
 def _read_parts(folder):
-    """Finished questions of every rank's part file; a line cut short by a kill is dropped."""
+    """Finished questions of every rank's part file (rank<r>.jsonl), by id. Only a last line without its
+    newline, the torn tail of a kill in the middle of a write, is skipped (make_pairs rewrites it away);
+    any other line that is not a question record is a ValueError naming file, line and field."""
     done = {}
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        with open(os.path.join(folder, name), encoding="utf-8") as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue
-                done[row["id"]] = row
+    names = [n for n in os.listdir(folder) if n.startswith("rank") and n.endswith(".jsonl")] if os.path.isdir(folder) else []
+    for name in sorted(names):
+        path = os.path.join(folder, name)
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+        for lineno, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                if lineno == len(lines) and not line.endswith("\n"):
+                    break
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
+            for field, kind in PART_FIELDS.items():
+                if not isinstance(row, dict) or field not in row:
+                    raise ValueError(f"{path}:{lineno}: missing field {field!r}")
+                if not isinstance(row[field], kind):
+                    raise ValueError(f"{path}:{lineno}: field {field!r} is {type(row[field]).__name__}, expected {kind.__name__}")
+            for p in row["pairs"]:
+                data.check_pair(p, f"{path}:{lineno}")
+            done[row["id"]] = row
     return done
 
 
@@ -623,9 +653,13 @@ def make_pairs(model, tok, records, out_path, chunk=16, rank=0, world=1, progres
     os.makedirs(folder, exist_ok=True)
     part = os.path.join(folder, f"rank{rank}.jsonl")
     done = _read_parts(folder)
-    if os.path.exists(part):   # rewrite our own file without a torn last line before appending to it
-        mine = [r for r in done.values() if r.get("rank") == rank]
-        data.write_jsonl(part, mine)
+    if os.path.exists(part):   # rewrite our own file without a torn last line before appending to it:
+        mine = [r for r in done.values() if r["rank"] == rank]   # into a new file renamed over the old one,
+        with open(part + ".tmp", "w", encoding="utf-8") as f:    # so that a kill here loses nothing
+            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in mine))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(part + ".tmp", part)
     shard = records[rank::world]
     chunks = [shard[i:i + chunk] for i in range(0, len(shard), chunk)]
     bar = tqdm(total=len(shard), disable=not progress or rank != 0, desc=f"pairs (rank {rank})", unit="q")

@@ -31,7 +31,8 @@ def gsm8k_test():
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("spec,n,extra", [
     ("gsm8k:train", 7473, {"solution"}), ("gsm8k:test", 1319, {"solution"}),
-    ("math:train", 7498, {"level", "subject"}),  # 2 problems have no answer: left out, with a message ("math:test", 5000, {"solution", "level", "subject"}),
+    ("math:train", 7498, {"level", "subject"}),  # 2 problems have no answer: left out, with a message
+    ("math:test", 5000, {"solution", "level", "subject"}),   # every record: the gold-agreement test's base
     ("math:test500", 500, {"solution", "level", "subject"}),
     ("svamp", 1000, set()), ("asdiv", 2215, set()), ("mawps", 2065, set())])
 def test_load_named_sets(spec, n, extra):
@@ -270,6 +271,7 @@ MATH_DISAGREEMENTS = {
 
 def test_math_gold_solutions(math_test):
     t = time.time()
+    assert len(math_test) == 5000   # a loader that drops records must not make the rate look better
     disagree = {r["id"] for r in math_test if not is_equiv(extract_answer(r["solution"]), r["gold"])}
     assert disagree == set(MATH_DISAGREEMENTS)
     assert 1 - len(disagree) / len(math_test) >= 0.995      # 4992 / 5000 = 99.84%
@@ -416,17 +418,40 @@ def test_pair_jsonl_round_trip(tmp_path):
 
 
 def test_trl_round_trip():
+    """Our rows come back from TRL's prompt: the question is read out of it (the metadata does not carry
+    it), and a prompt that is not question + prefix is refused. A conversational foreign row maps its
+    user message to the question and an open assistant message after it to the prefix."""
     naive, sc = _pairs()
-    for pair in (naive, sc):
-        row = data.to_trl(pair)
-        assert row["chosen"] == pair["chosen"] and row["rejected"] == pair["rejected"]
-        assert row["prompt"].startswith(pair["question"]) and row["prompt"].endswith(pair["prefix"])
-        assert data.from_trl(json.loads(json.dumps(row))) == pair
+    assert data.to_trl(naive)["prompt"] == REC["question"]
     assert data.to_trl(sc)["prompt"] == REC["question"] + "\n\n" + STEPS[0]
+    for pair in (naive, sc):
+        row = json.loads(json.dumps(data.to_trl(pair)))
+        assert "question" not in row and (row["chosen"], row["rejected"]) == (pair["chosen"], pair["rejected"])
+        assert data.from_trl(row) == pair
+        edited = {**row, "prompt": "Tom sold 10 clips. Total?" + row["prompt"][len(REC["question"]):]}
+        assert data.from_trl(edited) == {**pair, "question": "Tom sold 10 clips. Total?"}
+        with pytest.raises(ValueError, match=r"TRL row gsm8k/train/0: prompt .* is not question \+ '\\n\\n' \+ prefix"):
+            data.from_trl({**row, "question": "Another question?"})
+    with pytest.raises(ValueError, match=r"is not question"):   # the prompt lost the step-controlled prefix
+        data.from_trl({**data.to_trl(sc), "prompt": REC["question"]})
     foreign = {"prompt": "What is 2+2?", "chosen": "2+2 = 4.\nThe answer is: 4", "rejected": "The answer is: 5"}
     back = data.from_trl(foreign)
     assert (back["question"], back["prefix"], back["kind"], back["chosen_answer"]) == ("What is 2+2?", "", "naive", "4")
     assert {k: data.to_trl(back)[k] for k in foreign} == foreign
+    user, assistant = {"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "2+2 = 4.\n\n"}
+    chat = {"prompt": [user, assistant], "chosen": [{"role": "assistant", "content": "The answer is: 4"}],
+            "rejected": [{"role": "assistant", "content": "So 5.\n\nThe answer is: 5"}], "gold": "4"}
+    back = data.from_trl(chat)
+    assert (back["question"], back["prefix"], back["kind"], back["k"]) == ("What is 2+2?", "2+2 = 4.\n\n", "sc", 0)
+    assert (back["chosen"], back["rejected"], back["chosen_answer"], back["rejected_answer"]) == (
+        "The answer is: 4", "So 5.\n\nThe answer is: 5", "4", "5")
+    assert data.to_trl(back)["prompt"] == "What is 2+2?\n\n2+2 = 4.\n\n" and data.from_trl(data.to_trl(back)) == back
+    back = data.from_trl({**chat, "prompt": [user]})
+    assert (back["question"], back["prefix"], back["kind"], back["k"]) == ("What is 2+2?", "", "naive", -1)
+    with pytest.raises(ValueError, match=r"messages with roles \['system', 'user'\], expected one of"):
+        data.from_trl({**chat, "prompt": [{"role": "system", "content": "Be brief."}, user]})
+    with pytest.raises(ValueError, match=r"messages with roles \['user'\]"):
+        data.from_trl({**chat, "rejected": [user]})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -48,7 +48,11 @@ def test_mini_tokenizer_loads_with_model_tokenizer(tmp_path):
     prompt = tok.render_prompt(Q)
     assert prompt == "<s>" + Q + "\n" and tok.render(Q, RIGHT) == prompt + RIGHT + "</s>"
     ids, n = tok.encode_prompt_response(prompt, RIGHT)
-    assert tok.decode(ids[n:]) == RIGHT and len(ids) == 1 + len(Q) + 1 + len(RIGHT)   # one token a character
+    assert tok.decode(ids[n:]) == RIGHT and tok.decode(ids[:n]) == Q + "\n"
+    pieces = [tok.decode([i]) for i in ids[1:]]
+    assert pieces[:7] == ["Eva", " has", " ", "7", " bags", " of", " "]          # a word a token ...
+    assert pieces[10:12] == [" Eva", " gets"] and pieces[-4:] == [" is", " ", "3", "2"]
+    assert pieces[n - 1:n + 6] == ["6", "*", "7", "=", "4", "2", "\n"]          # ... a digit a token
     assert tok.stop_ids == [tok.eos_id]
 
 

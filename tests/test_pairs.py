@@ -9,6 +9,7 @@ spaces, newlines, EOS) plus a little dependence on the last token. The questions
 data.judge grades the last number of a solution (the chain-of-thought fallback), so about one sample in
 twenty is right, most step-controlled continuations are wrong, and steps are lines (--delimiter '\\n').
 """
+import json
 import os
 import signal
 import subprocess
@@ -92,6 +93,87 @@ def test_both_pair_kinds_end_to_end(setup):
         assert sum(p["kind"] == "naive" and p["id"] == qid for p in pairs) <= 1
     naive_q = summary["pairs_naive"] + summary.get("drop_naive_no_preferred", 0) + summary.get("drop_naive_no_dispreferred", 0)
     assert naive_q == 20
+    # one byte is one token and EOS is 1 in 25, so a fifth of the samples run into max_new_tokens (40):
+    # none of them is in a pair, where every sampled text ended at EOS, within 39 tokens
+    assert summary["samples_truncated"] > 0 and summary["samples_sc_truncated"] > 0
+    labels = sum(summary.get(f"samples_{k}", 0) for k in ("preferred", "dispreferred", "neither", "truncated"))
+    assert labels == summary["samples"]
+    for p in pairs:
+        sampled = [p["prefix"] + p["chosen"], p["rejected"]] if p["kind"] == "sc" else [p["chosen"], p["rejected"]]
+        assert all(len(tok.encode(t)) < 40 for t in sampled), p
+        assert (p["sampling"]["max_new_tokens"], p["sampling"]["top_p"]) == (40, 1.0)
+
+
+def test_a_sample_cut_off_at_max_new_tokens_is_never_graded(tmp_path):
+    """A scripted model whose solution is right early ('... 43 ...') and only ends later: cut off at
+    max_new_tokens, the chain-of-thought fallback (the last number) would grade it preferred."""
+    from sample import pairs_for_chunk
+    from test_sample import Scripted
+    tok = byte_tokenizer(str(tmp_path / "tok"))
+    rec = {"id": "t/0", "source": "gsm8k", "question": "What is 6 * 7 + 1?", "gold": "43"}
+    script = "6 * 7 = 42, plus 1 is 43\nso the total is forty-three.\nThe answer is 43."
+    model = Scripted(tok.encode(tok.render_prompt(rec["question"]) + script) + [tok.eos_id], tok.vocab_size)
+    cut = script[:30]
+    assert data.judge(cut, "43")[0] == "preferred"   # what the old pipeline did with it
+    res = pairs_for_chunk(model, tok, [rec], k_max=4, naive_batch=2, tries=2, max_new_tokens=30, delimiter="\n")[0]
+    assert res["pairs"] == [] and res["stats"] == {"samples": 4, "samples_truncated": 4, "drop_naive_no_preferred": 1}
+    res = pairs_for_chunk(model, tok, [rec], k_max=4, naive_batch=2, tries=2, max_new_tokens=200, delimiter="\n")[0]
+    assert res["stats"]["samples_preferred"] == 4 and "samples_truncated" not in res["stats"]
+
+
+def _part_line(qid, rank=0):
+    return json.dumps({"id": qid, "pairs": [], "stats": {"samples": 1}, "rank": rank}) + "\n"
+
+
+def test_progress_files_skip_only_a_torn_last_line(tmp_path):
+    from sample import _read_parts
+    folder = tmp_path / "out.jsonl.parts"
+    folder.mkdir()
+    part = folder / "rank0.jsonl"
+    part.write_text(_part_line("q/0") + _part_line("q/1") + '{"id": "q/2", "pai')   # killed mid-write
+    (folder / "rank0.jsonl.tmp").write_text("not a progress file")                  # a rewrite killed before its rename
+    assert sorted(_read_parts(str(folder))) == ["q/0", "q/1"]
+    for text, error in [
+        (_part_line("q/0") + '{"id": "q/1", "pai\n' + _part_line("q/2"), r"rank0.jsonl:2: not valid JSON"),
+        (_part_line("q/0") + '{"id": "q/1", "pai\n', r"rank0.jsonl:2: not valid JSON"),   # whole, with its newline
+        (_part_line("q/0") + json.dumps({"pairs": [], "stats": {}, "rank": 0}) + "\n", r"rank0.jsonl:2: missing field 'id'"),
+        ('["q/0"]\n', r"rank0.jsonl:1: missing field 'id'"),
+        (_part_line("q/0").replace('"rank": 0', '"rank": "0"'), r"rank0.jsonl:1: field 'rank' is str"),
+        (json.dumps({"id": "q/0", "pairs": [{"id": "q/0"}], "stats": {}, "rank": 0}) + "\n", r"rank0.jsonl:1: missing field 'source'"),
+    ]:
+        part.write_text(text)
+        with pytest.raises(ValueError, match=error):
+            _read_parts(str(folder))
+
+
+def test_a_kill_while_rewriting_a_progress_file_loses_nothing(setup, tmp_path, monkeypatch):
+    """make_pairs rewrites its rank's file (without the torn tail) before resuming: killed in the middle of
+    that rewrite (here: json.dumps raising after the first question), the old file is still whole."""
+    d, model, tok, records = setup
+    out = str(tmp_path / "out.jsonl")
+    os.makedirs(out + ".parts")
+    part = out + ".parts/rank0.jsonl"
+    before = "".join(_part_line(r["id"]) for r in records[:6]) + '{"id": "gsm8k/6", "pai'
+    with open(part, "w") as f:
+        f.write(before)
+    dumps, calls = json.dumps, []
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*a, **k):
+        calls.append(1)
+        if len(calls) > 1:
+            raise Killed
+        return dumps(*a, **k)
+    monkeypatch.setattr(json, "dumps", killed)
+    with pytest.raises(Killed):
+        make_pairs(model, tok, records, out, progress=False, **SETTINGS)
+    monkeypatch.undo()
+    assert calls and open(part).read() == before
+    summary = make_pairs(model, tok, records[:6], out, progress=False, **SETTINGS)   # resumes: all 6 done
+    assert summary == {"questions": 6, "samples": 6}
+    assert open(part).read() == before[:before.rindex("\n") + 1]
 
 
 def test_killed_and_restarted_run_writes_the_same_file(setup):

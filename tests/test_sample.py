@@ -212,6 +212,11 @@ def test_stop_string(btok):
     model = Scripted(btok.encode(prompt_text + "One.\n\nTwo.\n\nThree.") + [btok.eos_id], btok.vocab_size)
     texts = sample_solutions(model, btok, ["go"], n=2, stop="Two", temperature=1.0)
     assert texts == [["One.\n\n", "One.\n\n"]]
+    rows = sample_solutions(model, btok, ["go"] * 3, prefixes=["", "", "One.\n\nTwo.\n\n"], stop="Two",
+                            max_new_tokens=4, return_finish=True)
+    assert rows == [[("One.", "length")], [("One.", "length")], [("Thre", "length")]]
+    assert sample_solutions(model, btok, ["go"], stop="Two", return_finish=True) == [[("One.\n\n", "stop")]]
+    assert sample_solutions(model, btok, ["go"], return_finish=True) == [[("One.\n\nTwo.\n\nThree.", "eos")]]
 
 
 def test_code_blocks_run_in_one_kernel_per_row_and_outputs_are_appended(btok):
