@@ -8,7 +8,8 @@ Every supported family is the same pre-norm decoder:
 
 and the families differ only in fields of `ModelArgs`: qkv bias (Qwen2), tied embeddings (Qwen2 small
 models), RoPE scaling (Llama 3.1+), an explicit head_dim, a sliding window (Mistral v0.1), and how the
-checkpoint names its tensors (InternLM2 packs q, k, v into one `wqkv`).
+checkpoint names its tensors (InternLM2 packs q, k, v into one `wqkv`). Here q, k, v are one projection
+(`wqkv`) and W1, W3 another (`w13`), so that a layer runs four GEMMs instead of seven.
 """
 import json
 import math
@@ -171,7 +172,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # x * rsqrt(mean(x^2) + eps), normalised in fp32 and cast back before the gain, as the reference
-        # implementations do. F.rms_norm computes exactly that (the same values), with less Python per call.
+        # implementations do. F.rms_norm computes exactly that (the same values), with less Python per call;
+        # in fp32 there is nothing to cast, so the gain goes in too (one op instead of four).
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
@@ -203,16 +207,19 @@ class Attention(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
         self.nh, self.nkv, self.hd = a.n_heads, a.n_kv_heads, a.head_dim
-        self.wq = nn.Linear(a.dim, a.n_heads * a.head_dim, bias=a.qkv_bias)
-        self.wk = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=a.qkv_bias)
-        self.wv = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=a.qkv_bias)
+        self.split = (a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim)
+        # q, k and v in one projection, rows [q heads | k heads | v heads]: one GEMM instead of three (a
+        # one-token decode step is mostly per-op overhead). Hub checkpoints hold three matrices, stacked on
+        # load and split on save (Transformer.hub_names); InternLM2's own packing differs (unpack_wqkv).
+        self.wqkv = nn.Linear(a.dim, sum(self.split), bias=a.qkv_bias)
         self.wo = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=a.o_bias)
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0, cache_pos=0):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.nh, self.hd).transpose(1, 2)    # (B, nh, T, hd)
-        k = self.wk(x).view(B, T, self.nkv, self.hd).transpose(1, 2)   # (B, nkv, T, hd)
-        v = self.wv(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
+        q, k, v = self.wqkv(x).split(self.split, -1)
+        q = q.view(B, T, self.nh, self.hd).transpose(1, 2)              # (B, nh, T, hd)
+        k = k.view(B, T, self.nkv, self.hd).transpose(1, 2)             # (B, nkv, T, hd)
+        v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             cache.k[layer][:, :, cache_pos:cache_pos + T] = k
@@ -244,12 +251,12 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
-        self.w1 = nn.Linear(a.dim, a.intermediate_size, bias=False)   # gate
-        self.w2 = nn.Linear(a.intermediate_size, a.dim, bias=False)   # down
-        self.w3 = nn.Linear(a.dim, a.intermediate_size, bias=False)   # up
+        self.w13 = nn.Linear(a.dim, 2 * a.intermediate_size, bias=False)   # rows [gate (w1) | up (w3)], one GEMM
+        self.w2 = nn.Linear(a.intermediate_size, a.dim, bias=False)        # down
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).chunk(2, -1)
+        return self.w2(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -331,47 +338,58 @@ class Transformer(nn.Module):
         return x if return_hidden else self.output(x)
 
     # ------------------------------------------------------------------------------------------
-    # Checkpoints in the hub's format. One literal map from hub names to ours; {} is the layer index.
+    # Checkpoints in the hub's format. One literal map from hub names to ours ({} is the layer index),
+    # with the block of rows a hub tensor fills in our fused wqkv / w13 ("q", "k", "v", "gate", "up").
     # ------------------------------------------------------------------------------------------
     HF_NAMES = {
-        "model.embed_tokens.weight": "tok_embeddings.weight",
-        "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attention.wq.weight",
-        "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attention.wk.weight",
-        "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attention.wv.weight",
-        "model.layers.{}.self_attn.q_proj.bias": "layers.{}.attention.wq.bias",
-        "model.layers.{}.self_attn.k_proj.bias": "layers.{}.attention.wk.bias",
-        "model.layers.{}.self_attn.v_proj.bias": "layers.{}.attention.wv.bias",
-        "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
-        "model.layers.{}.self_attn.o_proj.bias": "layers.{}.attention.wo.bias",
-        "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
-        "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w2.weight",
-        "model.layers.{}.mlp.up_proj.weight": "layers.{}.feed_forward.w3.weight",
-        "model.layers.{}.input_layernorm.weight": "layers.{}.attention_norm.weight",
-        "model.layers.{}.post_attention_layernorm.weight": "layers.{}.ffn_norm.weight",
-        "model.norm.weight": "norm.weight",
-        "lm_head.weight": "output.weight",
+        "model.embed_tokens.weight": ("tok_embeddings.weight", None),
+        "model.layers.{}.self_attn.q_proj.weight": ("layers.{}.attention.wqkv.weight", "q"),
+        "model.layers.{}.self_attn.k_proj.weight": ("layers.{}.attention.wqkv.weight", "k"),
+        "model.layers.{}.self_attn.v_proj.weight": ("layers.{}.attention.wqkv.weight", "v"),
+        "model.layers.{}.self_attn.q_proj.bias": ("layers.{}.attention.wqkv.bias", "q"),
+        "model.layers.{}.self_attn.k_proj.bias": ("layers.{}.attention.wqkv.bias", "k"),
+        "model.layers.{}.self_attn.v_proj.bias": ("layers.{}.attention.wqkv.bias", "v"),
+        "model.layers.{}.self_attn.o_proj.weight": ("layers.{}.attention.wo.weight", None),
+        "model.layers.{}.self_attn.o_proj.bias": ("layers.{}.attention.wo.bias", None),
+        "model.layers.{}.mlp.gate_proj.weight": ("layers.{}.feed_forward.w13.weight", "gate"),
+        "model.layers.{}.mlp.up_proj.weight": ("layers.{}.feed_forward.w13.weight", "up"),
+        "model.layers.{}.mlp.down_proj.weight": ("layers.{}.feed_forward.w2.weight", None),
+        "model.layers.{}.input_layernorm.weight": ("layers.{}.attention_norm.weight", None),
+        "model.layers.{}.post_attention_layernorm.weight": ("layers.{}.ffn_norm.weight", None),
+        "model.norm.weight": ("norm.weight", None),
+        "lm_head.weight": ("output.weight", None),
     }
-    # InternLM2 names its tensors after the Llama paper, and packs q, k, v into one matrix (below).
+    # InternLM2 names its tensors after the Llama paper, and packs q, k, v in its own grouped layout.
     INTERNLM2_NAMES = {
-        "model.tok_embeddings.weight": "tok_embeddings.weight",
-        "model.layers.{}.attention.wqkv.weight": "layers.{}.attention.wqkv.weight",   # split on load
-        "model.layers.{}.attention.wo.weight": "layers.{}.attention.wo.weight",
-        "model.layers.{}.feed_forward.w1.weight": "layers.{}.feed_forward.w1.weight",
-        "model.layers.{}.feed_forward.w2.weight": "layers.{}.feed_forward.w2.weight",
-        "model.layers.{}.feed_forward.w3.weight": "layers.{}.feed_forward.w3.weight",
-        "model.layers.{}.attention_norm.weight": "layers.{}.attention_norm.weight",
-        "model.layers.{}.ffn_norm.weight": "layers.{}.ffn_norm.weight",
-        "model.norm.weight": "norm.weight",
-        "output.weight": "output.weight",
+        "model.tok_embeddings.weight": ("tok_embeddings.weight", None),
+        "model.layers.{}.attention.wqkv.weight": ("layers.{}.attention.wqkv.weight", "internlm2"),   # unpack_wqkv
+        "model.layers.{}.attention.wo.weight": ("layers.{}.attention.wo.weight", None),
+        "model.layers.{}.feed_forward.w1.weight": ("layers.{}.feed_forward.w13.weight", "gate"),
+        "model.layers.{}.feed_forward.w3.weight": ("layers.{}.feed_forward.w13.weight", "up"),
+        "model.layers.{}.feed_forward.w2.weight": ("layers.{}.feed_forward.w2.weight", None),
+        "model.layers.{}.attention_norm.weight": ("layers.{}.attention_norm.weight", None),
+        "model.layers.{}.ffn_norm.weight": ("layers.{}.ffn_norm.weight", None),
+        "model.norm.weight": ("norm.weight", None),
+        "output.weight": ("output.weight", None),
     }
 
-    @staticmethod
-    def _rename(name: str, table: dict) -> str | None:
-        parts = name.split(".")
-        idx = next((p for p in parts if p.isdigit()), None)
-        key = name.replace(f".{idx}.", ".{}.", 1) if idx is not None else name
-        ours = table.get(key)
-        return None if ours is None else ours.replace("{}", idx or "")
+    def hub_names(self, internlm2=False) -> dict:
+        """{hub tensor name: (our parameter, part)} for every tensor of this model's checkpoint (biases only
+        where the model has them; no lm_head when it is tied to the embedding)."""
+        params = dict(self.named_parameters())   # a tied head appears once, as tok_embeddings.weight
+        out = {}
+        for hub, (ours, part) in (self.INTERNLM2_NAMES if internlm2 else self.HF_NAMES).items():
+            for i in range(self.args.n_layers) if "{}" in hub else [None]:
+                h, o = (hub, ours) if i is None else (hub.format(i), ours.format(i))
+                if o in params:
+                    out[h] = (o, part)
+        return out
+
+    def rows(self, part):
+        """The rows of a fused parameter that a hub tensor `part` fills (None: the whole parameter)."""
+        q, kv, ff = self.args.n_heads * self.args.head_dim, self.args.n_kv_heads * self.args.head_dim, self.args.intermediate_size
+        return {"q": slice(0, q), "k": slice(q, q + kv), "v": slice(q + kv, q + 2 * kv),
+                "gate": slice(0, ff), "up": slice(ff, 2 * ff)}.get(part, slice(None))
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None) -> "Transformer":
@@ -397,39 +415,27 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             model.output.weight = model.tok_embeddings.weight   # to_empty unties shared parameters
         model.inv_freq = inv_freq.to(device)
-        params = dict(model.named_parameters())   # tied weights appear once, under tok_embeddings
-        table = cls.INTERNLM2_NAMES if args.model_type == "internlm2" else cls.HF_NAMES
+        params = dict(model.named_parameters())
+        names = model.hub_names(internlm2=args.model_type == "internlm2")
         seen, unexpected, mismatched = set(), [], []
         for file in files:
             for name, (file_dtype, shape, start, end) in _safetensors_header(file).items():
-                if name.endswith("rotary_emb.inv_freq"):
-                    continue   # a buffer some old conversions saved; recomputed from the config
-                ours = cls._rename(name, table)
-                if ours is None or (ours == "output.weight" and args.tie_embeddings):
-                    if not (ours == "output.weight" and args.tie_embeddings):
-                        unexpected.append(name)
-                    continue
-                if ours.endswith("wqkv.weight"):
-                    packed = ((args.n_heads + 2 * args.n_kv_heads) * args.head_dim, args.dim)
-                    if tuple(shape) != packed:
-                        mismatched.append(f"{name}: checkpoint {tuple(shape)} vs model {packed}")
-                        continue
-                    t = _read_tensor(file, file_dtype, shape, start, end)
-                    for sub, w in zip(("wq", "wk", "wv"), unpack_wqkv(t, args)):
-                        sub_name = ours.replace("wqkv", sub)
-                        params[sub_name].data.copy_(w)
-                        seen.add(sub_name)
-                    continue
-                p = params.get(ours)
-                if p is None:
+                if name.endswith("rotary_emb.inv_freq") or (name in ("lm_head.weight", "output.weight") and args.tie_embeddings):
+                    continue   # a buffer some old conversions saved (recomputed), a tied head's copy
+                if name not in names:
                     unexpected.append(name)
-                elif tuple(p.shape) != tuple(shape):
-                    mismatched.append(f"{name}: checkpoint {tuple(shape)} vs model {tuple(p.shape)}")
+                    continue
+                ours, part = names[name]
+                dst = params[ours].data[model.rows(part)]               # rows of a contiguous tensor: contiguous
+                if tuple(shape) != tuple(dst.shape):
+                    mismatched.append(f"{name}: checkpoint {tuple(shape)} vs model {tuple(dst.shape)}")
+                elif part == "internlm2":
+                    dst.copy_(torch.cat(unpack_wqkv(_read_tensor(file, file_dtype, shape, start, end), args)))
+                    seen.add(name)
                 else:
-                    _read_tensor(file, file_dtype, shape, start, end, out=p.data)
-                    seen.add(ours)
-        inv = {v: k for k, v in table.items()}
-        missing = sorted(cls._rename(n, inv) or n for n in set(params) - seen)
+                    _read_tensor(file, file_dtype, shape, start, end, out=dst)
+                    seen.add(name)
+        missing = sorted(set(names) - seen)
         problems = []
         if mismatched:
             problems.append("shape mismatch: " + "; ".join(mismatched))
@@ -445,22 +451,19 @@ class Transformer(nn.Module):
         """Write config.json and safetensors shards (+ index) that transformers loads; written into a
         temporary folder first and renamed, so a crash never leaves half a checkpoint."""
         from safetensors.torch import save_file
-        inv = {v: k for k, v in self.HF_NAMES.items()}
-        state = {k: v for k, v in self.state_dict().items()}
-        if self.args.tie_embeddings:
-            state.pop("output.weight", None)
+        params = dict(self.named_parameters())
+        state = {hub: params[ours].detach()[self.rows(part)] for hub, (ours, part) in self.hub_names().items()}
         dtype = self.tok_embeddings.weight.dtype
         tmp = str(path).rstrip("/") + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         shards, cur, size = [], {}, 0
-        for name, t in state.items():
-            hf = self._rename(name, inv)
+        for hf, t in state.items():
             n = t.numel() * t.element_size()
             if cur and size + n > max_shard_size:
                 shards.append(cur)
                 cur, size = {}, 0
-            cur[hf], size = t.detach().to("cpu").contiguous(), size + n
+            cur[hf], size = t.to("cpu").contiguous(), size + n
         shards.append(cur)
         if len(shards) == 1:
             save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
