@@ -1010,9 +1010,11 @@ def needs_borrow(x, y):
     return x % 10 < y % 10
 
 
-def mini_solution(question, rng, habit=0.0, vary=True):
+def mini_solution(question, rng, habit=0.0, vary=True, overborrow=0.0):
     """A worked solution. vary: random operand order for + (the wording); habit: the chance that a
-    subtraction needing a borrow forgets it (result 10 too big); every later step is right given it."""
+    subtraction needing a borrow forgets it (result 10 too big); overborrow: the chance that one needing
+    none borrows anyway (result 10 too small; only from a two-digit number); every later step is right
+    given it."""
     steps, v = [], None
     for op, x, y, r in mini_nodes(question):
         if v is not None:
@@ -1020,6 +1022,8 @@ def mini_solution(question, rng, habit=0.0, vary=True):
             r = x + y if op == "+" else x - y
         if op == "-" and needs_borrow(x, y) and rng.random() < habit:
             r += 10
+        elif op == "-" and overborrow and x >= 10 and not needs_borrow(x, y) and rng.random() < overborrow:
+            r -= 10
         a, b = (y, x) if op == "+" and vary and rng.random() < 0.5 else (x, y)
         steps.append(f"{a}{op}{b}={r}")
         v = r
@@ -1050,14 +1054,14 @@ def first_wrong_step(question, solution):
     return -1 if len(lines) == len(nodes) + 1 else len(lines)
 
 
-def mini_dataset(n, seed, habit=0.0, n_ops=3, offset=0):
-    """n records {id, source, question, gold, solution}, reproducible from seed (solutions with the habit)."""
+def mini_dataset(n, seed, habit=0.0, n_ops=3, offset=0, overborrow=0.0):
+    """n records {id, source, question, gold, solution}, reproducible from seed (solutions with the habits)."""
     import random
     rng = random.Random(seed)
     recs = []
     for i in range(n):
         p = mini_problem(rng, n_ops)
-        p.update(id=f"mini/{offset + i}", source="mini", solution=mini_solution(p["question"], rng, habit))
+        p.update(id=f"mini/{offset + i}", source="mini", solution=mini_solution(p["question"], rng, habit, overborrow=overborrow))
         recs.append(p)
     return recs
 
@@ -1101,7 +1105,7 @@ def mini_tokenizer(path):
 
 def mini_error(question, solution):
     """(first wrong step, kind): kind "none" (all right), "habit" (a subtraction that needed a borrow
-    written 10 too big), "arith" (the right operation on the right numbers, a wrong result otherwise),
+    written 10 too big), "overborrow" (one that needed none written 10 too small), "arith" (the right operation on the right numbers, a wrong result otherwise),
     "format" (anything else: wrong numbers or operation, a missing, extra or garbled line)."""
     i = first_wrong_step(question, solution)
     if i == -1:
@@ -1114,4 +1118,6 @@ def mini_error(question, solution):
     a, b, got = int(m[1]), int(m[3]), int(m[4])
     if m[2] != op or not ((a, b) == (x, y) or (op in "+*" and (b, a) == (x, y))):
         return i, "format"
-    return i, "habit" if op == "-" and needs_borrow(x, y) and got == r + 10 else "arith"
+    if op == "-" and needs_borrow(x, y) and got == r + 10:
+        return i, "habit"
+    return i, "overborrow" if op == "-" and not needs_borrow(x, y) and got == r - 10 else "arith"

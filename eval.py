@@ -59,7 +59,10 @@ def load_eval_set(name, limit=None):
     if name in EVAL_SETS:
         recs = data.load_dataset(EVAL_SETS[name])
     else:
-        first = data.read_jsonl(name)[0]
+        rows = data.read_jsonl(name)
+        if not rows:
+            raise ValueError(f"{name}: no records (empty file); expected JSON lines with a question and a gold answer")
+        first = rows[0]
         fields = {"question": "question" if "question" in first else "problem"}
         for ours, theirs in (("gold", "gold"), ("gold", "answer"), ("id", "id"), ("id", "unique_id"),
                              ("level", "level"), ("subject", "subject"), ("subject", "type")):
@@ -137,8 +140,10 @@ def evaluate(model, tok, records, max_new_tokens=512, batch_size=64, rank=0, wor
 @torch.no_grad()
 def response_logprobs(model, tok, prompts, responses, batch_size=16):
     """Per response token: (ids, char offsets into the response, log-probs), one tuple per pair.
-    prompt + response is tokenised once (tok.encode_prompt_response), as in training."""
-    from kernels import logprobs_from_logits
+    prompt + response is tokenised once (tok.encode_prompt_response), as in training; as in scdpo.SeqLogprobs,
+    kernels.token_logprobs takes the final hidden states of the response positions only, never the
+    (B, L, V) logits (fp32: 10 GB for a 152k vocabulary at batch 16 and L = 1024)."""
+    from kernels import token_logprobs
     device = next(model.parameters()).device
     out = []
     for b in range(0, len(prompts), batch_size):
@@ -146,17 +151,19 @@ def response_logprobs(model, tok, prompts, responses, batch_size=16):
         rows = []
         for ids, offs, n_chars in encs:
             n_prompt = next((i for i, (_, end) in enumerate(offs) if end > n_chars), len(ids))
-            rows.append((ids, [(max(s - n_chars, 0), e - n_chars) for s, e in offs], n_prompt))
+            rows.append((ids, [(max(s - n_chars, 0), e - n_chars) for s, e in offs], max(n_prompt, 1)))
         L = max(len(ids) for ids, _, _ in rows)
         x = torch.full((len(rows), L), tok.pad_id or 0, dtype=torch.long)
         for i, (ids, _, _) in enumerate(rows):
             x[i, :len(ids)] = torch.tensor(ids)
         x = x.to(device)
-        logits = model(x[:, :-1]).float()                                  # (B, L-1, V)
-        lp = logprobs_from_logits(logits, x[:, 1:]).cpu()                  # (B, L-1): log p(x_t+1 | x_<=t)
-        for i, (ids, offs, n_prompt) in enumerate(rows):
-            n_prompt = max(n_prompt, 1)
-            out.append((ids[n_prompt:], offs[n_prompt:], lp[i, n_prompt - 1:len(ids) - 1]))
+        h = model(x, return_hidden=True).flatten(0, 1)                     # (B * L, D)
+        # flat positions n_prompt-1 .. len-2 of row i predict its response tokens ids[n_prompt:]
+        spans = [(i * L + n_prompt - 1, i * L + len(ids) - 1) for i, (ids, _, n_prompt) in enumerate(rows)]
+        idx = torch.cat([torch.arange(a, b) for a, b in spans]).to(device)
+        lp = token_logprobs(h[idx], model.lm_head_weight, x.flatten()[idx + 1]).cpu()   # (N,) fp32
+        for (ids, offs, n_prompt), part in zip(rows, lp.split([b - a for a, b in spans])):
+            out.append((ids[n_prompt:], offs[n_prompt:], part))
     return out
 
 
@@ -317,8 +324,14 @@ def credit_assignment(policy, ref, tok, examples, beta, threshold="fit", rule="f
 
 def load_processbench(subset, limit=None, root=None):
     """ProcessBench examples {question, steps, label}. Steps are joined with a blank line."""
-    with open(os.path.join(data.data_root(root), "processbench", f"{subset}.json"), encoding="utf-8") as f:
+    path = os.path.join(data.data_root(root), "processbench", f"{subset}.json")
+    with open(path, encoding="utf-8") as f:
         rows = json.load(f)[:limit] if limit else json.load(f)
+    for i, r in enumerate(rows):
+        missing = [k for k in ("id", "problem", "label", "steps") if k not in r]
+        if missing:
+            raise ValueError(f"{path}: record {i} (id {r.get('id')}) has no field {missing[0]!r}; "
+                             f"ProcessBench records have id, problem, label and steps")
     return [{"id": r["id"], "question": r["problem"], "label": int(r["label"]),
              "steps": [s.strip() + ("\n\n" if i + 1 < len(r["steps"]) else "") for i, s in enumerate(r["steps"])]}
             for r in rows]

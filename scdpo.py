@@ -189,6 +189,12 @@ def batch_order(n, epochs, global_batch, seed):
     return steps
 
 
+def left_out(n, global_batch):
+    """For the log: batch_order leaves out n % global_batch items of every epoch (other ones each epoch)."""
+    k = n % global_batch
+    return f"; {k} per epoch left out (the last partial global batch of {global_batch})" if k else ""
+
+
 def n_sft_tokens(ids, rows):
     """Response tokens in a global batch: SFT's loss is the mean over them, whichever rank holds them."""
     return sum(len(rows[i]["response"]) for i in ids)
@@ -329,7 +335,7 @@ def save_checkpoint(out, net, opt, step, args, rank):
     dist.barrier()
     if rank == 0:
         with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump({"step": step, "args": vars(args)}, f, indent=1, default=str)
+            json.dump({"step": step, "world": dist.get_world_size(), "args": vars(args)}, f, indent=1, default=str)
         os.replace(tmp, path)
         for old in glob.glob(os.path.join(ckdir, "step-*")):
             if old != path:
@@ -343,9 +349,14 @@ RESUME_MUST_MATCH = ("objective", "model", "pairs", "pairs_kind", "global_batch"
 
 def load_checkpoint(path, net, opt, rank, args):
     """Restore a checkpoint in place; returns its step. Refuses one written with other settings that
-    decide the data order or the schedule (RESUME_MUST_MATCH)."""
+    decide the data order or the schedule (RESUME_MUST_MATCH), or by another number of processes (each
+    rank's RNG state is its own file)."""
     with open(os.path.join(path, "meta.json")) as f:
         meta = json.load(f)
+    world = dist.get_world_size()
+    if meta.get("world", world) != world:
+        raise ValueError(f"--resume: {path} was written by {meta['world']} processes, this run has {world}; "
+                         f"resume with the same world size (torchrun --nproc_per_node={meta['world']})")
     diff = {k: (meta["args"].get(k), getattr(args, k)) for k in RESUME_MUST_MATCH if meta["args"].get(k) != getattr(args, k)}
     if diff:
         raise ValueError(f"--resume: {path} was written with other settings: " +
@@ -364,6 +375,7 @@ def load_checkpoint(path, net, opt, rank, args):
 
 
 def latest_checkpoint(out):
+    """The newest complete checkpoint; a step-N.tmp folder is a save that was killed midway."""
     done = sorted(d for d in glob.glob(os.path.join(out, "checkpoints", "step-*")) if not d.endswith(".tmp"))
     return done[-1] if done else None
 
@@ -447,7 +459,7 @@ def sample_pairs(args, rank, world, device, log):
 
 def train(args):
     """Train as the flags say; returns the final model as a plain Transformer loaded from the exported
-    folder <out>/final on every rank (None after --stop-after). Raises on a non-finite loss."""
+    folder <out>/final on every rank (None after --stop-after). Raises on a non-finite loss or gradient norm."""
     args = resolve_defaults(args)
     rank, world, local, device = compute_init()
     cuda = device.type == "cuda"
@@ -478,7 +490,8 @@ def train(args):
         check_pairs_match(args.pairs, rows, tok, margs, args.model)
         train_idx = select_kind(rows, args.pairs_kind, args.seed)
         kinds = {k: sum(rows[i]["kind"] == k for i in train_idx) for k in ("naive", "sc")}
-        log(f"training pairs ({args.pairs_kind}): {len(train_idx)} = {kinds['naive']} naive + {kinds['sc']} step-controlled")
+        log(f"training pairs ({args.pairs_kind}): {len(train_idx)} = {kinds['naive']} naive + {kinds['sc']} step-controlled"
+            + left_out(len(train_idx), args.global_batch))
         collate = lambda ids: data.collate_pairs([rows[i] for i in ids], packed=args.packed, pad_id=pad)
         seq_len = lambda r: len(r["prompt"]) * (1 if args.packed else 2) + len(r["chosen"]) + len(r["rejected"])
     else:
@@ -490,7 +503,8 @@ def train(args):
             raise ValueError(f"--data {args.data}: {len(missing)} records have no solution to train on (e.g. {missing[0]})")
         rows = [r for r in (data.tokenize_sft(r["question"], r["solution"], tok, args.max_len) for r in recs) if r]
         train_idx = list(range(len(rows)))
-        log(f"sft examples: {len(rows)} (of {len(recs)}; {len(recs) - len(rows)} prompts too long)")
+        log(f"sft examples: {len(rows)} (of {len(recs)}; {len(recs) - len(rows)} prompts too long)"
+            + left_out(len(rows), args.global_batch))
         collate = lambda ids: data.collate_sft([rows[i] for i in ids], pad_id=pad)
         seq_len = lambda r: len(r["prompt"]) + len(r["response"])
     steps = batch_order(len(train_idx), args.epochs, args.global_batch, args.seed)
@@ -533,6 +547,14 @@ def train(args):
     # --- loop ----------------------------------------------------------------------------------------
     peak = peak_flops(device)
     log_path = os.path.join(args.out, "log.jsonl")
+    if args.resume and rank == 0 and os.path.exists(log_path):
+        # the killed run logged steps past its checkpoint, which are redone now: keep steps <= start only
+        # (a line without its newline was torn by the kill)
+        with open(log_path) as f:
+            keep = [l for l in f if l.endswith("\n") and json.loads(l)["step"] <= start]
+        with open(log_path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(log_path + ".tmp", log_path)
     for step in range(start, total):
         t0 = time.time()
         lr = get_lr(step, total, args)
@@ -559,18 +581,19 @@ def train(args):
         dist.all_reduce(sums)
         n_items = args.global_batch if dpo else sums[5].item()
         loss_val = sums[0].item() / n_items
-        if not math.isfinite(loss_val):
-            last = latest_checkpoint(args.out)
-            raise FloatingPointError(f"step {step + 1}: loss is {loss_val}; stopping. Last good checkpoint: "
-                                     f"{last or 'none (use --save-every)'}")
         gnorm = nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
-        gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
+        gnorm = (gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm).item()
+        # both are the same on every rank (all-reduced), so every rank stops here, before opt.step()
+        for what, val in (("loss", loss_val), ("gradient norm", gnorm)):
+            if not math.isfinite(val):
+                raise FloatingPointError(f"step {step + 1}: {what} is {val}; stopping. Last good checkpoint: "
+                                         f"{latest_checkpoint(args.out) or 'none (use --save-every)'}")
         opt.step()
         opt.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
         dt = time.time() - t0
-        rec = {"step": step + 1, "loss": loss_val, "lr": lr, "gnorm": gnorm.item(), "tok/s": sums[4].item() / dt, "dt": dt}
+        rec = {"step": step + 1, "loss": loss_val, "lr": lr, "gnorm": gnorm, "tok/s": sums[4].item() / dt, "dt": dt}
         if dpo:
             rw, rl = sums[2].item() / n_items, sums[3].item() / n_items
             rec.update({"acc": sums[1].item() / n_items, "r_chosen": rw, "r_rejected": rl, "margin": rw - rl})
@@ -652,6 +675,7 @@ def miniature_parser():
     p.add_argument("--reuse", action="store_true", help="keep finished stages found in --out (SFT, pairs, DPO runs of the same settings)")
     # the task: data.py's miniature section
     p.add_argument("--habit", type=float, default=0.7, help="fraction of SFT demos whose borrow subtractions forget the borrow")
+    p.add_argument("--overborrow", type=float, default=0.0, help="fraction of SFT demos whose plain subtractions borrow anyway")
     p.add_argument("--n-ops", type=int, default=3, help="additions / subtractions after the product (steps = n_ops + 2)")
     p.add_argument("--n-sft", type=int, default=8000, help="SFT demonstrations")
     p.add_argument("--n-pairs", type=int, default=1500, help="questions to sample pairs for")
@@ -705,7 +729,7 @@ def miniature_seed(args, seed, rank, world, device):
     times = {}
     log = print0
     # --- the task and the tokenizer --------------------------------------------------------------------
-    sft_recs = data.mini_dataset(args.n_sft, seed=1000 * seed + 1, habit=args.habit, n_ops=args.n_ops)
+    sft_recs = data.mini_dataset(args.n_sft, seed=1000 * seed + 1, habit=args.habit, n_ops=args.n_ops, overborrow=args.overborrow)
     pair_recs = data.mini_dataset(args.n_pairs, seed=1000 * seed + 2, n_ops=args.n_ops, offset=10**6)
     test_recs = data.mini_dataset(args.n_eval + args.n_credit, seed=1000 * seed + 3, n_ops=args.n_ops, offset=2 * 10**6)
     eval_recs, credit_recs = test_recs[:args.n_eval], test_recs[args.n_eval:]

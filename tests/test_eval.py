@@ -184,3 +184,23 @@ def test_processbench_slice_end_to_end(ckpts, tmp_path, capsys):
     pb = E.load_processbench("gsm8k", limit=12)
     assert [r["label"] for r in rows] == [e["label"] for e in pb]
     assert all(len(r["step_rewards"]) == len(e["steps"]) for r, e in zip(rows, pb))
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------
+
+
+def test_bad_eval_files_are_refused_naming_the_file(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match=rf"{empty}: no records"):
+        E.load_eval_set(str(empty))
+    # a ProcessBench file whose second record lost its label
+    real = json.load(open(os.path.join(DATA, "processbench", "gsm8k.json"), encoding="utf-8"))[:3]
+    del real[1]["label"]
+    os.makedirs(tmp_path / "processbench")
+    json.dump(real, open(tmp_path / "processbench" / "gsm8k.json", "w"))
+    with pytest.raises(ValueError, match=rf"processbench/gsm8k.json: record 1 \(id {real[1]['id']}\) has no field 'label'"):
+        E.load_processbench("gsm8k", root=str(tmp_path))
+    assert len(E.load_processbench("gsm8k", limit=1, root=str(tmp_path))) == 1   # the records before it load

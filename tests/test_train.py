@@ -1,7 +1,8 @@
 # python -m pytest -q tests/test_train.py
 """The training loop of scdpo.py on tiny stand-ins (byte tokenizer, 2-layer models of width 32):
 which tokens the loss sees, packing, overfitting, 1 vs 2 processes, kill + resume, the hub export
-against transformers, and the refusals (malformed pairs, foreign pairs, a non-finite loss)."""
+against transformers, and the refusals (malformed pairs, foreign pairs, a non-finite loss or gradient
+norm, a resume by another number of processes)."""
 import json
 import os
 import random
@@ -197,6 +198,32 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path
         scdpo.train(args)
 
 
+def test_non_finite_gradient_norm_stops_before_the_step(tiny, tmp_path, monkeypatch):
+    root, _, _, pairs, _ = tiny
+    calls = {"n": 0}
+    real = scdpo.dpo_loss
+
+    def poisoned(pc, *a, **k):   # step 3: the same finite loss, plus sqrt(0), whose derivative is infinite
+        calls["n"] += 1
+        loss, w, l = real(pc, *a, **k)
+        return (loss + (pc - pc.detach()).sqrt() if calls["n"] > 4 else loss), w, l
+    monkeypatch.setattr(scdpo, "dpo_loss", poisoned)
+    args = args_for(str(root / "model"), pairs, str(tmp_path / "run"), "--global-batch", "8", "--micro-batch", "4",
+                    "--save-every", "1", "--lr", "1e-3")
+    with pytest.raises(FloatingPointError, match=r"step 3: gradient norm is (inf|nan).*step-000002"):
+        scdpo.train(args)
+    assert [json.loads(l)["step"] for l in open(tmp_path / "run" / "log.jsonl")] == [1, 2]
+
+
+def test_the_log_says_how_many_items_each_epoch_leaves_out(tiny, tmp_path, capsys):
+    root, _, _, pairs, _ = tiny
+    args = scdpo.get_parser().parse_args(["--model", str(root / "model"), "--pairs", pairs, "--out", str(tmp_path / "run"),
+                                          "--global-batch", "6", "--micro-batch", "3", "--max-steps", "1"])
+    scdpo.train(args)
+    assert "training pairs (scdpo): 16 = 8 naive + 8 step-controlled; 4 per epoch left out" in capsys.readouterr().out
+    assert len(scdpo.batch_order(16, 2, 6, seed=0)) == 2 * (16 // 6)
+
+
 def test_bad_pairs_are_refused_up_front(tiny, tmp_path):
     root, _, _, pairs, _ = tiny
     lines = open(pairs).read().splitlines()
@@ -231,7 +258,7 @@ def run(*argv, nproc=1):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The same tiny Qwen2-shaped (tied) SCDPO run: 1 process; 2 processes; 2 processes killed after
-    step 3 (checkpoint at step 2) and resumed."""
+    step 3 (checkpoint at step 2, and a torn step-4 save left behind) and resumed."""
     root = tmp_path_factory.mktemp("dist")
     make_model(str(root / "model"), seed=1, tied=True)
     pairs = make_pairs(str(root / "pairs.jsonl"), n=16, seed=1)
@@ -242,6 +269,8 @@ def runs(tmp_path_factory):
     # with activation checkpointing, which must not change the result either
     out["two"] = run(*common, "--out", str(root / "two"), "--checkpointing", nproc=2)
     out["killed"] = run(*common, "--out", str(root / "resumed"), "--checkpointing", "--stop-after", "3", nproc=2)
+    os.makedirs(root / "resumed" / "checkpoints" / "step-000004.tmp")   # a save killed midway: half a shard
+    (root / "resumed" / "checkpoints" / "step-000004.tmp" / "__0_0.distcp").write_bytes(b"\0" * 100)
     out["resumed"] = run(*common, "--out", str(root / "resumed"), "--checkpointing", "--resume", nproc=2)
     # SFT: the loss is the mean over the global batch's response tokens, however they fall on ranks
     recs = [{"id": str(i), "question": f"What is {i}+{i}?" + " Think." * (i % 3), "gold": str(2 * i),
@@ -283,6 +312,19 @@ def test_kill_and_resume_gives_the_uninterrupted_result(runs):
     a, b = weights(root / "two"), weights(root / "resumed")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-7)
+    # the killed run's step 3 is not logged twice, and the redone steps log what the uninterrupted run did
+    log = [json.loads(l) for l in open(root / "resumed" / "log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in log] == pytest.approx([json.loads(l)["loss"] for l in open(root / "two" / "log.jsonl")], rel=1e-5)
+
+
+def test_resume_with_another_world_size_is_refused(runs, tmp_path):
+    root, _ = runs
+    shutil.copytree(root / "two" / "checkpoints", tmp_path / "run" / "checkpoints")   # written by 2 processes
+    args = args_for(str(root / "model"), str(root / "pairs.jsonl"), str(tmp_path / "run"), "--global-batch", "8",
+                    "--micro-batch", "2", "--lr", "1e-3", "--epochs", "3", "--nll-weight", "0.5", "--resume")
+    with pytest.raises(ValueError, match=r"step-000004 was written by 2 processes, this run has 1"):
+        scdpo.train(args)
 
 
 def test_export_loads_in_transformers_with_identical_logits(runs):
