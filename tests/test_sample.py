@@ -347,3 +347,29 @@ def test_incremental_detokenization_matches_decoding_in_context():
             got += row.detok(tok)
         want = tok.decode(ctx[-6:] + gen)[len(tok.decode(ctx[-6:])):]
         assert want.startswith(got) and len(want) - len(got) <= 4   # at most a held-back partial character
+
+
+def test_hostile_code_inside_generate_leaves_the_sampler_running(btok, tmp_path):
+    """The sandbox through the sampler: a solution whose code blocks loop forever, fork, exhaust memory and
+    delete a file outside the sandbox gets an error text for each, its later blocks still run, the other
+    rows go on, and the file survives."""
+    canary = tmp_path / "canary.txt"
+    canary.write_text("alive")
+    blocks = ["while True:\n    pass", "import os\nwhile True:\n    os.fork()", "x = 'a' * (8 << 30)",
+              f"import os\nos.remove({str(canary)!r})", "print('still here')"]
+    sandbox = lambda: Kernel(timeout=1.0, mem_mb=512)
+    k = sandbox()   # the outputs, run once beforehand, so that the script can hold them where they go
+    outs = [k.run(b) for b in blocks]
+    k.close()
+    assert [o.split("\n")[-2].split(":")[0] for o in outs[:4]] == ["TimeoutError", "PermissionError", "MemoryError",
+                                                                    "PermissionError"] and outs[4] == "still here\n"
+    S, E, OS, OE = data.CODE_START, data.CODE_END, data.OUTPUT_START, data.OUTPUT_END
+    text = "".join(f"Try.\n{S}{b}\n{E}{OS}{o}{OE}" for b, o in zip(blocks, outs)) + "The answer is 1."
+    prompt_text = "<s>Question: go\n\nAnswer:\n"
+    model = Scripted(btok.encode(prompt_text + text) + [btok.eos_id], btok.vocab_size)
+    t = time.time()
+    rows = generate(model, [btok.encode(prompt_text)] * 2, 2000, tok=btok, fmt="code", sandbox=sandbox, return_rows=True)
+    assert time.time() - t < 2 * len(blocks) + 10                  # the rows' blocks run side by side
+    for r in rows:
+        assert btok.decode(r.ids) == text and r.finish == "eos"
+    assert canary.read_text() == "alive"
