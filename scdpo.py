@@ -703,6 +703,32 @@ def miniature_parser():
     return p
 
 
+# The flags that decide the SFT model and the pairs: --reuse keeps those stages only where they match.
+MINI_STAGES = ("habit", "overborrow", "n_ops", "n_sft", "n_pairs", "n_eval", "n_credit", "dim", "layers", "heads",
+               "sft_steps", "sft_lr", "sft_batch", "k_max", "tries", "ramp", "sc_per_question")
+
+
+def mini_tag(args):
+    """The preference-training settings, in the names of the DPO runs and of each seed's result file."""
+    return f"lr{args.lr:g}-nll{args.nll_weight:g}-b{args.beta:g}-ep{args.epochs}-bs{args.batch}"
+
+
+def mini_settings(args, out):
+    """Check (with --reuse) or record <out>/settings.json, the MINI_STAGES flags the seed folder was made with."""
+    path, want = os.path.join(out, "settings.json"), {k: getattr(args, k) for k in MINI_STAGES}
+    if args.reuse and os.path.exists(path):
+        with open(path) as f:
+            have = json.load(f)
+        diff = [f"--{k.replace('_', '-')} {have.get(k)} (now {v})" for k, v in want.items() if have.get(k) != v]
+        if diff:
+            raise ValueError(f"--reuse: {out} was made with other settings: {', '.join(diff)}; use another --out")
+    elif dist.get_rank() == 0:
+        os.makedirs(out, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(want, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+
 def mini_train(extra, reuse):
     """train() with the flags in `extra` (a list) plus the miniature's shared ones."""
     return train(get_parser().parse_args(extra + ["--quiet", "--max-len", "128", "--max-prompt", "100"] + ["--resume"] * reuse))
@@ -728,6 +754,7 @@ def miniature_seed(args, seed, rank, world, device):
     t0 = time.time()
     times = {}
     log = print0
+    mini_settings(args, out)
     # --- the task and the tokenizer --------------------------------------------------------------------
     sft_recs = data.mini_dataset(args.n_sft, seed=1000 * seed + 1, habit=args.habit, n_ops=args.n_ops, overborrow=args.overborrow)
     pair_recs = data.mini_dataset(args.n_pairs, seed=1000 * seed + 2, n_ops=args.n_ops, offset=10**6)
@@ -771,7 +798,7 @@ def miniature_seed(args, seed, rank, world, device):
     for kind, name in (("naive", "DPO"), ("data-equal", "DPO (data-equal)"), ("scdpo", "SCDPO")):
         t1 = time.time()
         res[name] = {"model": mini_train(["--model", sft_path, "--pairs", pairs, "--pairs-kind", kind,
-                                          "--out", os.path.join(out, f"{kind}-lr{args.lr:g}-nll{args.nll_weight:g}-b{args.beta:g}-ep{args.epochs}"), "--lr", str(args.lr), "--beta", str(args.beta),
+                                          "--out", os.path.join(out, f"{kind}-{mini_tag(args)}"), "--lr", str(args.lr), "--beta", str(args.beta),
                                           "--nll-weight", str(args.nll_weight), "--epochs", str(args.epochs),
                                           "--global-batch", str(args.batch), "--micro-batch", str(args.batch // world),
                                           "--seed", str(seed)], args.reuse).eval()}
@@ -835,8 +862,10 @@ def miniature_seed(args, seed, rank, world, device):
     result = ({name: {k: ({a: b for a, b in v.items() if a not in ("preds", "step_rewards")} if k == "loc" else v)
                       for k, v in row.items() if k != "model"} for name, row in table.items()}, stats, times)
     if rank == 0:
-        with open(os.path.join(out, "result.json"), "w") as f:
+        path = os.path.join(out, f"result-{mini_tag(args)}.json")
+        with open(path + ".tmp", "w") as f:
             json.dump(result, f, indent=1)
+        os.replace(path + ".tmp", path)
     return result
 
 
@@ -850,8 +879,9 @@ def miniature(argv):
     t0 = time.time()
     runs = []
     for s in range(args.seed, args.seed + args.seeds):
-        done = os.path.join(args.out, f"seed{s}", "result.json")
+        done = os.path.join(args.out, f"seed{s}", f"result-{mini_tag(args)}.json")
         if args.reuse and os.path.exists(done):   # a finished seed (e.g. run in another process): read it back
+            mini_settings(args, os.path.dirname(done))
             with open(done) as f:
                 runs.append(json.load(f))
             print0(f"[seed {s}] read back from {done}")
