@@ -816,12 +816,13 @@ def from_trl(row, source="trl"):
 # user turn, then the prefix as the start of the assistant turn, left open. Prompt + continuation is
 # tokenised once and split at the character boundary (tok.encode_prompt_response). Every chosen and
 # rejected of this project is a complete solution (sample.py drops samples cut off at max_new_tokens),
-# so EOS follows it, unless max_len cut it short.
+# so the end-of-turn token (tok.end_id: EOS, or the template's own, e.g. ChatML's <|im_end|>) follows it,
+# unless max_len cut it short.
 # A pair whose prompt is longer than max_prompt_len is dropped (never cut), and counted.
 # ----------------------------------------------------------------------------------------------
-def _cap(ids, room, eos_id):
-    """ids + [EOS] cut to `room` tokens; (ids, truncated)."""
-    full = list(ids) + [eos_id]
+def _cap(ids, room, end_id):
+    """ids + [end of turn] cut to `room` tokens; (ids, truncated)."""
+    full = list(ids) + [end_id]
     return full[:room], len(full) > room
 
 
@@ -840,8 +841,8 @@ def tokenize_pair(pair, tok, max_len=1024, max_prompt_len=512):
         raise ValueError(f"pair {pair['id']}: the rendered prompt has no tokens")
     if n > max_prompt_len:
         return None
-    chosen, cut_c = _cap(ids_c[n:], max_len - n, tok.eos_id)
-    rejected, cut_r = _cap(ids_r[n:], max_len - n, tok.eos_id)
+    chosen, cut_c = _cap(ids_c[n:], max_len - n, tok.end_id)
+    rejected, cut_r = _cap(ids_r[n:], max_len - n, tok.end_id)
     return {"prompt": ids_c[:n], "chosen": chosen, "rejected": rejected, "chosen_truncated": cut_c,
             "rejected_truncated": cut_r, "id": pair["id"], "kind": pair["kind"]}
 
@@ -857,12 +858,12 @@ def tokenize_pairs(pairs, tok, max_len=1024, max_prompt_len=512, log=print):
 
 
 def tokenize_sft(question, solution, tok, max_len=2048):
-    """{"prompt", "response": ids, "truncated"} of a complete solution (EOS appended) for SFT;
+    """{"prompt", "response": ids, "truncated"} of a complete solution (tok.end_id appended) for SFT;
     the prompt is never cut (None when it alone fills max_len)."""
     ids, n = tok.encode_prompt_response(tok.render_prompt(question), solution)
     if n >= max_len:
         return None
-    response, cut = _cap(ids[n:], max_len - n, tok.eos_id)
+    response, cut = _cap(ids[n:], max_len - n, tok.end_id)
     return {"prompt": ids[:n], "response": response, "truncated": cut}
 
 

@@ -762,6 +762,13 @@ class Tokenizer:
             ids.append(after[0])
         return ids
 
+    @property
+    def end_id(self):
+        """The id that closes a complete answer, which training appends after it: the template's end-of-turn
+        token where it has one (ChatML's <|im_end|> even when EOS is <|endoftext|>, as in base models'
+        configs), else EOS."""
+        return self.stop_ids[-1] if self.stop_ids else None
+
     # --- text <-> ids --------------------------------------------------------------------------
     def encode(self, text):
         """Ids of `text`, adding no special tokens (special tokens written in the text are found)."""

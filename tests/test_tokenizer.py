@@ -11,6 +11,7 @@ import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
+import data
 from conftest import DATA
 from model import PLAIN_CHAT_TEMPLATE, Tokenizer
 
@@ -200,7 +201,12 @@ def test_special_tokens_and_stop_ids(mistral, chatml, chatml_dir, tmp_path):
     shutil.copytree(chatml_dir, d)
     cfg = json.loads((d / "tokenizer_config.json").read_text())
     (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "eos_token": "<|endoftext|>"}))
-    assert Tokenizer.from_pretrained(d).stop_ids == [pad, end]
+    base = Tokenizer.from_pretrained(d)
+    assert base.stop_ids == [pad, end] and base.end_id == end == ours.end_id
+    # and training closes a complete answer the way the template does, with <|im_end|>, not <|endoftext|>
+    pair = {"id": "q", "question": "What is 1+1?", "prefix": "", "chosen": "2", "rejected": "3", "kind": "naive"}
+    row = data.tokenize_pair(pair, base, max_len=256, max_prompt_len=200)
+    assert row["chosen"][-1] == row["rejected"][-1] == end and data.tokenize_sft("Hi?", "2", base)["response"][-1] == end
 
 
 def test_special_tokens_as_dicts_and_special_tokens_map(tmp_path):
