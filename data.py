@@ -1104,6 +1104,15 @@ def mini_tokenizer(path):
     return path
 
 
+def mini_cut_rejected(pair):
+    """The pair with its rejected continuation ending right after the first wrong step of prefix + rejected
+    (kept whole when that step lies in the prefix or the error is a missing step at the end)."""
+    full = pair["prefix"] + pair["rejected"]
+    steps = split_steps(full, "cot", MINI_DELIM)
+    cut = "".join(steps[:first_wrong_step(pair["question"], full) + 1])
+    return dict(pair, rejected=cut[len(pair["prefix"]):]) if len(pair["prefix"]) < len(cut) < len(full) else pair
+
+
 def mini_error(question, solution):
     """(first wrong step, kind): kind "none" (all right), "habit" (a subtraction that needed a borrow
     written 10 too big), "overborrow" (one that needed none written 10 too small), "arith" (the right operation on the right numbers, a wrong result otherwise),

@@ -700,6 +700,9 @@ def miniature_parser():
     p.add_argument("--nll-weight", type=float, default=1.0, help="per-token NLL on chosen (MINIATURE-NOTES.md)")
     p.add_argument("--epochs", type=int, default=2, help="DPO epochs")
     p.add_argument("--batch", type=int, default=32, help="pairs per DPO step")
+    p.add_argument("--cut-rejected", action="store_true", help="ablation: end every rejected solution right after its "
+                   "first wrong step (found by the exact checker, which real data lacks), so no loss falls on the steps "
+                   "that carry the error forward")
     return p
 
 
@@ -710,7 +713,7 @@ MINI_STAGES = ("habit", "overborrow", "n_ops", "n_sft", "n_pairs", "n_eval", "n_
 
 def mini_tag(args):
     """The preference-training settings, in the names of the DPO runs and of each seed's result file."""
-    return f"lr{args.lr:g}-nll{args.nll_weight:g}-b{args.beta:g}-ep{args.epochs}-bs{args.batch}"
+    return f"lr{args.lr:g}-nll{args.nll_weight:g}-b{args.beta:g}-ep{args.epochs}-bs{args.batch}" + "-cut" * args.cut_rejected
 
 
 def mini_settings(args, out):
@@ -792,6 +795,13 @@ def miniature_seed(args, seed, rank, world, device):
                                 sc_per_question={"mini": args.sc_per_question}, tries=args.tries,
                                 ramp=sample.parse_ramp(args.ramp), max_new_tokens=48, delimiter=data.MINI_DELIM, seed=seed)
     dist.barrier()   # rank 0 writes pairs.jsonl after make_pairs' own barrier
+    if args.cut_rejected:   # the ablation: every rejected solution ends right after its first wrong step
+        cut = os.path.join(out, "pairs-cut.jsonl")
+        if rank == 0:
+            data.write_jsonl(cut + ".tmp", [data.mini_cut_rejected(p) for p in data.read_pairs(pairs)])
+            os.replace(cut + ".tmp", cut)
+        dist.barrier()
+        pairs = cut
     times["pairs"] = time.time() - t1
     # --- 3. DPO, DPO (data-equal), SCDPO from the same SFT model -----------------------------------------------
     res = {}

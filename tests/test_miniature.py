@@ -31,15 +31,26 @@ def test_first_wrong_step_by_hand():
     assert data.extract_answer(RIGHT) == "32" and data.mini_nodes(Q)[-1][3] == 32
 
 
+def test_cut_rejected_ends_after_the_first_wrong_step():
+    pair = {"question": Q, "prefix": "7*6=42\n", "rejected": "42+3=45\n45-8=47\n47-5=42\nThe answer is 42"}
+    assert data.mini_cut_rejected(pair)["rejected"] == "42+3=45\n45-8=47\n"
+    late = dict(pair, prefix=RIGHT[:RIGHT.index("The")], rejected="The answer is 31")
+    assert data.mini_cut_rejected(late) == late                     # the error is the last step: nothing to cut
+
+
 def test_generated_solutions_and_the_habit():
     rng = random.Random(0)
     for _ in range(300):
         p = data.mini_problem(rng)
         right = data.mini_solution(p["question"], rng)
         assert data.first_wrong_step(p["question"], right) == -1 and data.extract_answer(right) == p["gold"]
+        nodes = data.mini_nodes(p["question"])
         habit = data.mini_solution(p["question"], rng, habit=1.0)
-        borrows = [i for i, (op, x, y, _) in enumerate(data.mini_nodes(p["question"])) if op == "-" and data.needs_borrow(x, y)]
-        assert data.first_wrong_step(p["question"], habit) == (borrows[0] if borrows else -1)
+        borrows = [i for i, (op, x, y, _) in enumerate(nodes) if op == "-" and data.needs_borrow(x, y)]
+        assert data.mini_error(p["question"], habit) == ((borrows[0], "habit") if borrows else (-1, "none"))
+        over = data.mini_solution(p["question"], rng, overborrow=1.0)
+        plain = [i for i, (op, x, y, _) in enumerate(nodes) if op == "-" and x >= 10 and not data.needs_borrow(x, y)]
+        assert data.mini_error(p["question"], over) == ((plain[0], "overborrow") if plain else (-1, "none"))
         assert len(data.split_steps(right, "cot", data.MINI_DELIM)) == len(data.mini_nodes(p["question"])) + 1
 
 
