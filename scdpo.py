@@ -695,7 +695,9 @@ def miniature_parser():
     p.add_argument("--ramp", default="paper", help="temperature ramp: paper (1.1,+0.05,1.4) | scripts | start,inc,max")
     p.add_argument("--sc-per-question", type=int, default=2, help="step-controlled pairs per question at most")
     # preference training (train())
-    p.add_argument("--lr", type=float, default=5e-5, help="DPO peak learning rate")
+    p.add_argument("--lr", type=float, default=2e-5, help="DPO peak learning rate")
+    p.add_argument("--lrs", default=None, help="a learning-rate grid, e.g. 1e-5,2e-5,5e-5: a table each, then each "
+                   "method at its best (SFT and pairs are made once per seed)")
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta")
     p.add_argument("--nll-weight", type=float, default=1.0, help="per-token NLL on chosen (MINIATURE-NOTES.md)")
     p.add_argument("--epochs", type=int, default=2, help="DPO epochs")
@@ -886,23 +888,45 @@ def miniature(argv):
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     print0(json.dumps(vars(args)))
-    t0 = time.time()
-    runs = []
-    for s in range(args.seed, args.seed + args.seeds):
-        done = os.path.join(args.out, f"seed{s}", f"result-{mini_tag(args)}.json")
-        if args.reuse and os.path.exists(done):   # a finished seed (e.g. run in another process): read it back
-            mini_settings(args, os.path.dirname(done))
-            with open(done) as f:
-                runs.append(json.load(f))
-            print0(f"[seed {s}] read back from {done}")
-        else:
-            runs.append(miniature_seed(args, s, rank, world, device))
-    if rank == 0:
-        print(mini_table(args, runs, time.time() - t0))
+    grid = {}
+    for i, lr in enumerate([float(x) for x in args.lrs.split(",")] if args.lrs else [args.lr]):
+        t0, args.lr, runs = time.time(), lr, []
+        args.reuse = args.reuse or i > 0   # later learning rates keep each seed's SFT model and pairs
+        for s in range(args.seed, args.seed + args.seeds):
+            done = os.path.join(args.out, f"seed{s}", f"result-{mini_tag(args)}.json")
+            if args.reuse and os.path.exists(done):   # a finished seed (e.g. run in another process): read it back
+                mini_settings(args, os.path.dirname(done))
+                with open(done) as f:
+                    runs.append(json.load(f))
+                print0(f"[seed {s}] read back from {done}")
+            else:
+                runs.append(miniature_seed(args, s, rank, world, device))
+        if rank == 0:
+            print(mini_table(args, runs, time.time() - t0), flush=True)
+        grid[lr] = runs
+    if rank == 0 and len(grid) > 1:
+        print(mini_grid(grid))
     dist.barrier()
     if dist.is_initialized():
         dist.destroy_process_group()
     return runs
+
+
+def mini_grid(grid):
+    """--lrs: mean accuracy of each preference method at each learning rate, then each method at its best one
+    (picked on the same held-out problems, so optimistic for every method alike) and SCDPO's lead per seed."""
+    names = ["DPO", "DPO (data-equal)", "SCDPO"]
+    acc = {lr: {n: [r[0][n]["acc"] for r in runs] for n in names} for lr, runs in grid.items()}
+    mean = lambda v: 100 * sum(v) / len(v)
+    lines = [f"Learning-rate grid: mean greedy accuracy over {len(next(iter(grid.values())))} seed(s)",
+             f"{'lr':<10}" + "".join(f"{n:>18}" for n in names)]
+    lines += [f"{lr:<10g}" + "".join(f"{mean(a[n]):>18.1f}" for n in names) for lr, a in acc.items()]
+    best = {n: max(acc, key=lambda lr: mean(acc[lr][n])) for n in names}
+    lines.append("best lr: " + ", ".join(f"{n} {best[n]:g} ({mean(acc[best[n]][n]):.1f})" for n in names))
+    for other in names[:2]:
+        d = [100 * (a - b) for a, b in zip(acc[best["SCDPO"]]["SCDPO"], acc[best[other]][other])]
+        lines.append(f"  each at its best lr, SCDPO - {other} per seed: " + ", ".join(f"{x:+.1f}" for x in d))
+    return "\n".join(lines)
 
 
 def mini_table(args, runs, seconds):

@@ -101,16 +101,45 @@ def check_run(out, printed, seed=0):
         assert "rgba(" in page and "<table class=sol>" in page
 
 
-def test_miniature_shortened(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("mini"))
+
+
+def test_miniature_shortened(out, capsys):
     import scdpo
-    scdpo.main(["--mini", "--out", str(tmp_path)] + QUICK)
-    check_run(str(tmp_path), capsys.readouterr().out)
+    scdpo.main(["--mini", "--out", out] + QUICK)
+    check_run(out, capsys.readouterr().out)
 
 
-def test_miniature_under_torchrun(tmp_path):
+def test_miniature_under_torchrun(out):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "scdpo.py",
-                        "--mini", "--out", str(tmp_path)] + QUICK, cwd=ROOT, capture_output=True, text=True,
+                        "--mini", "--out", out, "--seed", "1"] + QUICK, cwd=ROOT, capture_output=True, text=True,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("Table 1 in miniature") == 1   # rank 0 prints
-    check_run(str(tmp_path), r.stdout)
+    check_run(out, r.stdout, seed=1)
+
+
+def test_seeds_and_learning_rate_grid(out, capsys):
+    """--seeds 2 reads back the two seeds above; --lrs adds a second learning rate on the same SFT models and
+    pairs. The printed means, spreads and best-lr differences are recomputed from the result files."""
+    import json
+    import statistics
+    import scdpo
+    with pytest.raises(ValueError, match="other settings: --dim 64 \\(now 96\\)"):   # --reuse refuses other stages
+        scdpo.main(["--mini", "--out", out, "--reuse"] + QUICK + ["--dim", "96"])
+    capsys.readouterr()
+    scdpo.main(["--mini", "--out", out, "--seeds", "2", "--reuse", "--lrs", "2e-5,1e-4"] + QUICK)
+    printed = capsys.readouterr().out
+    assert printed.count("read back from") == 2 and printed.count("Table 1 in miniature") == 2
+    acc = {lr: [json.load(open(os.path.join(out, f"seed{s}", f"result-lr{lr}-nll1-b0.1-ep1-bs8.json")))[0]
+                for s in (0, 1)] for lr in ("2e-05", "0.0001")}
+    first = printed.split("Table 1 in miniature")[1]
+    sc = [r["SCDPO"]["acc"] for r in acc["2e-05"]]
+    line = next(l for l in first.splitlines() if l.startswith("SCDPO "))
+    assert f"{100 * statistics.mean(sc):5.1f} ± {100 * statistics.stdev(sc):3.1f}" in line
+    mean = {lr: {n: 100 * statistics.mean(r[n]["acc"] for r in rs) for n in ("DPO", "SCDPO")} for lr, rs in acc.items()}
+    best = {n: max(mean, key=lambda lr: mean[lr][n]) for n in ("DPO", "SCDPO")}
+    d = [100 * (a["SCDPO"]["acc"] - b["DPO"]["acc"]) for a, b in zip(acc[best["SCDPO"]], acc[best["DPO"]])]
+    assert "SCDPO - DPO per seed: " + ", ".join(f"{x:+.1f}" for x in d) in printed.split("Learning-rate grid")[1]
