@@ -156,11 +156,20 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     raise ValueError(f"unsupported rope_scaling type {s['rope_type']!r}; supported: default, linear, llama3, dynamic")
 
 
+def rope_tables(positions, inv_freq, dtype):
+    """cos, sin (B, T, 1, hd) for apply_rope at positions (B, T): angles p * inv_freq in fp32, as the
+    reference implementations compute them, then cast. `sin` comes with its first half negated."""
+    ang = positions[..., None].float() * inv_freq.float()             # (B, T, hd/2)
+    emb = torch.cat((ang, ang), dim=-1)[:, :, None]                   # (B, T, 1, hd)
+    sin1, sin2 = emb.sin().to(dtype).chunk(2, dim=-1)
+    return emb.cos().to(dtype), torch.cat((-sin1, sin2), dim=-1)
+
+
 def apply_rope(x, cos, sin):
-    """x (B, nh, T, hd) rotated: x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1). Here `sin`
-    comes with its first half negated, cat(-sin1, sin2) (see Transformer.forward), so that
-    rotate_half(x) * sin == roll(x, hd/2) * sin exactly: 4 ops instead of 6, which the one-token
-    decode step, where every op is mostly overhead, notices. cos, sin (B, 1, T, hd)."""
+    """x (B, T, heads, hd) rotated: x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1). Here `sin`
+    comes with its first half negated, cat(-sin1, sin2) (rope_tables), so that rotate_half(x) * sin ==
+    roll(x, hd/2) * sin exactly: 4 ops instead of 6, which the one-token decode step, where every op is
+    mostly overhead, notices. cos, sin (B, T, 1, hd)."""
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
@@ -171,12 +180,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # x * rsqrt(mean(x^2) + eps), normalised in fp32 and cast back before the gain, as the reference
-        # implementations do. F.rms_norm computes exactly that (the same values), with less Python per call;
-        # in fp32 there is nothing to cast, so the gain goes in too (one op instead of four).
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        # x * rsqrt(mean(x^2) + eps), normalised in fp32 and cast back before the gain, written as the
+        # reference implementations write it (the same values; on a CPU also faster than F.rms_norm).
+        if x.dtype == torch.float32:   # nothing to cast (two dispatches fewer: the decode step notices)
+            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        h = x.float()
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 class KVCache:
@@ -216,22 +225,25 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0, cache_pos=0):
         B, T, _ = x.shape
-        q, k, v = self.wqkv(x).split(self.split, -1)
-        q = q.view(B, T, self.nh, self.hd).transpose(1, 2)              # (B, nh, T, hd)
-        k = k.view(B, T, self.nkv, self.hd).transpose(1, 2)             # (B, nkv, T, hd)
-        v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # F.linear(x, w, b) is self.wqkv(x) without nn.Module's call overhead, which in a tiny model's one-token
+        # decode step is a tenth of the time (the same in the other projections)
+        qkv = F.linear(x, self.wqkv.weight, self.wqkv.bias).view(B, T, self.nh + 2 * self.nkv, self.hd)
+        qk = apply_rope(qkv[:, :, :self.nh + self.nkv], cos, sin)      # q and k heads rotated together
+        q = qk[:, :, :self.nh].transpose(1, 2)                          # (B, nh, T, hd)
+        k = qk[:, :, self.nh:].transpose(1, 2)                          # (B, nkv, T, hd)
+        v = qkv[:, :, self.nh + self.nkv:].transpose(1, 2)
         if cache is not None:
             cache.k[layer][:, :, cache_pos:cache_pos + T] = k
             cache.v[layer][:, :, cache_pos:cache_pos + T] = v
             k = cache.k[layer][:, :, :cache_pos + T]                     # (B, nkv, S, hd)
             v = cache.v[layer][:, :, :cache_pos + T]
         if cache is not None and T == 1 and x.device.type == "cpu":
-            y = self.decode_attention(q, k, v, mask)
+            y = self.decode_attention(q, k, v, mask).view(B, 1, self.nh * self.hd)
         else:   # no mask: causal over T new tokens, or one new token that sees every cached slot
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                                enable_gqa=self.nkv != self.nh)
-        return self.wo(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+            y = y.transpose(1, 2).reshape(B, T, self.nh * self.hd)
+        return F.linear(y, self.wo.weight, self.wo.bias)
 
     def decode_attention(self, q, k, v, bias):
         """Attention of one new query per row over the cache, softmax(q k^T / sqrt(hd) + bias) v, written
@@ -239,13 +251,13 @@ class Attention(nn.Module):
         ~55 us a call at batch 16), so the CPU decode step uses two matmuls; SDPA keeps the GPU, the prefill
         and training. The g = nh / nkv query heads that share a kv head are stacked as that kv head's g
         queries (GQA without repeating k, v). bias (B, 1, 1, S): additive, 0 or -inf, made once per step
-        for all layers; or None (all slots)."""
+        for all layers; or None (all slots). Returns (B, nkv, g, hd): the heads in their order, contiguous."""
         B, g = q.shape[0], self.nh // self.nkv
         s = (q.view(B, self.nkv, g, self.hd) * self.hd ** -0.5) @ k.transpose(-1, -2)   # (B, nkv, g, S)
         if bias is not None:
             s += bias
-        p = torch.softmax(s, -1, dtype=torch.float32).to(v.dtype)   # fp32 softmax (no-ops in fp32)
-        return (p @ v).view(B, self.nh, 1, self.hd)                 # (B, nh, 1, hd)
+        p = torch.softmax(s, -1, dtype=torch.float32)               # fp32 softmax
+        return (p.to(v.dtype) if v.dtype != p.dtype else p) @ v     # (B, nkv, g, hd)
 
 
 class FeedForward(nn.Module):
@@ -255,8 +267,8 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(a.intermediate_size, a.dim, bias=False)        # down
 
     def forward(self, x):
-        gate, up = self.w13(x).chunk(2, -1)
-        return self.w2(F.silu(gate) * up)
+        gate, up = F.linear(x, self.w13.weight).chunk(2, -1)          # F.linear: see Attention.forward
+        return F.linear(F.silu(gate) * up, self.w2.weight)
 
 
 class Block(nn.Module):
@@ -290,15 +302,22 @@ class Transformer(nn.Module):
         """The (V, D) LM-head matrix (the embedding when tied): what the fused log-prob kernel takes."""
         return self.output.weight
 
+    def rope_table(self, n, dtype=None):
+        """cos, sin (n, 1, hd) for positions 0..n-1: a caller that keeps it passes (table[positions]) as
+        forward's `rope`, one lookup instead of the ~10 small ops of computing it each step."""
+        pos = torch.arange(n, device=self.inv_freq.device)[None]
+        return tuple(t[0] for t in rope_tables(pos, self.inv_freq, dtype or self.tok_embeddings.weight.dtype))
+
     def make_cache(self, batch_size, max_len, dtype=None, device=None) -> KVCache:
         a, p = self.args, self.tok_embeddings.weight
         shape = (batch_size, a.n_kv_heads, max_len, a.head_dim)
         mk = lambda: torch.zeros(shape, dtype=dtype or p.dtype, device=device or p.device)
         return KVCache([mk() for _ in self.layers], [mk() for _ in self.layers])
 
-    def forward(self, input_ids, positions=None, mask=None, cache=None, cache_pos=0, return_hidden=False):
+    def forward(self, input_ids, positions=None, mask=None, cache=None, cache_pos=0, return_hidden=False, rope=None):
         """input_ids (B, T). positions (B, T), default arange(T) + cache_pos. mask (B, T, S) bool, True where a
         query may attend a key; S = T without a cache, cache_pos + T with one; default causal.
+        rope: the (cos, sin) of rope_tables for `positions`, from a caller that keeps a table (the sampler).
         Returns logits (B, T, V), or the final normed hidden states (B, T, D) with return_hidden=True."""
         B, T = input_ids.shape
         dev = input_ids.device
@@ -323,12 +342,8 @@ class Transformer(nn.Module):
             if cache is not None and T == 1 and dev.type == "cpu":
                 # Attention.decode_attention adds the mask: made additive here, once for all layers
                 mask = torch.where(mask, 0.0, float("-inf")).to(self.tok_embeddings.weight.dtype)
-        ang = positions[..., None].float() * self.inv_freq.float()      # (B, T, hd/2), fp32 as the references
-        emb = torch.cat((ang, ang), dim=-1)[:, None]                     # (B, 1, T, hd)
         x = self.tok_embeddings(input_ids)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        sin1, sin2 = sin.chunk(2, dim=-1)
-        sin = torch.cat((-sin1, sin2), dim=-1)                           # signed for apply_rope's roll
+        cos, sin = rope if rope is not None else rope_tables(positions, self.inv_freq, x.dtype)
         for i, layer in enumerate(self.layers):
             if self.checkpointing and self.training and cache is None:
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)

@@ -288,11 +288,13 @@ def forward_step(model, cache, state, seqs):
         grow = lambda t: torch.cat([t, t.new_zeros(*t.shape[:2], n, t.shape[3])], 2)
         cache.k, cache.v = [grow(k) for k in cache.k], [grow(v) for v in cache.v]
         state.valid = torch.cat([state.valid, state.valid.new_zeros(B, n)], 1)
+        state.rope = model.rope_table(cache.max_len)   # a row's position never passes its slot
     if T == 1:   # the decode step: every row appends one real token, the mask is the valid slots
         ids = torch.tensor(seqs, device=dev)
         state.valid[:, c0] = True
-        h = model(ids, positions=state.npos[:, None], mask=state.valid[:, None, :c0 + 1], cache=cache,
-                  cache_pos=c0, return_hidden=True)
+        pos = state.npos[:, None]                                       # (B, 1)
+        h = model(ids, positions=pos, mask=state.valid[:, None, :c0 + 1], cache=cache, cache_pos=c0,
+                  return_hidden=True, rope=(state.rope[0][pos], state.rope[1][pos]))   # (B, 1, 1, hd) each
         state.npos += 1
         state.cache_pos = c0 + 1
         return model.output(h[:, -1])
@@ -308,17 +310,19 @@ def forward_step(model, cache, state, seqs):
     q = c0 + torch.arange(T, device=dev)
     # a query sees the valid slots up to its own; a hole sees itself only (so its output stays finite)
     mask = (state.valid[:, None, :c0 + T] & (slots <= q[:, None])) | (slots == q[:, None])   # (B, T, S)
-    h = model(ids, positions=pos, mask=mask, cache=cache, cache_pos=c0, return_hidden=True)
+    h = model(ids, positions=pos, mask=mask, cache=cache, cache_pos=c0, return_hidden=True,
+              rope=tuple(t[pos] for t in state.rope))
     state.npos += real.sum(1)
     state.cache_pos = c0 + T
     return model.output(h[:, -1])
 
 
 class _State:
-    def __init__(self, B, max_len, device):
+    def __init__(self, B, max_len, device, rope):
         self.valid = torch.zeros(B, max_len, dtype=torch.bool, device=device)
         self.npos = torch.zeros(B, dtype=torch.long, device=device)
         self.cache_pos = 0
+        self.rope = rope   # model.rope_table(max_len): positions never exceed slots
 
     def select(self, keep):
         self.valid, self.npos = self.valid[keep], self.npos[keep]
@@ -398,7 +402,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0
     B0 = len(prompts)
     max_len = max(len(p) for p in prompts) + max_new_tokens + 1
     cache = model.make_cache(B0, max_len)
-    state = _State(B0, max_len, dev)
+    state = _State(B0, max_len, dev, model.rope_table(max_len))
     logits = forward_step(model, cache, state, [list(p) for p in prompts])    # the prefill, once per prompt
     if n > 1:
         cache, logits = cache.expand(n), logits.repeat_interleave(n, 0)
