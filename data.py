@@ -941,7 +941,7 @@ def collate_sft(rows, pad_id=0):
 
 
 # ----------------------------------------------------------------------------------------------
-# Miniature task (the default `python scdpo.py`, issue 7). Synthetic word problems in which every
+# Miniature task (the default `python scdpo.py`). Synthetic word problems in which every
 # step is one computation that can be checked exactly, so the first wrong step of ANY solution is
 # known (first_wrong_step), which is what the credit-assignment metric needs and what real data lacks:
 #

@@ -643,27 +643,25 @@ def main(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# The miniature (issue 7): `python scdpo.py` with no arguments shows the whole method on a CPU in
+# The miniature: `python scdpo.py` with no arguments shows the whole method on a CPU in about six
 # minutes, on data.py's synthetic word problems whose every step is checkable (data.first_wrong_step):
-#   1. a character tokenizer and a tiny Transformer, SFT'd from scratch on demonstrations that carry a
+#   1. a word tokenizer and a tiny Transformer, SFT'd from scratch on demonstrations that carry a
 #      systematic error (a fraction `--habit` of borrow subtractions forget the borrow), via train()
 #   2. naive and step-controlled pairs from the SFT model with sample.make_pairs (the ramp)
 #   3. DPO, DPO (data-equal) and SCDPO from the same SFT model on those pairs, via train()
 #   4. greedy accuracy on held-out problems (eval.evaluate), the step-localisation metric of the
 #      implicit reward (eval.credit_assignment) on SFT samples labelled by the exact checker, and the
 #      credit-assignment HTML; then Table 1 in miniature.
-#     python scdpo.py                        # one seed: 11.6 CPU-minutes single-threaded (see below)
-#     python scdpo.py --seeds 3              # mean and spread over 3 seeds (SFT retrained per seed)
-#     python scdpo.py --mini --seed 1 --reuse  # seeds in separate processes; --seeds 3 --reuse collects them
+#     python scdpo.py                                  # one seed (342 s on an idle 2-core CPU)
+#     python scdpo.py --seeds 3                        # mean and spread over 3 seeds (SFT retrained per seed)
+#     python scdpo.py --seeds 3 --reuse --lrs 1e-5,2e-5,5e-5   # a learning-rate grid on the same SFT and pairs
+#     python scdpo.py --seeds 3 --reuse --cut-rejected # the ablation: no loss after a rejected's first error
 #     torchrun --standalone --nproc_per_node=2 scdpo.py --mini
-# Why this task (../shared/MINIATURE-NOTES.md): the SFT model's greedy errors are systematic (it forgets
-# the borrow), so outcome feedback can fix them; solutions vary in wording, so naive pairs differ in more
-# than the error. Each seed's log prints where each rejected solution goes wrong relative to the cut k
-# and how (habit / other arithmetic / format), and each model's greedy errors by kind: preference
-# training removes most habit errors but over-generalises the fix (plain subtractions start to
-# "borrow"), which is what costs accuracy on problems the SFT model already solved.
-# Timing: measured only on a shared, heavily loaded 2-core machine (34 min wall for 11.6 CPU-minutes at
-# one thread); an idle 2-core machine at two threads should take less than the CPU time, not verified.
+# Each seed's log prints where each rejected solution goes wrong relative to the cut k and how (habit /
+# overborrow / other arithmetic / format), and each model's greedy errors by kind. What they show (README,
+# "What the miniature shows"): preference training removes most habit errors, and longer runs over-correct
+# (plain subtractions start to "borrow"), mostly through the loss on the rejected solutions' steps after
+# their first error, which carry the error forward.
 # ----------------------------------------------------------------------------------------------
 def miniature_parser():
     p = argparse.ArgumentParser(prog="python scdpo.py", description="the miniature: SFT -> pairs -> DPO / DPO "
