@@ -216,11 +216,10 @@ class Attention(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
         self.nh, self.nkv, self.hd = a.n_heads, a.n_kv_heads, a.head_dim
-        self.split = (a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim)
         # q, k and v in one projection, rows [q heads | k heads | v heads]: one GEMM instead of three (a
         # one-token decode step is mostly per-op overhead). Hub checkpoints hold three matrices, stacked on
         # load and split on save (Transformer.hub_names); InternLM2's own packing differs (unpack_wqkv).
-        self.wqkv = nn.Linear(a.dim, sum(self.split), bias=a.qkv_bias)
+        self.wqkv = nn.Linear(a.dim, (a.n_heads + 2 * a.n_kv_heads) * a.head_dim, bias=a.qkv_bias)
         self.wo = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=a.o_bias)
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0, cache_pos=0):
