@@ -127,11 +127,25 @@ def read_jsonl(path, check=None):
 
 
 def write_jsonl(path, rows, append=False):
-    """One JSON object a line, flushed; `append` adds to the end (resumable runs append question by question)."""
-    with open(path, "a" if append else "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    """One JSON object a line. `append` adds to the end, flushed (resumable runs append question by
+    question); otherwise the file is written whole into path.tmp and renamed over path, so that a kill
+    mid-write leaves the old file, never half a new one."""
+    if append:
+        with open(path, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        return
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def write_json(path, obj):
+    """One JSON document, written and renamed like write_jsonl."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1115,8 +1129,9 @@ def mini_cut_rejected(pair):
 
 def mini_error(question, solution):
     """(first wrong step, kind): kind "none" (all right), "habit" (a subtraction that needed a borrow
-    written 10 too big), "overborrow" (one that needed none written 10 too small), "arith" (the right operation on the right numbers, a wrong result otherwise),
-    "format" (anything else: wrong numbers or operation, a missing, extra or garbled line)."""
+    written 10 too big), "overborrow" (one that needed none written 10 too small), "arith" (the right
+    operation on the right numbers, a wrong result otherwise), "format" (anything else: wrong numbers or
+    operation, a missing, extra or garbled line)."""
     i = first_wrong_step(question, solution)
     if i == -1:
         return i, "none"

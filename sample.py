@@ -524,7 +524,7 @@ def pairs_for_chunk(model, tok, recs, fmt="cot", k_max=100, naive_batch=8, cut="
     """Pairs of a few questions sampled together. Returns one dict per record: {id, pairs, stats}.
     Every random choice is seeded by (seed, question id, round), so a question's pairs do not depend on
     the rank or on a resumed run (given the same chunking). A sample cut off at max_new_tokens is no
-    complete solution (tokenize_pair would append EOS to it), so it is never graded: it is counted
+    complete solution (tokenize_pair would close it with the end-of-turn token), so it is never graded: it is counted
     (samples_truncated, samples_sc_truncated) and dropped; a cut left without a pair because of one
     counts as drop_sc_truncated."""
     sc_limit = {**SC_PER_QUESTION, **(sc_per_question or {})}
@@ -657,13 +657,8 @@ def make_pairs(model, tok, records, out_path, chunk=16, rank=0, world=1, progres
     os.makedirs(folder, exist_ok=True)
     part = os.path.join(folder, f"rank{rank}.jsonl")
     done = _read_parts(folder)
-    if os.path.exists(part):   # rewrite our own file without a torn last line before appending to it:
-        mine = [r for r in done.values() if r["rank"] == rank]   # into a new file renamed over the old one,
-        with open(part + ".tmp", "w", encoding="utf-8") as f:    # so that a kill here loses nothing
-            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in mine))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(part + ".tmp", part)
+    if os.path.exists(part):   # rewrite our own file without a torn last line before appending to it
+        data.write_jsonl(part, [r for r in done.values() if r["rank"] == rank])   # (renamed over: a kill loses nothing)
     shard = records[rank::world]
     chunks = [shard[i:i + chunk] for i in range(0, len(shard), chunk)]
     bar = tqdm(total=len(shard), disable=not progress or rank != 0, desc=f"pairs (rank {rank})", unit="q")

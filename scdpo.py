@@ -551,10 +551,8 @@ def train(args):
         # the killed run logged steps past its checkpoint, which are redone now: keep steps <= start only
         # (a line without its newline was torn by the kill)
         with open(log_path) as f:
-            keep = [l for l in f if l.endswith("\n") and json.loads(l)["step"] <= start]
-        with open(log_path + ".tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(log_path + ".tmp", log_path)
+            logged = [json.loads(line) for line in f if line.endswith("\n")]
+        data.write_jsonl(log_path, [r for r in logged if r["step"] <= start])
     for step in range(start, total):
         t0 = time.time()
         lr = get_lr(step, total, args)
@@ -727,9 +725,7 @@ def mini_settings(args, out):
             raise ValueError(f"--reuse: {out} was made with other settings: {', '.join(diff)}; use another --out")
     elif dist.get_rank() == 0:
         os.makedirs(out, exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(want, f, indent=1)
-        os.replace(path + ".tmp", path)
+        data.write_json(path, want)
 
 
 def mini_train(extra, reuse):
@@ -798,8 +794,7 @@ def miniature_seed(args, seed, rank, world, device):
     if args.cut_rejected:   # the ablation: every rejected solution ends right after its first wrong step
         cut = os.path.join(out, "pairs-cut.jsonl")
         if rank == 0:
-            data.write_jsonl(cut + ".tmp", [data.mini_cut_rejected(p) for p in data.read_pairs(pairs)])
-            os.replace(cut + ".tmp", cut)
+            data.write_jsonl(cut, [data.mini_cut_rejected(p) for p in data.read_pairs(pairs)])
         dist.barrier()
         pairs = cut
     times["pairs"] = time.time() - t1
@@ -872,10 +867,7 @@ def miniature_seed(args, seed, rank, world, device):
     result = ({name: {k: ({a: b for a, b in v.items() if a not in ("preds", "step_rewards")} if k == "loc" else v)
                       for k, v in row.items() if k != "model"} for name, row in table.items()}, stats, times)
     if rank == 0:
-        path = os.path.join(out, f"result-{mini_tag(args)}.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(path + ".tmp", path)
+        data.write_json(os.path.join(out, f"result-{mini_tag(args)}.json"), result)
     return result
 
 
