@@ -45,67 +45,81 @@ CODE_START, CODE_END = "```python\n", "```\n"
 OUTPUT_START, OUTPUT_END = "```output\n", "```\n"
 
 # ----------------------------------------------------------------------------------------------
-# Loading. Records: {id, source, question, gold} plus solution / level / subject when the set has them.
+# Loading. Records: {id, source, question, gold} plus solution / level / subject when the file has them.
+# One reader for every set: the named ones are files under the data root, and any JSONL is read the
+# same way, its fields found by name.
 # ----------------------------------------------------------------------------------------------
-# name -> (file under the data root, {our field: file field}); gold is derived when the file has no answer
-_MATH = {"question": "problem", "gold": "answer", "id": "unique_id", "level": "level"}
-DATASETS = {
-    "gsm8k:train": ("gsm8k/train.jsonl", {"question": "question", "solution": "answer"}),
-    "gsm8k:test": ("gsm8k/test.jsonl", {"question": "question", "solution": "answer"}),
-    "math:train": ("math/train.jsonl", {**_MATH, "subject": "subject"}),
-    "math:test": ("math/test.jsonl", {**_MATH, "solution": "solution", "subject": "type"}),
-    "math:test500": ("math/test500.jsonl", {**_MATH, "solution": "solution", "subject": "subject"}),
-    "svamp": ("extra/svamp.jsonl", {"question": "question", "gold": "answer"}),
-    "asdiv": ("extra/asdiv.jsonl", {"question": "question", "gold": "answer"}),
-    "mawps": ("extra/mawps.jsonl", {"question": "question", "gold": "answer"}),
-}
-OPTIONAL_FIELDS = ("id", "solution", "level", "subject")
+DATASETS = {"gsm8k:train": "gsm8k/train.jsonl", "gsm8k:test": "gsm8k/test.jsonl",
+            "math:train": "math/train.jsonl", "math:test": "math/test.jsonl",
+            "math:test500": "math/test500.jsonl", "svamp": "extra/svamp.jsonl",
+            "asdiv": "extra/asdiv.jsonl", "mawps": "extra/mawps.jsonl"}
+ALIASES = {"gsm8k": "gsm8k:test", "math": "math:test", "math500": "math:test500"}   # the test sets
+# our field <- the first of the file's fields that a row has
+FIELDS = {"question": ("question", "problem"), "gold": ("gold", "answer"), "solution": ("solution",),
+          "id": ("id", "unique_id"), "level": ("level",), "subject": ("subject", "type")}
 
 
 def data_root(root=None):
     """The shared data folder: `root`, else $SCDPO_DATA, else ../shared/data beside the repository."""
-    return root or os.environ.get("SCDPO_DATA") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data")
+    here = os.path.dirname(os.path.abspath(__file__))
+    return root or os.environ.get("SCDPO_DATA") or os.path.join(here, "..", "shared", "data")
 
 
-def load_dataset(spec, fields=None, root=None, source=None):
-    """Records of a named set ("gsm8k:test", "math:test500", "svamp", ...; see DATASETS) or of any JSONL
-    file with `fields` mapping our names to its own, e.g. {"question": "problem", "gold": "answer"}.
-    A GSM8K-style set without a gold field gets the value after '####' of its solution."""
-    if spec in DATASETS:
-        rel, fields = DATASETS[spec]
-        path, source = os.path.join(data_root(root), rel), source or spec.split(":")[0]
-    elif fields is not None:
-        path, source = spec, source or os.path.splitext(os.path.basename(spec))[0]
-    else:
-        raise ValueError(f"unknown data set {spec!r}: use one of {sorted(DATASETS)} or a .jsonl path with fields=")
+def parse_record(row, where, source):
+    """One record from a JSON object: the question (`question` or `problem`), the gold answer (`gold`,
+    `answer`, or the '#### N' line of a GSM8K worked answer, which is then also the solution), and
+    optional id, solution, level, subject. ValueError names `where` and the field."""
+    def get(name):
+        key = next((k for k in FIELDS[name] if k in row), None)
+        if key is None:
+            return None
+        if not isinstance(row[key], (str, int, float)) or isinstance(row[key], bool):
+            raise ValueError(f"{where}: field {key!r} is {type(row[key]).__name__}, expected text or a number")
+        return str(row[key])
+    rec = {"id": get("id"), "source": source, "question": get("question")}
+    if rec["question"] is None:
+        raise ValueError(f"{where}: missing field 'question' (or 'problem')")
+    rec.update({k: v for k in ("solution", "level", "subject") if (v := get(k)) is not None})
+    gold = get("gold")
+    if gold is not None and "####" in gold and "solution" not in rec:   # GSM8K: the answer is worked out
+        rec["solution"], gold = gold, None
+    if gold is None:
+        gold = _hash_answer(rec.get("solution") or "")
+        if gold is None:
+            raise ValueError(f"{where}: missing field 'gold' or 'answer' (or a solution with a '#### N' line)")
+        gold = gold.replace(",", "")
+    rec["gold"] = gold
+    return rec
 
-    def record(row, where):
-        def get(name):
-            key = fields[name]
-            if key not in row:
-                raise ValueError(f"{where}: missing field {key!r}")
-            if not isinstance(row[key], (str, int, float)) or isinstance(row[key], bool):
-                raise ValueError(f"{where}: field {key!r} is {type(row[key]).__name__}, expected text or a number")
-            return str(row[key])
-        rec = {"id": get("id") if fields.get("id") in row else None, "source": source, "question": get("question")}
-        rec.update({name: get(name) for name in OPTIONAL_FIELDS if name in fields and name != "id"})
-        if "gold" in fields:
-            rec["gold"] = get("gold")
-        else:  # GSM8K: the worked solution ends with '#### N'
-            gold = _hash_answer(rec.get("solution") or "")
-            if gold is None:
-                raise ValueError(f"{where}: field {fields.get('solution', 'solution')!r} has no '#### answer' line")
-            rec["gold"] = gold.replace(",", "")
-        return rec
 
-    records = read_jsonl(path, record)
-    tag = spec.replace(":", "/") if spec in DATASETS else source
-    for i, rec in enumerate(records):
-        rec["id"] = f"{source}/{rec['id']}" if rec["id"] else f"{tag}/{i}"
-    empty = [r["id"] for r in records if not r["gold"].strip()]
-    if empty:  # nothing to grade against (2 MATH train problems): said, and left out
-        print(f"load_dataset({spec}): skipped {len(empty)} records with an empty gold answer: {', '.join(empty)}")
-    return [r for r in records if r["gold"].strip()]
+def load_records(spec, limit=None, root=None):
+    """Records of comma-separated sets: names of DATASETS or ALIASES, or paths of JSONL files (source =
+    the file's name), each cut to its first `limit` records. Ids are "<source>/<id>" where a row has
+    one, else "<set>/<line index>". A record with an empty gold answer cannot be graded (2 MATH
+    train problems): it is left out, and said."""
+    records = []
+    for part in spec.split(","):
+        name = ALIASES.get(part, part)
+        if name in DATASETS:
+            path, source, tag = os.path.join(data_root(root), DATASETS[name]), name.split(":")[0], name
+        elif part.endswith(".jsonl") or os.path.isfile(part):
+            path = part
+            source = tag = os.path.splitext(os.path.basename(part))[0]
+        else:
+            raise ValueError(f"unknown data set {part!r}: use one of {sorted(DATASETS) + sorted(ALIASES)} "
+                             f"or a .jsonl path")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: not found (data set {part!r})")
+        recs = read_jsonl(path, lambda row, where: parse_record(row, where, source))
+        if not recs:
+            raise ValueError(f"{path}: no records (empty file); expected JSON lines with a question and a gold answer")
+        for i, rec in enumerate(recs):
+            rec["id"] = f"{source}/{rec['id']}" if rec["id"] else f"{tag.replace(':', '/')}/{i}"
+        empty = [r["id"] for r in recs if not r["gold"].strip()]
+        if empty:
+            print(f"{path}: left out {len(empty)} records with an empty gold answer: {', '.join(empty)}")
+        records += [r for r in recs if r["gold"].strip()][:limit]
+    return records
 
 
 def read_jsonl(path, check=None):
@@ -617,16 +631,6 @@ def step_kind(step):
     return "code" if step.startswith(CODE_START) else "output" if step.startswith(OUTPUT_START) else "text"
 
 
-def step_of_char(steps, char_index):
-    """Index of the step that holds character `char_index` of "".join(steps)."""
-    end = 0
-    for i, step in enumerate(steps):
-        end += len(step)
-        if char_index < end:
-            return i
-    raise IndexError(f"character {char_index} is past the end ({end} characters)")
-
-
 def cut_points(steps, mode="paper"):
     """Steps k after which a step-controlled continuation may start: the prefix is steps[:k + 1].
     "paper": k in [0, m-1] (m = last step index); "scripts" (the authors' code): k in [1, m-2].
@@ -663,14 +667,6 @@ def judge(solution, gold, fmt="cot"):
     if any(mark in lower for mark in ERROR_MARKERS) or (fmt == "code" and has_exec_error(solution)):
         return "flawed", pred
     return "preferred", pred
-
-
-def is_preferred(solution, gold, fmt="cot"):
-    return judge(solution, gold, fmt)[0] == "preferred"
-
-
-def is_dispreferred(solution, gold, fmt="cot"):
-    return judge(solution, gold, fmt)[0] == "dispreferred"
 
 
 def is_noisy(continuation, fmt="cot", max_blocks=24, max_block_chars=3000, delim="\n\n"):
@@ -717,19 +713,34 @@ def make_pair(record, chosen, rejected, prefix="", k=-1, fmt="cot", sampling=Non
 
 
 def check_pair(pair, where="pair"):
-    """The pair itself, after checking every field of PAIR_FIELDS; else ValueError naming `where` and the field."""
+    """The pair itself, after checking every field of PAIR_FIELDS (and the optional `prompt`: the exact
+    text before the continuations, for pairs read from TRL's format); else ValueError naming `where`
+    and the field."""
     for name, kind in PAIR_FIELDS.items():
         if name not in pair:
             raise ValueError(f"{where}: missing field {name!r}")
         if not isinstance(pair[name], kind) or (kind is int and isinstance(pair[name], bool)):
-            raise ValueError(f"{where}: field {name!r} is {type(pair[name]).__name__}, expected {getattr(kind, '__name__', kind)}")
+            raise ValueError(f"{where}: field {name!r} is {type(pair[name]).__name__}, expected "
+                             f"{getattr(kind, '__name__', kind)}")
     if pair["kind"] not in ("naive", "sc") or (pair["kind"] == "sc") != (pair["k"] >= 0):
-        raise ValueError(f"{where}: field 'kind' is {pair['kind']!r} with k={pair['k']}: expected 'naive' (k=-1) or 'sc' (k>=0)")
+        raise ValueError(f"{where}: field 'kind' is {pair['kind']!r} with k={pair['k']}: expected 'naive' "
+                         f"(k=-1) or 'sc' (k>=0)")
+    if not isinstance(pair.get("prompt", ""), str):
+        raise ValueError(f"{where}: field 'prompt' is {type(pair['prompt']).__name__}, expected str")
     return pair
 
 
-def read_pairs(path):
-    return read_jsonl(path, check_pair)
+def read_pairs(path, with_format=False):
+    """The pair records of a JSONL file, every line checked: our records (make_pair), or rows of TRL's
+    preference format (prompt / chosen / rejected, as strings or message lists: from_trl), told apart
+    by the `prompt` field. with_format: (pairs, "scdpo" | "TRL" | "scdpo + TRL")."""
+    kinds = set()
+
+    def parse(row, where):
+        kinds.add("TRL" if "prompt" in row else "scdpo")
+        return from_trl(row, where) if "prompt" in row else check_pair(row, where)
+    pairs = read_jsonl(path, parse)
+    return (pairs, " + ".join(sorted(kinds, reverse=True)) or "scdpo") if with_format else pairs
 
 
 # Provenance of a pairs file: `<pairs>.meta.json` records hashes of the model and tokenizer that sampled it
@@ -785,44 +796,44 @@ def read_pairs_meta(pairs_path):
         return json.load(f)
 
 
-# TRL's preference format with plain strings: prompt = question, plus "\n\n" + prefix for a
-# step-controlled pair; chosen / rejected = the continuations. The other pair fields ride along, except
-# the question: from_trl reads it back out of the prompt, so the prompt is what a row's question is.
-_TRL_META = [k for k in PAIR_FIELDS if k not in ("question", "chosen", "rejected")]
+# TRL's preference format: prompt, chosen, rejected. to_trl writes the prompt as the text the model
+# sees (the chat template rendered around the question, then the prefix), since TRL feeds a string
+# prompt verbatim; our other fields ride along, so that from_trl gives our record back. A foreign
+# string row keeps its prompt verbatim too (field `prompt`, which tokenize_pair then uses as is); a
+# conversational row (message lists) is rendered with the model's chat template, as TRL does.
+def to_trl(pair, tok):
+    """A TRL preference row of a pair record, the prompt rendered with `tok`'s chat template."""
+    prompt = pair.get("prompt", tok.render_prompt(pair["question"], pair["prefix"]))
+    return {**pair, "prompt": prompt}
 
 
-def to_trl(pair):
-    prompt = pair["question"] + ("\n\n" + pair["prefix"] if pair["prefix"] else "")
-    return {"prompt": prompt, "chosen": pair["chosen"], "rejected": pair["rejected"], **{k: pair[k] for k in _TRL_META}}
-
-
-def from_trl(row, source="trl"):
-    """A pair record from a TRL row. A row of to_trl comes back exactly: its question is the prompt less
-    the "\\n\\n" + prefix tail (ValueError when the prompt does not end with the row's prefix, or disagrees
-    with a `question` field). A foreign row is a naive pair with the prompt as its question; a
-    conversational one (lists of messages) takes the question from the user message and the prefix from
-    an open assistant message after it (k: the prefix's last step); other message lists are a ValueError."""
-    where = f"TRL row {row.get('id', '?')}"
-    if isinstance(row["prompt"], str) and all(k in row for k in _TRL_META):
-        tail = "\n\n" + row["prefix"] if row["prefix"] else ""
-        question = row["prompt"][:len(row["prompt"]) - len(tail)]
-        if not row["prompt"].endswith(tail) or row.get("question", question) != question:
-            raise ValueError(f"{where}: prompt ...{row['prompt'][-60:]!r} is not question + '\\n\\n' + prefix "
-                             f"(prefix ...{row['prefix'][-60:]!r}, question {str(row.get('question'))[:60]!r})")
-        return check_pair({k: question if k == "question" else row[k] for k in PAIR_FIELDS}, where)
+def from_trl(row, where="TRL row"):
+    """A pair record of a TRL row (see above): ours back exactly (with the prompt kept), a foreign
+    string row as a naive pair with its prompt verbatim, a conversational one with the question from
+    the user message and the prefix from an open assistant message after it (k: the prefix's last
+    step). Other message lists, or a missing field, are a ValueError naming `where`."""
+    for side in ("prompt", "chosen", "rejected"):
+        if side not in row:
+            raise ValueError(f"{where}: missing field {side!r} (TRL rows have prompt, chosen, rejected)")
+    if isinstance(row["prompt"], str) and all(k in row for k in PAIR_FIELDS):
+        return check_pair(dict(row), where)
 
     def texts(x, roles):   # [x] for a string; the contents of messages whose roles are one of `roles`
         if isinstance(x, str):
             return [x]
-        if [m.get("role") for m in x] not in roles:
-            raise ValueError(f"{where}: messages with roles {[m.get('role') for m in x]}, expected one of {list(roles)}")
+        if not isinstance(x, list) or [m.get("role") for m in x] not in roles:
+            got = [m.get("role") for m in x] if isinstance(x, list) else type(x).__name__
+            raise ValueError(f"{where}: messages with roles {got}, expected one of {list(roles)}")
         return [m["content"] for m in x]
 
     question, prefix = (texts(row["prompt"], (["user"], ["user", "assistant"])) + [""])[:2]
     (chosen,), (rejected,) = (texts(row[side], (["assistant"],)) for side in ("chosen", "rejected"))
-    record = {"id": str(row.get("id", "")), "source": row.get("source", source), "question": question,
+    record = {"id": str(row.get("id", where)), "source": row.get("source", "trl"), "question": question,
               "gold": str(row.get("gold", ""))}
-    return make_pair(record, chosen, rejected, prefix=prefix, k=len(split_steps(prefix)) - 1 if prefix else -1)
+    pair = make_pair(record, chosen, rejected, prefix=prefix, k=len(split_steps(prefix)) - 1 if prefix else -1)
+    if isinstance(row["prompt"], str):
+        pair["prompt"] = row["prompt"]
+    return check_pair(pair, where)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -846,7 +857,7 @@ def tokenize_pair(pair, tok, max_len=1024, max_prompt_len=512):
     max_prompt_len tokens."""
     if not 0 < max_prompt_len < max_len:
         raise ValueError(f"need 0 < max_prompt_len ({max_prompt_len}) < max_len ({max_len})")
-    text = tok.render_prompt(pair["question"], pair["prefix"])
+    text = pair["prompt"] if "prompt" in pair else tok.render_prompt(pair["question"], pair["prefix"])
     (ids_c, n_c), (ids_r, n_r) = (tok.encode_prompt_response(text, pair[side]) for side in ("chosen", "rejected"))
     n = 0  # both encodings share the prompt's ids; a token straddling the boundary belongs to the continuation
     while n < min(n_c, n_r) and ids_c[n] == ids_r[n]:
@@ -952,197 +963,3 @@ def collate_sft(rows, pad_id=0):
             "idx": torch.tensor(idx, dtype=torch.long), "tgt": torch.tensor(tgt, dtype=torch.long),
             "seg": torch.tensor(seg, dtype=torch.long),
             "lengths": torch.tensor([len(r["response"]) for r in rows], dtype=torch.long)}
-
-
-# ----------------------------------------------------------------------------------------------
-# Miniature task (the default `python scdpo.py`). Synthetic word problems in which every
-# step is one computation that can be checked exactly, so the first wrong step of ANY solution is
-# known (first_wrong_step), which is what the credit-assignment metric needs and what real data lacks:
-#
-#   Eva has 7 bags of 6 pens. Eva gets 3, uses 8, uses 5. How many now?
-#   7*6=42            step 0   a*b (the checker takes either order; demonstrations keep the question's)
-#   42+3=45           step 1   one line per operation, in the question's order (+: either order)
-#   45-8=37           step 2
-#   37-5=32           step 3
-#   The answer is 32  step 4   (data.extract_answer reads it)
-#
-# Solutions vary in wording (operand order of +), so two solutions of one question differ in
-# more than their error. The SFT demonstrations carry a systematic "bad habit": in a subtraction that
-# needs a borrow (45-8), a fraction `habit` of them forget it (45-8=47), the classic primary-school
-# bug. The SFT model learns the habit as a probability, so greedy decoding repeats it while sampling
-# sometimes does it right: outcome feedback (pairs) can fix it, and every habit error sits at a known
-# step type, anywhere from step 1 to the last operation.
-# Steps are lines: split_steps(solution, "cot", MINI_DELIM).
-# ----------------------------------------------------------------------------------------------
-MINI_DELIM = "\n"
-MINI_NAMES = ("Ann", "Bob", "Cai", "Dev", "Eva", "Fay", "Gus", "Ida")
-MINI_ITEMS = ("nuts", "pens", "eggs", "cups", "bows", "jars")
-_MINI_Q = re.compile(r"^(\w+) has (\d+) bags of (\d+) \w+\. \1 ((?:(?:gets|uses) \d+(?:, )?)+)\. How many now\?$")
-_MINI_STEP = re.compile(r"^(\d+)([+\-*])(\d+)=(-?\d+)\n?$")
-_MINI_ANSWER = re.compile(r"^The answer is (-?\d+)$")
-
-
-def mini_problem(rng, n_ops=3):
-    """{"question", "gold"}: a*b, then n_ops additions or subtractions of 2..9, every value in 1..99."""
-    while True:
-        a, b = rng.randint(2, 9), rng.randint(2, 9)
-        v, ops = a * b, []
-        for _ in range(n_ops):
-            op, n = rng.choice("+-"), rng.randint(2, 9)
-            v = v + n if op == "+" else v - n
-            ops.append(f"{'gets' if op == '+' else 'uses'} {n}")
-        if all(1 <= x <= 99 for x in mini_values(a, b, ops)):
-            break
-    name, item = rng.choice(MINI_NAMES), rng.choice(MINI_ITEMS)
-    return {"question": f"{name} has {a} bags of {b} {item}. {name} {', '.join(ops)}. How many now?", "gold": str(v)}
-
-
-def mini_values(a, b, ops):
-    v, out = a * b, [a * b]
-    for o in ops:
-        n = int(o.split()[1])
-        v = v + n if o.startswith("gets") else v - n
-        out.append(v)
-    return out
-
-
-def mini_nodes(question):
-    """The computation a right solution performs, one (op, x, y, result) per step."""
-    m = _MINI_Q.match(question)
-    if m is None:
-        raise ValueError(f"not a miniature question: {question!r}")
-    a, b, ops = int(m[2]), int(m[3]), m[4].split(", ")
-    nodes, v = [("*", a, b, a * b)], a * b
-    for o in ops:
-        op, n = ("+" if o.startswith("gets") else "-"), int(o.split()[1])
-        r = v + n if op == "+" else v - n
-        nodes.append((op, v, n, r))
-        v = r
-    return nodes
-
-
-def needs_borrow(x, y):
-    return x % 10 < y % 10
-
-
-def mini_solution(question, rng, habit=0.0, vary=True, overborrow=0.0):
-    """A worked solution. vary: random operand order for + (the wording); habit: the chance that a
-    subtraction needing a borrow forgets it (result 10 too big); overborrow: the chance that one needing
-    none borrows anyway (result 10 too small; only from a two-digit number); every later step is right
-    given it."""
-    steps, v = [], None
-    for op, x, y, r in mini_nodes(question):
-        if v is not None:
-            x = v                                       # carries an earlier mistake forward
-            r = x + y if op == "+" else x - y
-        if op == "-" and needs_borrow(x, y) and rng.random() < habit:
-            r += 10
-        elif op == "-" and overborrow and x >= 10 and not needs_borrow(x, y) and rng.random() < overborrow:
-            r -= 10
-        a, b = (y, x) if op == "+" and vary and rng.random() < 0.5 else (x, y)
-        steps.append(f"{a}{op}{b}={r}")
-        v = r
-    return "\n".join(steps + [f"The answer is {v}"])
-
-
-def first_wrong_step(question, solution):
-    """Index of the first wrong step of `solution` (steps = lines), -1 when every step is right.
-    Step i < n must compute node i of the question (operands in either order for + and *; a wrong
-    number, operation or result is wrong); step n must be 'The answer is <right>'; anything more, or a
-    solution that stops early, is wrong at the first missing or extra line."""
-    nodes = mini_nodes(question)
-    lines = split_steps(solution, "cot", MINI_DELIM)
-    for i, line in enumerate(lines):
-        if i < len(nodes):
-            op, x, y, r = nodes[i]
-            m = _MINI_STEP.match(line)
-            if not m or m[2] != op or int(m[4]) != r:
-                return i
-            if (int(m[1]), int(m[3])) != (x, y) and not (op in "+*" and (int(m[3]), int(m[1])) == (x, y)):
-                return i
-        elif i == len(nodes):
-            m = _MINI_ANSWER.match(line.rstrip("\n"))
-            if not m or int(m[1]) != nodes[-1][3]:
-                return i
-        else:
-            return i
-    return -1 if len(lines) == len(nodes) + 1 else len(lines)
-
-
-def mini_dataset(n, seed, habit=0.0, n_ops=3, offset=0, overborrow=0.0):
-    """n records {id, source, question, gold, solution}, reproducible from seed (solutions with the habits)."""
-    import random
-    rng = random.Random(seed)
-    recs = []
-    for i in range(n):
-        p = mini_problem(rng, n_ops)
-        p.update(id=f"mini/{offset + i}", source="mini", solution=mini_solution(p["question"], rng, habit, overborrow=overborrow))
-        recs.append(p)
-    return recs
-
-
-MINI_CHARS = "\n ,.?*+-=0123456789"
-# Words are one token each (" has", " bags", "Eva" ...); digits, operators and punctuation are single
-# characters, so arithmetic is done digit by digit. A word costs one position instead of 3-6, which
-# roughly halves the length of a training row (and the CPU time of the miniature).
-MINI_WORDS = tuple(" " + w for w in MINI_NAMES + MINI_ITEMS) + (
-    " has", " bags", " of", " gets", " uses", " How", " many", " now", " answer", " is") + MINI_NAMES + ("The",)
-# The chat template: BOS, the question, a newline; the answer, then EOS. render_prompt is a prefix of render.
-MINI_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] + '\\n' }}"
-                 "{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}")
-
-
-def mini_tokenizer(path):
-    """A word tokenizer saved as tokenizer.json + tokenizer_config.json, so that
-    model.Tokenizer.from_pretrained(path) loads it like any hub tokenizer: BPE over characters whose
-    merges build each of MINI_WORDS left to right (" " + "h" -> " h", " h" + "a" -> " ha", ...). Chains
-    start with a space or a capital; the spaced ones rank first, so " Eva" is not cut into " " + "Eva"."""
-    import tokenizers
-    vocab, merges = {"<pad>": 0, "<s>": 1, "</s>": 2}, []
-    for c in MINI_CHARS + "".join(MINI_WORDS):
-        vocab.setdefault(c, len(vocab))
-    for w in MINI_WORDS:
-        for i in range(2, len(w) + 1):
-            if w[:i] not in vocab:
-                vocab[w[:i]] = len(vocab)
-                merges.append((w[:i - 1], w[i - 1]))
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=merges))
-    tok.add_special_tokens(["<pad>", "<s>", "</s>"])
-    tok.decoder = tokenizers.decoders.Fuse()
-    os.makedirs(path, exist_ok=True)
-    tok.save(os.path.join(path, "tokenizer.json"))
-    config = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "chat_template": MINI_TEMPLATE,
-              "model_max_length": 256, "tokenizer_class": "PreTrainedTokenizerFast"}
-    with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2)
-    return path
-
-
-def mini_cut_rejected(pair):
-    """The pair with its rejected continuation ending right after the first wrong step of prefix + rejected
-    (kept whole when that step lies in the prefix or the error is a missing step at the end)."""
-    full = pair["prefix"] + pair["rejected"]
-    steps = split_steps(full, "cot", MINI_DELIM)
-    cut = "".join(steps[:first_wrong_step(pair["question"], full) + 1])
-    return dict(pair, rejected=cut[len(pair["prefix"]):]) if len(pair["prefix"]) < len(cut) < len(full) else pair
-
-
-def mini_error(question, solution):
-    """(first wrong step, kind): kind "none" (all right), "habit" (a subtraction that needed a borrow
-    written 10 too big), "overborrow" (one that needed none written 10 too small), "arith" (the right
-    operation on the right numbers, a wrong result otherwise), "format" (anything else: wrong numbers or
-    operation, a missing, extra or garbled line)."""
-    i = first_wrong_step(question, solution)
-    if i == -1:
-        return i, "none"
-    nodes, lines = mini_nodes(question), split_steps(solution, "cot", MINI_DELIM)
-    m = _MINI_STEP.match(lines[i]) if i < min(len(nodes), len(lines)) else None
-    if m is None:
-        return i, "format"
-    op, x, y, r = nodes[i]
-    a, b, got = int(m[1]), int(m[3]), int(m[4])
-    if m[2] != op or not ((a, b) == (x, y) or (op in "+*" and (b, a) == (x, y))):
-        return i, "format"
-    if op == "-" and needs_borrow(x, y) and got == r + 10:
-        return i, "habit"
-    return i, "overborrow" if op == "-" and not needs_borrow(x, y) and got == r - 10 else "arith"

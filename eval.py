@@ -22,56 +22,18 @@ score it as ProcessBench does:
 import argparse
 import html
 import json
-import math
 import os
 import time
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 import data
-from scdpo import compute_init, print0   # one distributed set-up for every script
-
-# ----------------------------------------------------------------------------------------------
-# Distributed plumbing: the same file runs on a laptop CPU, one GPU and torchrun on 8.
-# ----------------------------------------------------------------------------------------------
-
-
-def gather_rows(rows):
-    """Every rank's list of rows, concatenated on every rank (order: by rank)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return rows
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, rows)
-    return [r for part in parts for r in part]
-
-
-# ----------------------------------------------------------------------------------------------
-# Test sets
-# ----------------------------------------------------------------------------------------------
-EVAL_SETS = {"gsm8k": "gsm8k:test", "math": "math:test", "math500": "math:test500",
-             "svamp": "svamp", "asdiv": "asdiv", "mawps": "mawps"}
-
-
-def load_eval_set(name, limit=None):
-    """Records {id, question, gold, [subject, level]} of a named test set or of a JSONL file with a
-    question (`question` or `problem`) and a gold answer (`gold`, `answer`, or a GSM8K '#### N')."""
-    if name in EVAL_SETS:
-        recs = data.load_dataset(EVAL_SETS[name])
-    else:
-        rows = data.read_jsonl(name)
-        if not rows:
-            raise ValueError(f"{name}: no records (empty file); expected JSON lines with a question and a gold answer")
-        first = rows[0]
-        fields = {"question": "question" if "question" in first else "problem"}
-        for ours, theirs in (("gold", "gold"), ("gold", "answer"), ("id", "id"), ("id", "unique_id"),
-                             ("level", "level"), ("subject", "subject"), ("subject", "type")):
-            if theirs in first and ours not in fields:
-                fields[ours] = theirs
-        if "gold" in fields and "####" in str(first[fields["gold"]]):
-            fields["solution"] = fields.pop("gold")   # a GSM8K-style worked answer: load_dataset takes the '#### N'
-        recs = data.load_dataset(name, fields=fields)
-    return recs[:limit] if limit else recs
+import model as modeling
+import sample
+from kernels import token_logprobs
+from model import gather_rows, print0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,12 +73,10 @@ def format_report(report):
 
 def generate_greedy(model, tok, questions, max_new_tokens, batch_size):
     """Greedy completions for `questions`, with the training prompt, through sample.py's sampler."""
-    import sample
     prompts = [tok.encode(tok.render_prompt(q)) for q in questions]
-    out = []
+    cfg, out = sample.Sampling(max_new_tokens=max_new_tokens), []
     for b in range(0, len(prompts), batch_size):
-        ids = sample.generate(model, prompts[b:b + batch_size], max_new_tokens, temperature=0.0, tok=tok)
-        out += [tok.decode(x) for x in ids]
+        out += [tok.decode(r.ids) for r in sample.generate(model, prompts[b:b + batch_size], cfg, tok=tok)]
     return out
 
 
@@ -138,15 +98,14 @@ def evaluate(model, tok, records, max_new_tokens=512, batch_size=64, rank=0, wor
 
 
 @torch.no_grad()
-def response_logprobs(model, tok, prompts, responses, batch_size=16):
+def response_logprobs(model, tok, prompts, responses, batch_size=16, progress=None):
     """Per response token: (ids, char offsets into the response, log-probs), one tuple per pair.
     prompt + response is tokenised once (tok.encode_prompt_response), as in training; as in scdpo.SeqLogprobs,
     kernels.token_logprobs takes the final hidden states of the response positions only, never the
     (B, L, V) logits (fp32: 10 GB for a 152k vocabulary at batch 16 and L = 1024)."""
-    from kernels import token_logprobs
     device = next(model.parameters()).device
     out = []
-    for b in range(0, len(prompts), batch_size):
+    for b in tqdm(range(0, len(prompts), batch_size), desc=progress or "", disable=not progress, unit="batch"):
         encs = [tok.encode_with_offsets(p + r) + (len(p),) for p, r in zip(prompts[b:b + batch_size], responses[b:b + batch_size])]
         rows = []
         for ids, offs, n_chars in encs:
@@ -167,11 +126,11 @@ def response_logprobs(model, tok, prompts, responses, batch_size=16):
     return out
 
 
-def token_rewards(policy, ref, tok, prompts, responses, beta, batch_size=16):
+def token_rewards(policy, ref, tok, prompts, responses, beta, batch_size=16, progress=False):
     """METHOD.md section 5: r_i = beta * (log pi(x_i|s_i) - log pi_ref(x_i|s_i)) for every response
     token. Returns one dict {ids, offsets, rewards (list of floats)} per response."""
-    pol = response_logprobs(policy, tok, prompts, responses, batch_size)
-    rf = response_logprobs(ref, tok, prompts, responses, batch_size)
+    pol = response_logprobs(policy, tok, prompts, responses, batch_size, progress and "policy log-probs")
+    rf = response_logprobs(ref, tok, prompts, responses, batch_size, progress and "reference log-probs")
     return [{"ids": ids, "offsets": offs, "rewards": (beta * (lp - lq)).tolist()}
             for (ids, offs, lp), (_, _, lq) in zip(pol, rf)]
 
@@ -304,19 +263,24 @@ def html_report(items, path, title="Credit assignment"):
 
 
 def credit_assignment(policy, ref, tok, examples, beta, threshold="fit", rule="first", html_path=None,
-                      n_html=8, batch_size=16, title="Credit assignment"):
-    """examples: dicts {question, steps (list, "".join = the solution), label}. Per-step rewards, the
-    localisation metric and (optionally) the HTML page for the first n_html erroneous examples."""
-    prompts = [tok.render_prompt(e["question"]) for e in examples]
-    tr = token_rewards(policy, ref, tok, prompts, ["".join(e["steps"]) for e in examples], beta, batch_size)
+                      n_html=8, batch_size=16, title="Credit assignment", rank=0, world=1, progress=False):
+    """examples: dicts {question, steps (list, "".join = the solution), label}. Per-step rewards (each
+    rank scores examples[rank::world]; gathered on every rank), the localisation metric and, on rank 0,
+    the HTML page of the first n_html erroneous examples."""
+    mine = list(range(rank, len(examples), world))
+    tr = token_rewards(policy, ref, tok, [tok.render_prompt(examples[i]["question"]) for i in mine],
+                       ["".join(examples[i]["steps"]) for i in mine], beta, batch_size, progress and rank == 0)
+    if world > 1:
+        tr = [t for _, t in sorted(gather_rows(list(zip(mine, tr))), key=lambda x: x[0])]
     sums = [step_rewards(t["offsets"], t["rewards"], e["steps"]) for t, e in zip(tr, examples)]
     labels = [e["label"] for e in examples]
     res = localisation(sums, labels, threshold, rule)
-    if html_path:
+    if html_path and rank == 0:
         shown = [i for i, l in enumerate(labels) if l != -1][:n_html]
-        items = [dict(title=f"example {i}: first wrong step {labels[i]}, predicted {res['preds'][i]}",
-                      question=examples[i]["question"], steps=examples[i]["steps"], offsets=tr[i]["offsets"],
-                      rewards=tr[i]["rewards"], label=labels[i], pred=res["preds"][i]) for i in shown]
+        items = [dict(title=f"{examples[i].get('id', f'example {i}')}: first wrong step {labels[i]}, "
+                      f"predicted {res['preds'][i]}", question=examples[i]["question"],
+                      steps=examples[i]["steps"], offsets=tr[i]["offsets"], rewards=tr[i]["rewards"],
+                      label=labels[i], pred=res["preds"][i]) for i in shown]
         html_report(items, html_path, title)
     res["step_rewards"] = sums
     return res
@@ -356,24 +320,25 @@ def main(argv=None):
     # credit assignment
     p.add_argument("--ref", default=None, help="reference model (the SFT model) for implicit rewards")
     p.add_argument("--beta", type=float, default=0.1, help="beta of r = beta (log pi - log pi_ref)")
-    p.add_argument("--processbench", default=None, help="gsm8k | math | olympiadbench | omnimath: localisation metric")
+    p.add_argument("--processbench", default=None, help="gsm8k | math | olympiadbench | omnimath: localisation")
     p.add_argument("--threshold", default="fit", help="step reward below which a step counts as wrong; "
                    "'fit': chosen by two-fold cross-fitting on the labels")
-    p.add_argument("--rule", default="first", choices=["first", "min"], help="first step below threshold | lowest step")
+    p.add_argument("--rule", default="first", choices=["first", "min"], help="first step below threshold | lowest")
     p.add_argument("--html", default=None, help="write the token-reward HTML report here")
     args = p.parse_args(argv)
     if (args.data is None) == (args.processbench is None):
         p.error("give exactly one of --data and --processbench")
-    import model as M
-    rank, world, _, device = compute_init()
+    if args.processbench is not None and args.ref is None:
+        p.error("--processbench needs --ref (the reference model of the implicit reward)")
+    rank, world, _, device = modeling.compute_init()
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
              "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     print0(json.dumps(vars(args)))
-    tok = M.Tokenizer.from_pretrained(args.model)
-    policy = M.Transformer.from_pretrained(args.model, dtype=dtype, device=device).eval()
+    tok = modeling.Tokenizer.from_pretrained(args.model)
+    policy = modeling.Transformer.from_pretrained(args.model, dtype=dtype, device=device).eval()
     t0 = time.time()
     if args.data is not None:
-        records = load_eval_set(args.data, args.limit)
+        records = data.load_records(args.data, args.limit)
         rows = evaluate(policy, tok, records, args.max_new_tokens, args.batch_size, rank, world)
         if rank == 0:
             if args.out:
@@ -382,32 +347,19 @@ def main(argv=None):
             c, n = accuracy_report(rows)["all"]
             print(f"accuracy {100 * c / max(n, 1):.2f}% ({c}/{n}) on {args.data} | {time.time() - t0:.0f}s")
     else:
-        if args.ref is None:
-            p.error("--processbench needs --ref (the reference model of the implicit reward)")
-        ref = M.Transformer.from_pretrained(args.ref, dtype=dtype, device=device).eval()
+        ref = modeling.Transformer.from_pretrained(args.ref, dtype=dtype, device=device).eval()
         ex = load_processbench(args.processbench, args.limit)
-        mine = ex[rank::world]
-        prompts = [tok.render_prompt(e["question"]) for e in mine]
-        tr = token_rewards(policy, ref, tok, prompts, ["".join(e["steps"]) for e in mine], args.beta)
-        rows = gather_rows([(rank + world * i, step_rewards(t["offsets"], t["rewards"], e["steps"]))
-                            for i, (t, e) in enumerate(zip(tr, mine))])
-        sums = [s for _, s in sorted(rows)]
-        res = localisation(sums, [e["label"] for e in ex], args.threshold, args.rule)
+        res = credit_assignment(policy, ref, tok, ex, args.beta, args.threshold, args.rule, html_path=args.html,
+                                title=f"ProcessBench {args.processbench}", rank=rank, world=world, progress=True)
         if rank == 0:
-            print(f"ProcessBench {args.processbench}: n={len(ex)} ({res['n_err']} erroneous, {res['n_cor']} correct) "
-                  f"| acc_err {100 * res['acc_err']:.1f} | acc_cor {100 * res['acc_cor']:.1f} | F1 {100 * res['f1']:.1f} "
-                  f"| threshold {', '.join(f'{t:+.4f}' for t in res['thresholds'])} ({args.rule}) | {time.time() - t0:.0f}s")
+            print(f"ProcessBench {args.processbench}: n={len(ex)} ({res['n_err']} erroneous, {res['n_cor']} "
+                  f"correct) | acc_err {100 * res['acc_err']:.1f} | acc_cor {100 * res['acc_cor']:.1f} | F1 "
+                  f"{100 * res['f1']:.1f} | threshold {', '.join(f'{t:+.4f}' for t in res['thresholds'])} "
+                  f"({args.rule}) | {time.time() - t0:.0f}s")
             if args.out:
                 data.write_jsonl(args.out, [{"id": e["id"], "label": e["label"], "pred": pr, "step_rewards": s}
-                                            for e, pr, s in zip(ex, res["preds"], sums)])
+                                            for e, pr, s in zip(ex, res["preds"], res["step_rewards"])])
             if args.html:
-                shown = [i for i, e in enumerate(ex) if e["label"] != -1][:8]
-                tr_all = token_rewards(policy, ref, tok, [tok.render_prompt(ex[i]["question"]) for i in shown],
-                                       ["".join(ex[i]["steps"]) for i in shown], args.beta)
-                html_report([dict(title=f"{ex[i]['id']}: first wrong step {ex[i]['label']}, predicted {res['preds'][i]}",
-                                  question=ex[i]["question"], steps=ex[i]["steps"], offsets=t["offsets"],
-                                  rewards=t["rewards"], label=ex[i]["label"], pred=res["preds"][i])
-                             for i, t in zip(shown, tr_all)], args.html, f"ProcessBench {args.processbench}")
                 print(f"wrote {args.html}")
     if dist.is_initialized():
         dist.destroy_process_group()

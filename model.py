@@ -25,6 +25,7 @@ import jinja2.sandbox
 import tokenizers
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -410,15 +411,8 @@ class Transformer(nn.Module):
         """Load a hub-format folder (config.json + model.safetensors, or shards with an index). Tensors are
         read one at a time from the files straight into the parameters, already in the target dtype and on
         the target device, so peak memory is the model plus its largest tensor."""
-        cfg_path = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_path):
-            raise FileNotFoundError(f"{cfg_path}: not found (a hub checkpoint folder has config.json)")
-        cfg = _read_json(cfg_path)
-        try:
-            args = ModelArgs.from_hf_config(cfg)
-            inv_freq = rope_inv_freq(args)
-        except ValueError as e:
-            raise ValueError(f"{cfg_path}: {e}") from None
+        cfg, args = read_config(path)
+        inv_freq = rope_inv_freq(args)
         files = _safetensors_files(path)
         if dtype is None:
             dtype = getattr(torch, cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
@@ -501,6 +495,20 @@ class Transformer(nn.Module):
             os.rmdir(tmp)
         else:
             os.replace(tmp, path)
+
+
+def read_config(path):
+    """(config.json as a dict, its ModelArgs) of a hub folder; every error names the file."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{cfg_path}: not found (a hub checkpoint folder has config.json)")
+    cfg = _read_json(cfg_path)
+    try:
+        args = ModelArgs.from_hf_config(cfg)
+        rope_inv_freq(args)   # an unsupported rope_scaling fails here, not at the first forward
+    except ValueError as e:
+        raise ValueError(f"{cfg_path}: {e}") from None
+    return cfg, args
 
 
 def unpack_wqkv(w: torch.Tensor, a: ModelArgs):
@@ -819,3 +827,39 @@ class Tokenizer:
             config["chat_template"] = self.chat_template
         with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, ensure_ascii=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Runtime: the one distributed set-up of every script (nanochat's compute_init / print0). Without
+# torchrun this is a process group of one (an in-memory store, no port), so one process runs exactly
+# the code of an 8-GPU job.
+# ----------------------------------------------------------------------------------------------
+def compute_init():
+    """(rank, world_size, local_rank, device); gloo on the CPU, nccl on GPUs. Idempotent, so in-process
+    callers (the miniature, the tests) may train repeatedly."""
+    cuda, local = torch.cuda.is_available(), int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if cuda else "gloo"
+        if "RANK" in os.environ:
+            dist.init_process_group(backend, device_id=device if cuda else None)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return dist.get_rank(), dist.get_world_size(), local, device
+
+
+def print0(*a, **k):
+    """print on rank 0 only."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*a, **k, flush=True)
+
+
+def gather_rows(rows):
+    """Every rank's list of rows, concatenated on every rank (order: by rank)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return rows
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, rows)
+    return [r for part in parts for r in part]

@@ -15,6 +15,7 @@ When it finishes, <out>.meta.json records the model's and tokenizer's hashes (da
 scdpo.py refuses to train a different model on these pairs.
 In Python: generate() (token ids), sample_solutions() (text), make_pairs() (the pipeline).
 """
+import argparse
 import json
 import os
 import random
@@ -27,11 +28,13 @@ import tempfile
 import time
 import zlib
 from collections import Counter
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm import tqdm
 
 import data
+import model as modeling
 
 # ----------------------------------------------------------------------------------------------
 # Code sandbox: one persistent interpreter per solution (notebook-kernel-like state across blocks)
@@ -367,27 +370,44 @@ def _scan_steps(row, fmt, delimiter):
         row.steps, row.scan = row.steps + 1, i + len(d)
 
 
-# inference_mode rather than no_grad: tensors made inside carry no version counters or view tracking, which
-# takes ~10% off a decode step of a small model (each step is ~200 tiny ops); nothing made here leaves it
-# as a tensor (rows come back as lists), so nothing can reach autograd later.
-@torch.inference_mode()
-def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, stop=None, ramp=None,
-             seed=None, n=1, tok=None, eos_id=None, fmt="cot", delimiter="\n\n", sandbox=None, setup=None,
-             progress=False, return_rows=False):
-    """Sample continuations of `prompts` (lists of token ids, any lengths); each prompt n times.
-    Returns the new ids per row (len(prompts) * n rows, prompt-major), or the _Row objects with
-    return_rows (ids, text, per-token temperatures `temps`, `steps`, `finish` in eos|stop|length).
+@dataclass(frozen=True)
+class Sampling:
+    """How generate() decodes. temperature 0 is greedy; `ramp` (start, inc, max) replaces the
+    temperature: a row's j-th step is sampled at min(start + j * inc, max), j counting the step
+    boundaries in its own text (`delimiter` for cot; the ends of text and code blocks for code).
+    A row ends at an end-of-turn id, at a `stop` string, or after max_new_tokens new tokens
+    (execution output included). fmt "code": each closed code block runs in the row's sandbox kernel
+    and its output block is appended to the row before decoding goes on."""
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    ramp: tuple | None = None
+    stop: tuple = ()
+    fmt: str = "cot"
+    delimiter: str = "\n\n"
 
-    temperature 0 is greedy. ramp=(start, inc, max) replaces the temperature: a row's j-th step is
-    sampled at min(start + j * inc, max), j counting the boundaries (`_scan_steps`) in its own text.
-    A row ends at an EOS id (`eos_id`: an id or a list, default tok.stop_ids), at a `stop` string, or
-    after max_new_tokens new tokens (execution output included). `tok` is needed for stop, ramp and
-    fmt="code": there each closed code block runs in the row's own sandbox kernel (`sandbox()`, default
-    Kernel) and the output block is appended to the row before decoding goes on; `setup` (a list of code
-    blocks per prompt: those of a step-controlled prefix) runs in a row's kernel before its first block.
-    Each prompt is prefilled once and its cache repeated for its n samples. Row r's sampling noise comes
-    from its own generator seeded (seed, r) (or (seed[p], i) with a list of per-prompt seeds): the same
-    seed gives the same rows whatever the batching, so n=3 equals the prompt given three times."""
+
+GREEDY = Sampling()
+
+
+# inference_mode rather than no_grad: tensors made inside carry no version counters or view tracking,
+# which takes ~10% off a decode step of a small model (each step is ~200 tiny ops); nothing made here
+# leaves it as a tensor (rows come back as lists), so nothing can reach autograd later.
+@torch.inference_mode()
+def generate(model, prompts, cfg=GREEDY, n=1, seed=None, tok=None, eos_id=None, setup=None, sandbox=None,
+             progress=False):
+    """Sample continuations of `prompts` (lists of token ids, any lengths) as `cfg` says, each prompt n
+    times. Returns len(prompts) * n _Row objects, prompt-major: ids, text (when read), per-token
+    temperatures `temps`, `steps`, `finish` in eos | stop | length.
+
+    eos_id: an id or a list, default tok.stop_ids. `tok` is needed for stop strings, the ramp and code;
+    `sandbox()` makes a row's kernel (default Kernel), and `setup` (a list of code blocks per prompt:
+    those of a step-controlled prefix) runs in it before the row's first block. Each prompt is
+    prefilled once and its cache repeated for its n samples. Row r's sampling noise comes from its own
+    generator seeded (seed, r) (or (seed[p], i) with a list of per-prompt seeds): the same seed gives
+    the same rows whatever the batching, so n=3 equals the prompt given three times."""
+    max_new_tokens, ramp, stop = cfg.max_new_tokens, cfg.ramp, list(cfg.stop)
     dev = model.output.weight.device
     if seed is None:
         seed = int(torch.randint(2**31, ()))
@@ -396,8 +416,8 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0
     if eos_id is None:
         eos_id = tok.stop_ids if tok is not None else model.args.eos_token_id
     eos = set([eos_id] if isinstance(eos_id, int) else eos_id or [])
-    stop = [stop] if isinstance(stop, str) else list(stop or [])
-    assert tok is not None or not (stop or ramp or fmt == "code"), "stop strings, ramp and code need tok"
+    if tok is None and (stop or ramp or cfg.fmt == "code"):
+        raise ValueError("stop strings, the ramp and code execution need tok")
     sandbox = sandbox or Kernel
     B0 = len(prompts)
     max_len = max(len(p) for p in prompts) + max_new_tokens + 1
@@ -407,7 +427,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0
     if n > 1:
         cache, logits = cache.expand(n), logits.repeat_interleave(n, 0)
         state.select(torch.arange(B0, device=dev).repeat_interleave(n))
-    greedy = ramp is None and temperature == 0
+    greedy = ramp is None and cfg.temperature == 0
     rows = [_Row(r, prompts[r // n][-6:]) for r in range(B0 * n)]
     if not greedy:   # one uniform per (row, step) from the row's own generator; greedy decoding draws none
         noise = torch.empty(B0 * n, max_new_tokens)
@@ -421,17 +441,17 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0
     step = 0   # every active row samples one token per iteration, so this is each one's count of draws
     # Rows are detokenized as they grow only when something reads their text (a stop string, the ramp's
     # step boundaries, code blocks); plain token-id generation does no text work at all.
-    watch_text = tok is not None and bool(stop or ramp or fmt == "code")
+    watch_text = tok is not None and bool(stop or ramp or cfg.fmt == "code")
     while active:
         if ramp is not None:
             temps = [min(ramp[0] + r.steps * ramp[1], ramp[2]) for r in active]
         else:
-            temps = [float(temperature)] * len(active)
+            temps = [float(cfg.temperature)] * len(active)
         if greedy:   # max().indices is argmax (the first maximum on ties), ~1.5x faster on the CPU
             nxt = logits.max(-1).indices.tolist()
         else:
             u = noise[rid, min(step, max_new_tokens - 1)]
-            nxt = sample(logits, torch.tensor(temps, device=dev), u, top_k, top_p).tolist()
+            nxt = sample(logits, torch.tensor(temps, device=dev), u, cfg.top_k, cfg.top_p).tolist()
         step += 1
         feed, todo = [], []
         for r, t, i in zip(active, temps, nxt):
@@ -441,7 +461,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0
             if watch_text:
                 old = len(r.text)
                 r.text += r.detok(tok)
-                code = _scan_steps(r, fmt, delimiter)
+                code = _scan_steps(r, cfg.fmt, cfg.delimiter)
             if i in eos:
                 r.finish = "eos"
             elif stop and any(s in r.text[max(0, old - len(s) + 1):] for s in stop):   # only where it can be new
@@ -484,27 +504,27 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0
             active, feed = [active[k] for k in keep], [feed[k] for k in keep]
         logits = forward_step(model, cache, state, feed)
     bar.close()
-    return rows if return_rows else [r.ids for r in rows]
+    return rows
 
 
-def sample_solutions(model, tok, questions, n=1, prefixes=None, max_new_tokens=512, stop=None, return_finish=False,
-                     **kw):
-    """Text in, text out: each question rendered with the chat template (plus its prefix, the open start of
-    the assistant turn), n continuations each. Returns one list of n texts per question, the EOS dropped
-    and each cut before its first stop string; with return_finish, (text, finish) pairs, finish being
+def sample_solutions(model, tok, questions, cfg=GREEDY, n=1, prefixes=None, seed=None):
+    """Text in, text out: each question rendered with the chat template (plus its prefix, the open start
+    of the assistant turn), n continuations each. Returns one list of n (text, finish) pairs per
+    question, the end-of-turn token dropped and each text cut before its first stop string; finish is
     generate's eos | stop | length ("length": cut off at max_new_tokens, not a complete solution)."""
     prefixes = prefixes or [""] * len(questions)
     prompts = [tok.encode(tok.render_prompt(q, p)) for q, p in zip(questions, prefixes)]
-    if kw.get("fmt") == "code":   # a prefix's code blocks re-run in each sample's kernel first
-        kw["setup"] = [[s[len(data.CODE_START):s.rstrip().rfind("```")] for s in data.split_steps(p, "code")
-                        if data.step_kind(s) == "code"] for p in prefixes]
-    rows = generate(model, prompts, max_new_tokens, n=n, tok=tok, stop=stop, return_rows=True, **kw)
+    setup = None
+    if cfg.fmt == "code":   # a prefix's code blocks re-run in each sample's kernel first
+        setup = [[s[len(data.CODE_START):s.rstrip().rfind("```")] for s in data.split_steps(p, "code")
+                  if data.step_kind(s) == "code"] for p in prefixes]
+    rows = generate(model, prompts, cfg, n=n, seed=seed, tok=tok, setup=setup)
     texts = []
     for r in rows:   # decoded after a few prompt tokens, so that a leading SentencePiece space survives
         t = tok.decode(r.ctx + r.ids)[len(tok.decode(r.ctx)):]
-        for s in [stop] if isinstance(stop, str) else stop or []:
+        for s in cfg.stop:
             t = t.split(s)[0]
-        texts.append((t, r.finish) if return_finish else t)
+        texts.append((t, r.finish))
     return [texts[i * n:(i + 1) * n] for i in range(len(questions))]
 
 
@@ -514,80 +534,102 @@ def sample_solutions(model, tok, questions, n=1, prefixes=None, max_new_tokens=5
 SC_PER_QUESTION = {"gsm8k": 2, "math": 3}   # the authors' scripts; other sources default to 2
 
 
+@dataclass(frozen=True)
+class PairSettings:
+    """The settings of the two procedures; defaults are the paper's (METHOD.md sections 1-2)."""
+    fmt: str = "cot"             # solution format: cot | code
+    delimiter: str = "\n\n"      # cot step boundary
+    max_new_tokens: int = 512
+    top_p: float = 1.0
+    k_max: int = 100             # naive: most samples per question
+    naive_batch: int = 8         # naive: samples per question per round
+    cut: str = "all"             # step-controlled: every eligible cut in order, or one at random
+    cut_mode: str = "paper"      # which steps are eligible (data.cut_points)
+    sc_per_question: dict = field(default_factory=dict)   # most step-controlled pairs, by source
+    tries: int = 8               # continuations per cut before giving up
+    ramp: tuple = RAMPS["paper"]
+    seed: int = 0
+
+    def sampling(self, **kw):
+        return Sampling(max_new_tokens=self.max_new_tokens, top_p=self.top_p, fmt=self.fmt,
+                        delimiter=self.delimiter, **kw)
+
+    def recorded(self, first, **rest):
+        """What a pair's `sampling` field records of how it was made."""
+        return {**first, "max_new_tokens": self.max_new_tokens, "top_p": self.top_p, **rest, "seed": self.seed}
+
+
 def _seed(*parts):
     return zlib.crc32("|".join(map(str, parts)).encode()) & 0x7FFFFFFF
 
 
-def pairs_for_chunk(model, tok, recs, fmt="cot", k_max=100, naive_batch=8, cut="all", cut_mode="paper",
-                    sc_per_question=None, tries=8, ramp=RAMPS["paper"], max_new_tokens=512, top_p=1.0,
-                    delimiter="\n\n", seed=0, **kw):
-    """Pairs of a few questions sampled together. Returns one dict per record: {id, pairs, stats}.
-    Every random choice is seeded by (seed, question id, round), so a question's pairs do not depend on
-    the rank or on a resumed run (given the same chunking). A sample cut off at max_new_tokens is no
-    complete solution (tokenize_pair would close it with the end-of-turn token), so it is never graded: it is counted
-    (samples_truncated, samples_sc_truncated) and dropped; a cut left without a pair because of one
-    counts as drop_sc_truncated."""
-    sc_limit = {**SC_PER_QUESTION, **(sc_per_question or {})}
-    gen = dict(max_new_tokens=max_new_tokens, top_p=top_p, fmt=fmt, delimiter=delimiter, return_finish=True, **kw)
-    decode = {"max_new_tokens": max_new_tokens, "top_p": top_p}   # recorded in every pair's `sampling`
-    st = [dict(pref=None, disp=None, n=0, stats=Counter()) for _ in recs]
-    # Naive: temperature 1 until a question has a preferred and a dispreferred solution, or k_max samples.
+# Every random choice is seeded by (seed, question id, round), so a question's pairs do not depend on
+# the rank or on a resumed run (given the same chunking). A sample cut off at max_new_tokens is no
+# complete solution (tokenize_pair would close it with the end-of-turn token), so it is never graded:
+# it is counted (samples_truncated, samples_sc_truncated) and dropped.
+def naive_pairs(model, tok, recs, s):
+    """METHOD.md section 1 for a few questions sampled together: at temperature 1 until a question has
+    a preferred and a dispreferred solution, or k_max samples. Returns per question a dict {pref,
+    stats, pairs}: its first preferred solution (or None), its counts, and its naive pair if any."""
+    st = [dict(pref=None, disp=None, n=0, stats=Counter(), pairs=[]) for _ in recs]
     rnd = 0
     while True:
-        act = [i for i, s in enumerate(st) if (s["pref"] is None or s["disp"] is None) and s["n"] < k_max]
+        act = [i for i, q in enumerate(st) if (q["pref"] is None or q["disp"] is None) and q["n"] < s.k_max]
         if not act:
             break
-        nb = min(naive_batch, k_max - st[act[0]]["n"])   # all active questions have drawn equally many
-        out = sample_solutions(model, tok, [recs[i]["question"] for i in act], n=nb, temperature=1.0,
-                               seed=[_seed(seed, recs[i]["id"], "naive", rnd) for i in act], **gen)
+        nb = min(s.naive_batch, s.k_max - st[act[0]]["n"])   # all active questions have drawn equally many
+        out = sample_solutions(model, tok, [recs[i]["question"] for i in act], s.sampling(temperature=1.0),
+                               n=nb, seed=[_seed(s.seed, recs[i]["id"], "naive", rnd) for i in act])
         for i, texts in zip(act, out):
-            s = st[i]
-            s["n"] += nb
+            q = st[i]
+            q["n"] += nb
             for t, finish in texts:
                 if finish == "length":
-                    s["stats"]["samples_truncated"] += 1
+                    q["stats"]["samples_truncated"] += 1
                     continue
-                label, _ = data.judge(t, recs[i]["gold"], fmt)
-                s["stats"][f"samples_{label}"] += 1
-                if label == "preferred" and s["pref"] is None:
-                    s["pref"] = t
-                elif label == "dispreferred" and s["disp"] is None:
-                    s["disp"] = t
+                label, _ = data.judge(t, recs[i]["gold"], s.fmt)
+                q["stats"][f"samples_{label}"] += 1
+                if label == "preferred" and q["pref"] is None:
+                    q["pref"] = t
+                elif label == "dispreferred" and q["disp"] is None:
+                    q["disp"] = t
         rnd += 1
-    results = []
-    for rec, s in zip(recs, st):
-        s["stats"]["samples"] += s["n"]
-        pairs = []
-        if s["pref"] is not None and s["disp"] is not None:
-            pairs.append(data.make_pair(rec, s["pref"], s["disp"], fmt=fmt, sampling={
-                "temperature": 1.0, **decode, "samples": s["n"], "seed": seed}))
+    for rec, q in zip(recs, st):
+        q["stats"]["samples"] += q["n"]
+        if q["pref"] is not None and q["disp"] is not None:
+            q["pairs"].append(data.make_pair(rec, q["pref"], q["disp"], fmt=s.fmt, sampling=s.recorded(
+                {"temperature": 1.0}, samples=q["n"])))
         else:
-            s["stats"]["drop_naive_no_" + ("preferred" if s["pref"] is None else "dispreferred")] += 1
-        results.append(dict(id=rec["id"], pairs=pairs, stats=s["stats"]))
-    # Step-controlled: cut a preferred solution after step k, continue it with the ramp `tries` times,
-    # keep the first continuation that is wrong (and not noise). Waves: the w-th cut of every question
-    # that still wants pairs, so that cutting stops once a question has its quota.
+            q["stats"]["drop_naive_no_" + ("preferred" if q["pref"] is None else "dispreferred")] += 1
+    return st
+
+
+def sc_pairs(model, tok, recs, st, s):
+    """METHOD.md section 2: cut each question's preferred solution after step k, continue it with the
+    ramp `tries` times, and keep the first continuation that is wrong (and not noise), adding the pair
+    to st[i]["pairs"]. Waves: the w-th cut of every question that still wants pairs, so that cutting
+    stops once a question has its quota; a cut left without a pair counts why (drop_sc_*)."""
+    limit = {**SC_PER_QUESTION, **s.sc_per_question}
     cuts = []
-    for rec, s, res in zip(recs, st, results):
+    for rec, q in zip(recs, st):
         ks = []
-        if s["pref"] is not None:
-            steps = data.split_steps(s["pref"], fmt, delimiter)
-            ks = data.cut_points(steps, cut_mode)
+        if q["pref"] is not None:
+            steps = data.split_steps(q["pref"], s.fmt, s.delimiter)
+            ks = data.cut_points(steps, s.cut_mode)
             if not ks:
-                s["stats"]["drop_sc_no_cut_point"] += 1
-            if cut == "random" and ks:
-                ks = [random.Random(_seed(seed, rec["id"], "cut")).choice(ks)]
-        cuts.append([(k, "".join(steps[:k + 1])) for k in ks] if ks else [])
-    limit = [sc_limit.get(rec["source"], 2) for rec in recs]
+                q["stats"]["drop_sc_no_cut_point"] += 1
+            if s.cut == "random" and ks:
+                ks = [random.Random(_seed(s.seed, rec["id"], "cut")).choice(ks)]
+        cuts.append([(k, "".join(steps[:k + 1])) for k in ks])
     wave = 0
     while True:
-        jobs = [(i, *cuts[i][wave]) for i in range(len(recs))
-                if wave < len(cuts[i]) and sum(p["kind"] == "sc" for p in results[i]["pairs"]) < limit[i]]
+        jobs = [(i, *cuts[i][wave]) for i in range(len(recs)) if wave < len(cuts[i]) and
+                sum(p["kind"] == "sc" for p in st[i]["pairs"]) < limit.get(recs[i]["source"], 2)]
         if not jobs:
             break
-        out = sample_solutions(model, tok, [recs[i]["question"] for i, _, _ in jobs], n=tries,
-                               prefixes=[p for _, _, p in jobs], ramp=ramp,
-                               seed=[_seed(seed, recs[i]["id"], "sc", k) for i, k, _ in jobs], **gen)
+        out = sample_solutions(model, tok, [recs[i]["question"] for i, _, _ in jobs], s.sampling(ramp=s.ramp),
+                               n=s.tries, prefixes=[p for _, _, p in jobs],
+                               seed=[_seed(s.seed, recs[i]["id"], "sc", k) for i, k, _ in jobs])
         for (i, k, prefix), texts in zip(jobs, out):
             stats = st[i]["stats"]
             stats["samples_sc"] += len(texts)
@@ -597,23 +639,27 @@ def pairs_for_chunk(model, tok, recs, fmt="cot", k_max=100, naive_batch=8, cut="
                     stats["samples_sc_truncated"] += 1
                     why = "truncated"
                     continue
-                if data.judge(prefix + t, recs[i]["gold"], fmt)[0] != "dispreferred":
+                if data.judge(prefix + t, recs[i]["gold"], s.fmt)[0] != "dispreferred":
                     continue
-                noise = data.is_noisy(t, fmt, delim=delimiter)
+                noise = data.is_noisy(t, s.fmt, delim=s.delimiter)
                 if noise:
                     why = "noisy_" + noise
                     continue
                 chosen = st[i]["pref"][len(prefix):]
-                results[i]["pairs"].append(data.make_pair(recs[i], chosen, t, prefix=prefix, k=k, fmt=fmt, sampling={
-                    "ramp": list(ramp), **decode, "tries": tries, "seed": seed}))
+                st[i]["pairs"].append(data.make_pair(recs[i], chosen, t, prefix=prefix, k=k, fmt=s.fmt,
+                                                     sampling=s.recorded({"ramp": list(s.ramp)}, tries=s.tries)))
                 why = None
                 break
             if why:
                 stats["drop_sc_" + why] += 1
         wave += 1
-    for res in results:
-        res["stats"] = dict(res["stats"])
-    return results
+    return st
+
+
+def pairs_for_chunk(model, tok, recs, s):
+    """Both procedures for a few questions sampled together: one {id, pairs, stats} per record."""
+    st = sc_pairs(model, tok, recs, naive_pairs(model, tok, recs, s), s)
+    return [dict(id=rec["id"], pairs=q["pairs"], stats=dict(q["stats"])) for rec, q in zip(recs, st)]
 
 
 PART_FIELDS = {"id": str, "pairs": list, "stats": dict, "rank": int}   # one line of rank<r>.jsonl
@@ -647,7 +693,7 @@ def _read_parts(folder):
     return done
 
 
-def make_pairs(model, tok, records, out_path, chunk=16, rank=0, world=1, progress=True, **kw):
+def make_pairs(model, tok, records, out_path, s=PairSettings(), chunk=16, rank=0, world=1, progress=True):
     """The whole pipeline, resumable. Questions are sharded by rank (record i goes to rank i % world) and
     sampled `chunk` at a time; each finished chunk's questions are appended at once (one line per
     question, its pairs and counts) to `<out>.parts/rank<r>.jsonl`. A rerun skips the questions found
@@ -667,7 +713,7 @@ def make_pairs(model, tok, records, out_path, chunk=16, rank=0, world=1, progres
         todo = [r for r in c if r["id"] not in done]
         if not todo:
             continue
-        res = pairs_for_chunk(model, tok, todo, **kw)
+        res = pairs_for_chunk(model, tok, todo, s)
         with open(part, "a", encoding="utf-8") as f:   # one write: a kill leaves whole questions or a torn tail
             f.write("".join(json.dumps({**r, "rank": rank}, ensure_ascii=False) + "\n" for r in res))
             f.flush()
@@ -693,70 +739,68 @@ def make_pairs(model, tok, records, out_path, chunk=16, rank=0, world=1, progres
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
-def compute_init():
-    """(rank, world, device) from torchrun's variables; gloo on CPU, nccl on GPUs."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = "cpu"
-    if torch.cuda.is_available():
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        torch.cuda.set_device(device)
-    if world > 1:
-        torch.distributed.init_process_group("nccl" if device != "cpu" else "gloo")
-    return rank, world, device
+def add_pair_flags(p):
+    """The flags of the two procedures, shared by `sample.py pairs` and scdpo.py's sampling stage."""
+    p.add_argument("--fmt", default="cot", choices=["cot", "code"], help="solution format")
+    p.add_argument("--delimiter", default="\\n\\n", help="chain-of-thought step delimiter (escapes allowed)")
+    # naive pairs
+    p.add_argument("--k-max", type=int, default=100, help="most samples per question for a naive pair")
+    p.add_argument("--naive-batch", type=int, default=8, help="samples per question per round")
+    # step-controlled pairs
+    p.add_argument("--cut", default="all", choices=["all", "random"], help="every eligible step, or one at random")
+    p.add_argument("--cut-points", default="paper", choices=["paper", "scripts"],
+                   help="eligible steps: data.cut_points")
+    p.add_argument("--sc-per-question", default="gsm8k=2,math=3", help="most step-controlled pairs per "
+                   "question, by source (others: 2)")
+    p.add_argument("--tries", type=int, default=8, help="continuations per cut before giving up")
+    p.add_argument("--ramp", default="paper", help="paper (1.1,+0.05,1.4) | scripts (1.1,+0.1,1.4) | start,inc,max")
 
 
-def load_records(spec, limit=None):
-    """'gsm8k:train,math:train' (names of data.DATASETS) or .jsonl paths with question/answer fields
-    (source = the file's name); each set cut to its first `limit` records."""
-    records = []
-    for s in spec.split(","):
-        recs = data.load_dataset(s) if s in data.DATASETS else data.load_dataset(s, {"question": "question", "gold": "answer"})
-        records += recs[:limit]
-    return records
+def pair_settings(args, max_new_tokens):
+    """PairSettings from the flags of add_pair_flags."""
+    per_q = {k: int(v) for k, v in (x.split("=") for x in args.sc_per_question.split(",") if x)}
+    return PairSettings(fmt=args.fmt, delimiter=args.delimiter.encode().decode("unicode_escape"),
+                        max_new_tokens=max_new_tokens, k_max=args.k_max, naive_batch=args.naive_batch,
+                        cut=args.cut, cut_mode=args.cut_points, sc_per_question=per_q, tries=args.tries,
+                        ramp=parse_ramp(args.ramp), seed=args.seed)
 
 
 def main(argv=None):
-    import argparse
-    from model import load
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    a = sub.add_parser("pairs", help="sample naive and step-controlled pairs")
-    # input / output
+    a = sub.add_parser("pairs", help="sample naive and step-controlled pairs", description=PAIRS_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     a.add_argument("--model", required=True, help="hub-format folder: the SFT model and its tokenizer")
     a.add_argument("--data", default="gsm8k:train,math:train", help="comma-separated sets or .jsonl files")
     a.add_argument("--out", default="pairs.jsonl", help="pairs JSONL; progress in <out>.parts/")
+    a.add_argument("--format", default="scdpo", choices=["scdpo", "trl"], help="the file's rows: our pair "
+                   "records, or TRL's prompt/chosen/rejected with the chat template rendered into the prompt")
     a.add_argument("--limit", type=int, default=None, help="first N questions of each set")
-    # format and sampling
-    a.add_argument("--fmt", default="cot", choices=["cot", "code"], help="solution format")
-    a.add_argument("--delimiter", default="\n\n", help="chain-of-thought step delimiter")
-    a.add_argument("--max-new-tokens", type=int, default=512)
+    a.add_argument("--max-new-tokens", type=int, default=512, help="longest solution or continuation")
     a.add_argument("--dtype", default=None, help="e.g. bfloat16; default: the checkpoint's")
-    a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--chunk", type=int, default=16, help="questions sampled together (and committed together)")
-    # naive pairs
-    a.add_argument("--k-max", type=int, default=100, help="most samples per question for a naive pair")
-    a.add_argument("--naive-batch", type=int, default=8, help="samples per question per round")
-    # step-controlled pairs
-    a.add_argument("--cut", default="all", choices=["all", "random"], help="every eligible step, or one at random")
-    a.add_argument("--cut-points", default="paper", choices=["paper", "scripts"], help="eligible steps: data.cut_points")
-    a.add_argument("--sc-per-question", default="gsm8k=2,math=3", help="most step-controlled pairs per question, by source")
-    a.add_argument("--tries", type=int, default=8, help="continuations per cut before giving up")
-    a.add_argument("--ramp", default="paper", help="paper (1.1,+0.05,1.4) | scripts (1.1,+0.1,1.4) | start,inc,max")
+    a.add_argument("--seed", type=int, default=0, help="every sample's noise derives from it")
+    a.add_argument("--chunk", type=int, default=16, help="questions sampled (and committed) together")
+    add_pair_flags(a)
     args = p.parse_args(argv)
-    rank, world, device = compute_init()
-    if rank == 0:
-        print(vars(args))
-    model, tok = load(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None, device=device)
+    rank, world, _, device = modeling.compute_init()
+    modeling.print0(json.dumps(vars(args)))
+    model, tok = modeling.load(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None, device=device)
     model.eval()
-    summary = make_pairs(model, tok, load_records(args.data, args.limit), args.out, chunk=args.chunk, rank=rank, world=world,
-               fmt=args.fmt, k_max=args.k_max, naive_batch=args.naive_batch, cut=args.cut, cut_mode=args.cut_points,
-               sc_per_question={k: int(v) for k, v in (x.split("=") for x in args.sc_per_question.split(",") if x)},
-               tries=args.tries, ramp=parse_ramp(args.ramp), max_new_tokens=args.max_new_tokens,
-               delimiter=args.delimiter.encode().decode("unicode_escape"), seed=args.seed)
-    if rank == 0:   # written last (and atomically): the provenance scdpo.check_pairs_match checks
-        data.write_pairs_meta(args.out, args.model, summary)
-    if world > 1:
+    summary = make_pairs(model, tok, data.load_records(args.data, args.limit), args.out,
+                         pair_settings(args, args.max_new_tokens), chunk=args.chunk, rank=rank, world=world)
+    if rank == 0:
+        if args.format == "trl":
+            data.write_jsonl(args.out, [data.to_trl(p, tok) for p in data.read_pairs(args.out)])
+        data.write_pairs_meta(args.out, args.model, summary)   # last, atomically: scdpo.check_pairs_match
+    if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+PAIRS_HELP = """Sample naive and step-controlled pairs from an SFT model (METHOD.md sections 1-2).
+Per question: samples at temperature 1 until one is preferred and one dispreferred, or --k-max (the
+naive pair); then the preferred solution is cut after an eligible step and continued --tries times
+with the temperature ramp, keeping the first wrong, clean continuation (a step-controlled pair), at
+most --sc-per-question per question. Kill it at any time; rerun the same command to go on."""
 
 
 if __name__ == "__main__":

@@ -1,17 +1,17 @@
 """Step-Controlled DPO (Lu et al. 2024, arXiv 2407.00782): SFT and DPO / SCDPO training on FSDP2.
-One file, read top to bottom: losses, flags, distributed init, data, model, optimizer, loop, export.
+One file, read top to bottom: losses, flags, data, log-probs, checkpoints, the loop, export.
 
-    python scdpo.py                                                    # the miniature (CPU, ~6 min); --mini --help: its flags
-    python scdpo.py --model PATH --pairs pairs.jsonl --out runs/scdpo  # 1 CPU or 1 GPU
+    python scdpo.py --model PATH --pairs pairs.jsonl --out runs/scdpo          # 1 CPU or 1 GPU
     torchrun --standalone --nproc_per_node=8 scdpo.py --model PATH --pairs pairs.jsonl --out runs/scdpo
-    torchrun --standalone --nproc_per_node=8 scdpo.py --model PATH --data gsm8k:train,math:train --out runs/scdpo
+    torchrun --standalone --nproc_per_node=8 scdpo.py --model PATH --data gsm8k:train,math:train
         # no --pairs: sample the pairs with sample.py first (cached in --out), then train
-    torchrun --standalone --nproc_per_node=8 scdpo.py --objective sft --model PATH --data gsm8k:train --out runs/sft
+    torchrun --standalone --nproc_per_node=8 scdpo.py --objective sft --model PATH --data gsm8k:train
+    python mini.py                                   # the whole method in miniature on a CPU
 
 The paper's Table 1 is three runs of this script on the same pairs: --pairs-kind naive (DPO),
-data-equal (DPO with naive pairs up-sampled to SCDPO's count) and scdpo (naive + step-controlled).
-Defaults are the paper's (METHOD.md section 3). Every process, one or many, CPU or GPU, runs the same
-path: a process group (gloo on CPU, nccl on GPU; world size 1 without torchrun) and FSDP2.
+data-equal (DPO with as many naive pairs as SCDPO has pairs) and scdpo (naive + step-controlled).
+Defaults are the paper's (METHOD.md section 3). Every process, one or many, CPU or GPU, runs the
+same path: a process group (model.compute_init) and FSDP2.
 """
 import argparse
 import glob
@@ -23,6 +23,8 @@ import random
 import shutil
 import sys
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -30,17 +32,22 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from tqdm import tqdm
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import data
+import eval as evaluation
 import model as modeling
+import sample
 from kernels import token_logprobs
+from model import print0
 
 
 # ----------------------------------------------------------------------------------------------
-# The losses (METHOD.md section 3). Pure functions of summed log-probs, importable on their own.
+# The losses (METHOD.md section 3). Pure functions of summed log-probs.
 # ----------------------------------------------------------------------------------------------
 # For a pair (x, y_w, y_l), with x the prompt (for a step-controlled pair: question + the shared
 # steps t_0..t_k) and y the continuation only, DPO (Rafailov et al. 2023, eq. 7) writes
@@ -50,15 +57,14 @@ from kernels import token_logprobs
 #   dL/dh = -beta [(1-eps) sigma(-beta h) - eps sigma(beta h)].
 # IPO (Azar et al. 2023, eq. 17) regresses the same margin on a fixed target instead:
 #   ipo:      L = (h - 1/(2 beta))^2,   dL/dh = 2 (h - 1/(2 beta)).
-# Since h is linear in the four log-probs, dL/d log pi(y_w|x) = dL/dh = -dL/d log pi(y_l|x).
 # The implicit rewards r = beta (log pi - log pi_ref) (METHOD.md section 5, summed over the
 # continuation) are returned detached, for logging and reward accuracy (r_w > r_l).
 # SCDPO changes nothing here: L_SCDPO = L_naive + L_sc is this loss on a batch mixing both kinds.
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
              beta, loss_type="sigmoid", label_smoothing=0.0):
-    """Per-pair loss (shape (P,), NOT reduced: the loop divides by the global batch size itself,
-    which keeps gradient accumulation across micro-batches and ranks exact), and the detached
-    chosen and rejected rewards, each (P,). Inputs are log-probs summed over each continuation."""
+    """Per-pair loss (P,), NOT reduced (the loop divides by the global batch size, which keeps
+    accumulation over micro-batches and ranks exact), and the detached chosen and rejected rewards.
+    Inputs are log-probs summed over each continuation."""
     h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
     if loss_type == "sigmoid":
         loss = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
@@ -71,12 +77,11 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     return loss, chosen_rewards, rejected_rewards
 
 
-# The optional NLL term on the chosen continuation ("RPO", Pang et al. 2024, eq. 3; the
-# prototypes of ../shared/MINIATURE-NOTES.md needed it at small scale): per pair,
+# The optional NLL term on the chosen continuation ("RPO", Pang et al. 2024, eq. 3), per pair
 #   L_nll = -log pi(y_w|x) / |y_w|   (per-token mean over the chosen continuation),
 # added as L = L_dpo + nll_weight * L_nll; the reference model plays no part in it.
 def nll_loss(policy_chosen_logps, chosen_ntokens):
-    """Per-pair length-normalised NLL of the chosen continuation, shape (P,)."""
+    """Per-pair length-normalised NLL of the chosen continuation, (P,)."""
     return -policy_chosen_logps / chosen_ntokens.clamp(min=1)
 
 
@@ -86,77 +91,78 @@ def nll_loss(policy_chosen_logps, chosen_ntokens):
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # what to train
-    p.add_argument("--objective", choices=["dpo", "sft"], default="dpo", help="dpo: preference pairs; sft: next-token loss on solutions")
-    p.add_argument("--model", help="hub-format folder of the initial model (config.json, safetensors, tokenizer); for dpo also the reference")
-    p.add_argument("--pairs", help="pairs JSONL (data.make_pair records); dpo without it samples pairs from --model over --data first")
-    p.add_argument("--data", help="sft: records with solutions ('gsm8k:train' or a JSONL of question, solution, gold); "
-                                  "dpo without --pairs: the questions to sample pairs for; comma-separated to mix")
-    p.add_argument("--out", default="runs/scdpo", help="output folder: log.jsonl, checkpoints/, final/ (hub format), sampled pairs")
+    p.add_argument("--objective", choices=["dpo", "sft"], default="dpo",
+                   help="dpo: preference pairs; sft: next-token loss on solutions")
+    p.add_argument("--model", help="hub-format folder of the initial model (config.json, safetensors, "
+                   "tokenizer); for dpo also the reference")
+    p.add_argument("--pairs", help="pairs JSONL: ours (data.make_pair) or TRL's prompt/chosen/rejected; "
+                   "dpo without it samples pairs from --model over --data first")
+    p.add_argument("--data", help="sft: records with solutions ('gsm8k:train' or a JSONL); dpo without "
+                   "--pairs: the questions to sample pairs for; comma-separated to mix")
+    p.add_argument("--out", default="runs/scdpo", help="output folder: log.jsonl, checkpoints/, final/")
     p.add_argument("--pairs-kind", choices=["scdpo", "naive", "data-equal"], default="scdpo",
-                   help="scdpo: naive + step-controlled pairs; naive: DPO; data-equal: naive pairs up-sampled to scdpo's count")
-    p.add_argument("--fmt", choices=["cot", "code"], default="cot", help="solution format for pair sampling")
+                   help="scdpo: naive + step-controlled pairs; naive: DPO; data-equal: naive pairs "
+                   "up-sampled to scdpo's count")
     # the loss
     p.add_argument("--loss", choices=["sigmoid", "ipo"], default="sigmoid", help="DPO (sigmoid) or IPO")
-    p.add_argument("--beta", type=float, default=0.1, help="DPO beta (paper: 0.1; 0.5 for MetaMath-Mistral-7B)")
-    p.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO's eps (sigmoid loss only)")
-    p.add_argument("--nll-weight", type=float, default=0.0, help="weight of the per-token NLL on chosen (RPO); 0 = plain DPO")
+    p.add_argument("--beta", type=float, default=0.1, help="DPO beta (paper: 0.1; 0.5 for MetaMath-Mistral)")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO's eps (sigmoid)")
+    p.add_argument("--nll-weight", type=float, default=0.0, help="weight of the per-token NLL on chosen "
+                   "(RPO); 0 = plain DPO")
     p.add_argument("--ref", choices=["precompute", "live"], default="precompute",
-                   help="precompute: reference log-probs once, cached beside the pairs; live: keep a frozen reference model")
+                   help="precompute: reference log-probs once, cached beside the pairs; live: a frozen copy")
     p.add_argument("--packed", action=argparse.BooleanOptionalAction, default=True,
                    help="shared-prompt packing: one row per pair, the prompt computed once")
     # optimisation
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (dpo 1e-7, sft 1e-5)")
     p.add_argument("--epochs", type=int, default=None, help="passes over the data (dpo 2, sft 3)")
-    p.add_argument("--max-steps", type=int, default=0, help="cap on optimizer steps (0: epochs decide); sets the schedule length")
-    p.add_argument("--global-batch", type=int, default=64, help="pairs (sft: examples) per optimizer step, over all ranks")
-    p.add_argument("--micro-batch", type=int, default=4, help="pairs per forward on one rank; accumulation fills the global batch")
-    p.add_argument("--max-len", type=int, default=None, help="tokens per sequence: prompt + one continuation (dpo 1024, sft 2048)")
-    p.add_argument("--max-prompt", type=int, default=512, help="longest prompt (question + prefix); longer pairs are dropped")
-    p.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warmup over this fraction of the steps, then cosine")
+    p.add_argument("--max-steps", type=int, default=0, help="cap on optimizer steps (0: epochs decide)")
+    p.add_argument("--global-batch", type=int, default=64, help="pairs (sft: examples) per optimizer step")
+    p.add_argument("--micro-batch", type=int, default=4, help="pairs per forward on one rank")
+    p.add_argument("--max-len", type=int, default=None, help="tokens per sequence: prompt + one "
+                   "continuation (dpo 1024, sft 2048)")
+    p.add_argument("--max-prompt", type=int, default=512, help="longest prompt; longer pairs are dropped")
+    p.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warmup fraction, then cosine")
     p.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine floor as a fraction of --lr")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW betas")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
     # system
-    p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=False, help="activation checkpointing per block")
+    p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                   help="activation checkpointing per block")
     p.add_argument("--seed", type=int, default=42, help="data order and sampling")
     p.add_argument("--save-every", type=int, default=0, help="sharded checkpoint every N steps (0: none)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out (a finished run is not retrained)")
-    p.add_argument("--stop-after", type=int, default=0, help="exit after N steps without the final export, as a kill would (for tests)")
-    p.add_argument("--eval", default=None, help="after training: greedy accuracy on this set (eval.py: gsm8k, math500, FILE ...)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest "
+                   "checkpoint (a finished run is not retrained)")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run")
+    p.add_argument("--stop-after", type=int, default=0, help="exit after N steps without the final "
+                   "export, as a kill would (for tests)")
+    p.add_argument("--eval", default=None, help="after training: greedy accuracy on this set (gsm8k, "
+                   "math500, FILE ...)")
     p.add_argument("--eval-limit", type=int, default=None, help="first N problems of --eval")
     p.add_argument("--quiet", action="store_true", help="no per-step lines on stdout (log.jsonl still written)")
+    # pair sampling, the stage run when --pairs is not given (as `sample.py pairs`; each solution or
+    # continuation gets at most --max-len minus --max-prompt new tokens)
+    sample.add_pair_flags(p)
     return p
 
 
-# ----------------------------------------------------------------------------------------------
-# Distributed init. One path: without torchrun this is a process group of one (an in-memory store,
-# no port), and the model is fully_shard-ed all the same, so the single-process tests run exactly the
-# code of an 8-GPU job: the LM head inside the root forward, the sharded checkpoints, the state-dict
-# gathers. The price on one process is FSDP's hooks, ~15% of a step for a tiny model on a CPU.
-# ----------------------------------------------------------------------------------------------
-def compute_init():
-    """(rank, world_size, local_rank, device); idempotent, so in-process callers may train repeatedly."""
-    cuda, local = torch.cuda.is_available(), int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        backend = "nccl" if cuda else "gloo"
-        if "RANK" in os.environ:
-            dist.init_process_group(backend, device_id=device if cuda else None)
-        else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return dist.get_rank(), dist.get_world_size(), local, device
+def settings(**kw):
+    """The flags as Python values: the parser's defaults with `kw` over them, e.g.
+    settings(model="runs/sft/final", pairs="pairs.jsonl", lr=2e-5). An unknown name is an error."""
+    defaults = {a.dest: a.default for a in get_parser()._actions if a.dest != "help"}
+    unknown = sorted(set(kw) - set(defaults))
+    if unknown:
+        raise TypeError(f"unknown training setting(s): {', '.join(unknown)}")
+    return argparse.Namespace(**{**defaults, **kw})
 
 
-def print0(*a, **k):
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*a, **k, flush=True)
-
-
-# file / model hashes live in data.py, shared with sample.py's CLI, which records them next to its pairs
-sha256_file, model_fingerprint = data.sha256_file, data.model_fingerprint
+def resolve_defaults(args):
+    sft = args.objective == "sft"
+    args.lr = args.lr if args.lr is not None else (1e-5 if sft else 1e-7)
+    args.epochs = args.epochs if args.epochs is not None else (3 if sft else 2)
+    args.max_len = args.max_len if args.max_len is not None else (2048 if sft else 1024)
+    return args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,7 +178,7 @@ def select_kind(rows, kind, seed):
         return list(range(len(rows)))
     if kind == "naive":
         return naive
-    # data-equal: every naive pair as often as fits into len(rows), the remainder a seeded random subset
+    # data-equal: every naive pair as often as fits into len(rows), the rest a seeded random subset
     if not naive:
         raise ValueError("--pairs-kind data-equal needs naive pairs; the file has none")
     reps, rest = divmod(len(rows), len(naive))
@@ -180,8 +186,8 @@ def select_kind(rows, kind, seed):
 
 
 def batch_order(n, epochs, global_batch, seed):
-    """List of global batches (index lists) over `epochs` seeded shuffles of range(n); the last partial
-    batch of an epoch is dropped, so every step sees exactly `global_batch` items."""
+    """Global batches (index lists) over `epochs` seeded shuffles of range(n); the last partial batch
+    of an epoch is dropped, so every step sees exactly `global_batch` items."""
     steps = []
     for e in range(epochs):
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + e)).tolist()
@@ -190,49 +196,52 @@ def batch_order(n, epochs, global_batch, seed):
 
 
 def left_out(n, global_batch):
-    """For the log: batch_order leaves out n % global_batch items of every epoch (other ones each epoch)."""
+    """For the log: batch_order leaves out n % global_batch items of every epoch (others each epoch)."""
     k = n % global_batch
     return f"; {k} per epoch left out (the last partial global batch of {global_batch})" if k else ""
-
-
-def n_sft_tokens(ids, rows):
-    """Response tokens in a global batch: SFT's loss is the mean over them, whichever rank holds them."""
-    return sum(len(rows[i]["response"]) for i in ids)
 
 
 def micro_batches(items, size):
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def load_records(spec):
-    """Records of comma-separated sets: names of data.DATASETS or JSONL files with question, gold
-    (and solution for SFT)."""
-    recs = []
-    for s in spec.split(","):
-        if s in data.DATASETS:
-            recs += data.load_dataset(s)
-        else:
-            first = next(iter(data.read_jsonl(s)), {})
-            recs += data.load_dataset(s, fields={k: k for k in ("question", "gold", "solution", "id") if k in first or k == "question"})
-    return recs
-
-
 def check_pairs_match(pairs_path, rows, tok, margs, model_dir):
     """Refuse, up front, pairs that do not belong to this model: token ids past the model's vocabulary,
-    or a tokenizer / model recorded at sampling time (`<pairs>.meta.json`, data.write_pairs_meta: written
-    when this script or `sample.py pairs` samples the pairs) that differs from --model's."""
+    or a tokenizer / model recorded at sampling time (`<pairs>.meta.json`, data.write_pairs_meta)
+    that differs from --model's."""
     top = max((max(r["prompt"] + r["chosen"] + r["rejected"]) for r in rows), default=-1)
     if top >= margs.vocab_size:
-        raise ValueError(f"{pairs_path}: tokenised with {tok.vocab_size} ids (largest {top}) but the model has "
-                         f"{margs.vocab_size} embeddings: pairs and model do not match")
+        raise ValueError(f"{pairs_path}: tokenised with {tok.vocab_size} ids (largest {top}) but the model "
+                         f"has {margs.vocab_size} embeddings: pairs and model do not match")
     meta_path, meta = data.pairs_meta_path(pairs_path), data.read_pairs_meta(pairs_path)
     if meta is not None:
-        have = model_fingerprint(model_dir)
+        have = data.model_fingerprint(model_dir)
         for key in ("tokenizer", "model"):
             if key in meta and meta[key] != have[key]:
-                raise ValueError(f"{pairs_path}: sampled with {key} {meta[key]} ({meta_path}) but --model {model_dir} has "
-                                 f"{key} {have[key]}; the reference must be the model that sampled the pairs "
-                                 f"(delete {meta_path} to train anyway)")
+                raise ValueError(f"{pairs_path}: sampled with {key} {meta[key]} ({meta_path}) but --model "
+                                 f"{model_dir} has {key} {have[key]}; the reference must be the model that "
+                                 f"sampled the pairs (delete {meta_path} to train anyway)")
+
+
+def sample_pairs(args, rank, world, device, log):
+    """Stage 1 when --pairs is not given: sample.make_pairs from --model over --data into --out. The
+    stage is skipped when its output is complete; a killed run resumes question by question."""
+    path = os.path.join(args.out, "pairs.jsonl")
+    if os.path.exists(data.pairs_meta_path(path)):
+        log(f"pairs: reusing {path}")
+        return path
+    if not args.data:
+        raise ValueError("--objective dpo needs --pairs, or --data with the questions to sample pairs for")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    gen_model, tok = modeling.load(args.model, dtype=dtype, device=device)
+    s = sample.pair_settings(args, max_new_tokens=args.max_len - args.max_prompt)
+    summary = sample.make_pairs(gen_model, tok, data.load_records(args.data), path, s, rank=rank, world=world)
+    del gen_model
+    if rank == 0:
+        log(f"pairs: {json.dumps(summary)}")
+        data.write_pairs_meta(path, args.model, summary)   # written last: marks the stage complete
+    dist.barrier()
+    return path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,27 +273,11 @@ def run_logprobs(net, batch, device):
     return net(b["input_ids"], b["positions"], b["mask"], b["idx"], b["tgt"], b["seg"], len(b["lengths"]))
 
 
-def pair_losses(net, batch, ref_lps, ref_net, args, device):
-    """One micro-batch of pairs: per-pair loss (P,) with the optional NLL term, and the detached chosen
-    and rejected rewards. The reference log-probs are `ref_lps` (P, 2) when precomputed, else a forward
-    of the frozen `ref_net` on the same batch."""
-    lp = run_logprobs(net, batch, device)
-    pc, pr = lp[0::2], lp[1::2]
-    if ref_net is not None:
-        with torch.no_grad():
-            ref_lps = run_logprobs(ref_net, batch, device).view(-1, 2)
-        ref_net.reshard()   # no backward follows, so free the root's gathered parameters now
-    rc, rr = ref_lps.to(device).unbind(1)
-    loss, r_w, r_l = dpo_loss(pc, pr, rc, rr, args.beta, args.loss, args.label_smoothing)
-    if args.nll_weight:
-        loss = loss + args.nll_weight * nll_loss(pc, batch["lengths"][0::2].to(device))
-    return loss, r_w, r_l
-
-
-def shard(net, device, cuda):
+def shard(net, device):
     """torchtitan's apply_fsdp: bf16 compute with fp32 master weights and fp32 gradient reduction on a
     GPU, fp32 throughout on a CPU; fully_shard on each block, then on the root."""
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cuda else torch.float32, reduce_dtype=torch.float32)
+    compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+    mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
     for block in net.model.layers:
         fully_shard(block, mp_policy=mp)
     fully_shard(net, mp_policy=mp)
@@ -292,18 +285,17 @@ def shard(net, device, cuda):
 
 
 @torch.no_grad()
-def reference_logprobs(net, rows, args, device, rank, world, pad_id):
+def reference_logprobs(net, rows, collate, args, device, rank, world):
     """(len(rows), 2) chosen / rejected log-probs of the frozen initial model, every rank computing a
     stride and an all-reduce assembling them. All ranks run the same number of forwards (FSDP's
     collectives need it): the index list is padded by wrapping around, and the padding is not stored."""
-    from tqdm import tqdm
     n, mb = len(rows), args.micro_batch
     per_rank = math.ceil(n / (world * mb)) * mb
     out = torch.zeros(n, 2, dtype=torch.float64, device=device)
     mine = [(rank + world * j) for j in range(per_rank)]
     net.eval()
     for chunk in tqdm(micro_batches(mine, mb), desc="reference log-probs", disable=rank != 0, unit="batch"):
-        batch = data.collate_pairs([rows[i % n] for i in chunk], packed=args.packed, pad_id=pad_id)
+        batch = collate([i % n for i in chunk])
         lp = run_logprobs(net, batch, device).view(-1, 2).double()
         keep = torch.tensor([i < n for i in chunk], device=device)
         out[torch.tensor([i % n for i in chunk], device=device)[keep]] = lp[keep]
@@ -426,159 +418,191 @@ def get_lr(step, total, args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Training
+# The two objectives. They differ in their rows and in the loss of a micro-batch; train() does the
+# rest the same way. A micro-batch's loss is its share of the mean over the global batch (pairs for
+# DPO, response tokens for SFT), so that summing over micro-batches and ranks gives the step's loss.
 # ----------------------------------------------------------------------------------------------
-def resolve_defaults(args):
-    sft = args.objective == "sft"
-    args.lr = args.lr if args.lr is not None else (1e-5 if sft else 1e-7)
-    args.epochs = args.epochs if args.epochs is not None else (3 if sft else 2)
-    args.max_len = args.max_len if args.max_len is not None else (2048 if sft else 1024)
-    return args
-
-
-def sample_pairs(args, rank, world, device, log):
-    """Stage 1 when --pairs is not given: sample.make_pairs from --model over --data into --out. The
-    stage is skipped when its output is complete; a killed run resumes question by question."""
-    import sample
-    path = os.path.join(args.out, "pairs.jsonl")
-    if os.path.exists(data.pairs_meta_path(path)):
-        log(f"pairs: reusing {path}")
-        return path
-    if not args.data:
-        raise ValueError("--objective dpo needs --pairs, or --data with the questions to sample pairs for")
-    gen_model, tok = modeling.load(args.model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device)
-    summary = sample.make_pairs(gen_model, tok, load_records(args.data), path, rank=rank, world=world,
-                                fmt=args.fmt, seed=args.seed, max_new_tokens=args.max_len - args.max_prompt)
-    del gen_model
-    if rank == 0:
-        log(f"pairs: {json.dumps(summary)}")
-        data.write_pairs_meta(path, args.model, summary)   # written last: marks the stage complete
-    dist.barrier()
-    return path
-
-
-def train(args):
-    """Train as the flags say; returns the final model as a plain Transformer loaded from the exported
-    folder <out>/final on every rank (None after --stop-after). Raises on a non-finite loss or gradient norm."""
-    args = resolve_defaults(args)
-    rank, world, local, device = compute_init()
-    cuda = device.type == "cuda"
-    os.makedirs(args.out, exist_ok=True)
-    log = print0 if not args.quiet else (lambda *a, **k: None)
-    log(json.dumps(vars(args), default=str))
-    final = os.path.join(args.out, "final")
-    if args.resume and os.path.exists(os.path.join(final, "DONE")):
-        log(f"{final} is complete: nothing to train")
-        return modeling.Transformer.from_pretrained(final, device=device)
-    if not args.model:
-        raise ValueError("--model is required (a hub-format folder; see the docstring)")
-    if args.global_batch % (world * args.micro_batch):
-        raise ValueError(f"--global-batch {args.global_batch} must be a multiple of world size x --micro-batch "
-                         f"({world} x {args.micro_batch})")
-    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
-
-    # --- data -----------------------------------------------------------------------------------
-    tok = modeling.Tokenizer.from_pretrained(args.model)
-    with open(os.path.join(args.model, "config.json")) as f:
-        margs = modeling.ModelArgs.from_hf_config(json.load(f))
+def dpo_rows(args, tok, margs, rank, world, device, log):
+    """Tokenised pairs, the indices to train on (--pairs-kind), and their collate function."""
+    if args.pairs is None:
+        args.pairs = sample_pairs(args, rank, world, device, log)
+    pairs, fmt = data.read_pairs(args.pairs, with_format=True)
+    log(f"pairs: {len(pairs)} in {fmt} format from {args.pairs}")
+    rows = data.tokenize_pairs(pairs, tok, args.max_len, args.max_prompt, log=log)
+    check_pairs_match(args.pairs, rows, tok, margs, args.model)
+    items = select_kind(rows, args.pairs_kind, args.seed)
+    kinds = {k: sum(rows[i]["kind"] == k for i in items) for k in ("naive", "sc")}
+    log(f"training pairs ({args.pairs_kind}): {len(items)} = {kinds['naive']} naive + {kinds['sc']} "
+        f"step-controlled" + left_out(len(items), args.global_batch))
     pad = tok.pad_id if tok.pad_id is not None else 0
-    dpo = args.objective == "dpo"
-    if dpo:
-        if args.pairs is None:
-            args.pairs = sample_pairs(args, rank, world, device, log)
-        rows = data.tokenize_pairs(data.read_pairs(args.pairs), tok, args.max_len, args.max_prompt, log=log)
-        check_pairs_match(args.pairs, rows, tok, margs, args.model)
-        train_idx = select_kind(rows, args.pairs_kind, args.seed)
-        kinds = {k: sum(rows[i]["kind"] == k for i in train_idx) for k in ("naive", "sc")}
-        log(f"training pairs ({args.pairs_kind}): {len(train_idx)} = {kinds['naive']} naive + {kinds['sc']} step-controlled"
-            + left_out(len(train_idx), args.global_batch))
-        collate = lambda ids: data.collate_pairs([rows[i] for i in ids], packed=args.packed, pad_id=pad)
-        seq_len = lambda r: len(r["prompt"]) * (1 if args.packed else 2) + len(r["chosen"]) + len(r["rejected"])
-    else:
-        if not args.data:
-            raise ValueError("--objective sft needs --data (records with a solution)")
-        recs = load_records(args.data)
-        missing = [r["id"] for r in recs if not r.get("solution")]
-        if missing:
-            raise ValueError(f"--data {args.data}: {len(missing)} records have no solution to train on (e.g. {missing[0]})")
-        rows = [r for r in (data.tokenize_sft(r["question"], r["solution"], tok, args.max_len) for r in recs) if r]
-        train_idx = list(range(len(rows)))
-        log(f"sft examples: {len(rows)} (of {len(recs)}; {len(recs) - len(rows)} prompts too long)"
-            + left_out(len(rows), args.global_batch))
-        collate = lambda ids: data.collate_sft([rows[i] for i in ids], pad_id=pad)
-        seq_len = lambda r: len(r["prompt"]) + len(r["response"])
-    steps = batch_order(len(train_idx), args.epochs, args.global_batch, args.seed)
-    steps = [[train_idx[i] for i in b] for b in steps][:args.max_steps or None]
-    total = len(steps)
-    if total == 0:
-        raise ValueError(f"{len(train_idx)} training items is less than one global batch ({args.global_batch})")
+    return rows, items, lambda ids: data.collate_pairs([rows[i] for i in ids], packed=args.packed, pad_id=pad)
 
-    # --- model: the policy, and the reference (precomputed once, or a frozen live copy) ------------
-    policy = modeling.Transformer.from_pretrained(args.model, dtype=torch.float32)
-    policy.checkpointing = args.checkpointing
-    n_block_params = sum(p.numel() for p in policy.layers.parameters()) + policy.norm.weight.numel()
-    net = shard(SeqLogprobs(policy), device, cuda)
-    # AdamW over the sharded parameters (each rank holds and updates 1/world of every tensor)
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=tuple(args.adam_betas), weight_decay=args.weight_decay)
+
+def sft_rows(args, tok, margs, rank, world, device, log):
+    """Tokenised solutions (prompt + response), all of them trained on, and their collate function."""
+    if not args.data:
+        raise ValueError("--objective sft needs --data (records with a solution)")
+    recs = data.load_records(args.data)
+    missing = [r["id"] for r in recs if not r.get("solution")]
+    if missing:
+        raise ValueError(f"--data {args.data}: {len(missing)} records have no solution to train on "
+                         f"(e.g. {missing[0]})")
+    rows = [r for r in (data.tokenize_sft(r["question"], r["solution"], tok, args.max_len) for r in recs) if r]
+    log(f"sft examples: {len(rows)} (of {len(recs)}; {len(recs) - len(rows)} prompts too long)"
+        + left_out(len(rows), args.global_batch))
+    pad = tok.pad_id if tok.pad_id is not None else 0
+    return rows, list(range(len(rows))), lambda ids: data.collate_sft([rows[i] for i in ids], pad_id=pad)
+
+
+def dpo_objective(args, net, rows, collate, rank, world, device, log):
+    """The micro-batch loss of DPO / SCDPO (with the optional NLL term) against the reference, whose
+    log-probs are precomputed once (and cached beside the pairs) or come from a frozen live copy."""
     ref, ref_net = None, None
-    if dpo and args.ref == "precompute":
-        key = hashlib.sha256(json.dumps([model_fingerprint(args.model), sha256_file(args.pairs), args.max_len,
-                                         args.max_prompt, str(cuda)]).encode()).hexdigest()[:16]
-        cache = f"{args.pairs}.ref-{key}.pt"
+    if args.ref == "precompute":
+        key = hashlib.sha256(json.dumps([data.model_fingerprint(args.model), data.sha256_file(args.pairs),
+                                         args.max_len, args.max_prompt, str(device.type == "cuda")]).encode())
+        cache = f"{args.pairs}.ref-{key.hexdigest()[:16]}.pt"
         if os.path.exists(cache):
             ref = torch.load(cache)
             log(f"reference log-probs: {cache}")
         else:
-            ref = reference_logprobs(net, rows, args, device, rank, world, pad)
+            ref = reference_logprobs(net, rows, collate, args, device, rank, world)
             if rank == 0:
                 torch.save(ref, cache + ".tmp")
                 os.replace(cache + ".tmp", cache)
                 log(f"reference log-probs written to {cache}")
-    elif dpo:
+    else:
         ref_model = modeling.Transformer.from_pretrained(args.model, dtype=torch.float32).requires_grad_(False)
-        ref_net = shard(SeqLogprobs(ref_model), device, cuda).eval()
+        ref_net = shard(SeqLogprobs(ref_model), device).eval()
 
-    # --- resume -------------------------------------------------------------------------------------
-    start = 0
+    def loss(batch, ids, step_ids):
+        lp = run_logprobs(net, batch, device)
+        pc, pr = lp[0::2], lp[1::2]
+        if ref_net is not None:
+            with torch.no_grad():
+                ref_lps = run_logprobs(ref_net, batch, device).view(-1, 2)
+            ref_net.reshard()   # no backward follows, so free the root's gathered parameters now
+        else:
+            ref_lps = ref[ids].to(device)
+        per_pair, r_w, r_l = dpo_loss(pc, pr, *ref_lps.unbind(1), args.beta, args.loss, args.label_smoothing)
+        if args.nll_weight:
+            per_pair = per_pair + args.nll_weight * nll_loss(pc, batch["lengths"][0::2].to(device))
+        part = per_pair.sum() / args.global_batch
+        stats = torch.stack([per_pair.sum(), (r_w > r_l).sum(), r_w.sum(), r_l.sum()]) / args.global_batch
+        return part, stats.detach()
+    return loss
+
+
+def sft_objective(args, net, rows, collate, rank, world, device, log):
+    """The micro-batch loss of SFT: the summed NLL of the response tokens over the global batch's count."""
+    def loss(batch, ids, step_ids):
+        n_tokens = sum(len(rows[i]["response"]) for i in step_ids)   # whichever rank holds them
+        part = -run_logprobs(net, batch, device).sum() / n_tokens
+        return part, torch.stack([part.detach(), *[torch.zeros((), device=device)] * 3])
+    return loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+def check_settings(args, world):
+    if not args.model:
+        raise ValueError("--model is required (a hub-format folder; for the demo on a CPU: python mini.py)")
+    if args.global_batch < 1 or args.micro_batch < 1 or args.global_batch % (world * args.micro_batch):
+        raise ValueError(f"--global-batch {args.global_batch} must be a positive multiple of world size x "
+                         f"--micro-batch ({world} x {args.micro_batch})")
+
+
+RUN_FILES = ("log.jsonl", "checkpoints", "final")
+
+
+def prepare_out(args, rank):
+    """A new run never mixes with an old one in --out: it refuses (without --resume or --overwrite), or
+    with --overwrite removes the old log, checkpoints and final model first, so that no stale
+    final/DONE can mark a later run complete."""
+    old = [f for f in RUN_FILES if os.path.exists(os.path.join(args.out, f))]
+    if old and not args.resume and not args.overwrite:
+        raise FileExistsError(f"--out {args.out} holds an earlier run ({', '.join(old)}): pass --resume to "
+                              f"continue it or --overwrite to start over")
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        if args.overwrite and not args.resume:
+            for f in old + ["final.tmp"]:
+                path = os.path.join(args.out, f)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path) if os.path.exists(path) else None
+    dist.barrier()
+
+
+def train(args):
+    """Train as the flags say (`args`: get_parser().parse_args(...) or settings(...)); returns the final
+    model as a plain Transformer loaded from <out>/final on every rank (None after --stop-after).
+    Raises on a non-finite loss or gradient norm."""
+    args = resolve_defaults(args)
+    rank, world, _, device = modeling.compute_init()
+    cuda = device.type == "cuda"
+    check_settings(args, world)
+    log = print0 if not args.quiet else (lambda *a, **k: None)
+    final = os.path.join(args.out, "final")
+    if args.resume and os.path.exists(os.path.join(final, "DONE")):
+        log(f"{final} is complete: nothing to train")
+        return modeling.Transformer.from_pretrained(final, device=device)
+    prepare_out(args, rank)
+    log(json.dumps(vars(args), default=str))
+    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
+
+    # --- data -----------------------------------------------------------------------------------
+    tok = modeling.Tokenizer.from_pretrained(args.model)
+    margs = modeling.read_config(args.model)[1]
+    dpo = args.objective == "dpo"
+    rows, items, collate = (dpo_rows if dpo else sft_rows)(args, tok, margs, rank, world, device, log)
+    steps = [[items[i] for i in b] for b in batch_order(len(items), args.epochs, args.global_batch, args.seed)]
+    steps = steps[:args.max_steps or None]
+    total = len(steps)
+    if total == 0:
+        raise ValueError(f"{len(items)} training items is less than one global batch ({args.global_batch})")
+
+    # --- model, optimizer, the objective's loss --------------------------------------------------
+    policy = modeling.Transformer.from_pretrained(args.model, dtype=torch.float32)
+    policy.checkpointing = args.checkpointing
+    n_block_params = sum(p.numel() for p in policy.layers.parameters()) + policy.norm.weight.numel()
+    net = shard(SeqLogprobs(policy), device)
+    # AdamW over the sharded parameters (each rank holds and updates 1/world of every tensor)
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=tuple(args.adam_betas),
+                            weight_decay=args.weight_decay)
+    loss_fn = (dpo_objective if dpo else sft_objective)(args, net, rows, collate, rank, world, device, log)
+
+    # --- resume ------------------------------------------------------------------------------------
+    start, log_path = 0, os.path.join(args.out, "log.jsonl")
     if args.resume and latest_checkpoint(args.out):
         start = load_checkpoint(latest_checkpoint(args.out), net, opt, rank, args)
         log(f"resumed from {latest_checkpoint(args.out)} at step {start}")
-
-    # --- loop ----------------------------------------------------------------------------------------
-    peak = peak_flops(device)
-    log_path = os.path.join(args.out, "log.jsonl")
     if args.resume and rank == 0 and os.path.exists(log_path):
-        # the killed run logged steps past its checkpoint, which are redone now: keep steps <= start only
+        # the killed run logged steps past its checkpoint, which are redone now: keep steps <= start
         # (a line without its newline was torn by the kill)
         with open(log_path) as f:
             logged = [json.loads(line) for line in f if line.endswith("\n")]
         data.write_jsonl(log_path, [r for r in logged if r["step"] <= start])
+
+    # --- loop ----------------------------------------------------------------------------------------
+    peak = peak_flops(device)
     for step in range(start, total):
         t0 = time.time()
         lr = get_lr(step, total, args)
         for g in opt.param_groups:
             g["lr"] = lr
-        mine = steps[step][rank::world]                     # this rank's share of the global batch
-        sums = torch.zeros(6, dtype=torch.float64, device=device)  # loss, acc, r_w, r_l, tokens, targets
+        sums = torch.zeros(6, dtype=torch.float64, device=device)   # loss, acc, r_w, r_l, tokens, targets
         flops = 0
-        for ids in micro_batches(mine, args.micro_batch):
+        for ids in micro_batches(steps[step][rank::world], args.micro_batch):   # this rank's share
             batch = collate(ids)
-            if dpo:
-                loss, r_w, r_l = pair_losses(net, batch, None if ref is None else ref[ids], ref_net, args, device)
-                # the mean over the global batch; FSDP averages gradients over ranks, hence * world
-                (loss.sum() * world / args.global_batch).backward()
-                sums[:4] += torch.stack([loss.sum(), (r_w > r_l).sum(), r_w.sum(), r_l.sum()]).detach().double()
-            else:
-                loss = -run_logprobs(net, batch, device).sum()   # summed NLL of the response tokens
-                (loss * world / n_sft_tokens(steps[step], rows)).backward()
-                sums[0] += loss.detach().double()
-            n_tok = sum(seq_len(rows[i]) for i in ids)
+            part, stats = loss_fn(batch, ids, steps[step])
+            (part * world).backward()   # FSDP averages gradients over ranks, hence * world
+            n_tok = sum(row_tokens(rows[i], args) for i in ids)
+            sums[:4] += stats.double()
             sums[4] += n_tok
             sums[5] += len(batch["tgt"])
             flops += step_flops(margs, n_block_params, n_tok, len(batch["tgt"]), batch["input_ids"].shape[1])
         dist.all_reduce(sums)
-        n_items = args.global_batch if dpo else sums[5].item()
-        loss_val = sums[0].item() / n_items
+        loss_val = sums[0].item()
         gnorm = nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
         gnorm = (gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm).item()
         # both are the same on every rank (all-reduced), so every rank stops here, before opt.step()
@@ -593,364 +617,63 @@ def train(args):
         dt = time.time() - t0
         rec = {"step": step + 1, "loss": loss_val, "lr": lr, "gnorm": gnorm, "tok/s": sums[4].item() / dt, "dt": dt}
         if dpo:
-            rw, rl = sums[2].item() / n_items, sums[3].item() / n_items
-            rec.update({"acc": sums[1].item() / n_items, "r_chosen": rw, "r_rejected": rl, "margin": rw - rl})
+            rw, rl = sums[2].item(), sums[3].item()
+            rec.update({"acc": sums[1].item(), "r_chosen": rw, "r_rejected": rl, "margin": rw - rl})
         if peak:
             rec["mfu"] = flops / dt / peak   # this rank's FLOPs over its own peak
         if rank == 0:
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
-            line = f"step {step + 1:05d}/{total:05d} | loss {loss_val:.4f}"
-            if dpo:
-                line += f" | acc {rec['acc']:.3f} | r_chosen {rw:+.4f} | r_rejected {rl:+.4f} | margin {rw - rl:+.4f}"
-            line += f" | lr {lr:.2e} | gnorm {rec['gnorm']:.3f} | tok/s {rec['tok/s']:,.0f}"
-            log(line + (f" | mfu {100 * rec['mfu']:.1f}%" if peak else ""))
+            log(log_line(rec, total))
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
             save_checkpoint(args.out, net, opt, step + 1, args, rank)
         if args.stop_after and step + 1 >= args.stop_after and step + 1 < total:
             log(f"stopping after step {step + 1} (--stop-after)")
             return None
 
-    # --- export and cleanup ----------------------------------------------------------------------
+    # --- export, and the optional evaluation --------------------------------------------------------
     export(net, margs, tok, final, torch.bfloat16 if cuda else torch.float32, rank)
-    del net, opt, ref_net
+    del net, opt, loss_fn
     if rank == 0:
         open(os.path.join(final, "DONE"), "w").close()
     log(f"final model: {final}")
     trained = modeling.Transformer.from_pretrained(final, device=device)
     if args.eval:
-        import eval as evaluation   # eval.py, the project's evaluation script
-        recs = evaluation.load_eval_set(args.eval, args.eval_limit)
-        preds = evaluation.evaluate(trained, tok, recs, max_new_tokens=args.max_len - args.max_prompt, rank=rank, world=world)
+        recs = data.load_records(args.eval, args.eval_limit)
+        preds = evaluation.evaluate(trained, tok, recs, max_new_tokens=args.max_len - args.max_prompt,
+                                    rank=rank, world=world)
         if rank == 0:
             data.write_jsonl(os.path.join(args.out, "eval.jsonl"), preds)
             log(evaluation.format_report(evaluation.accuracy_report(preds)))
     return trained
 
 
+def row_tokens(row, args):
+    """Tokens one item puts through the model (a packed pair's prompt once, unpacked twice)."""
+    if "response" in row:
+        return len(row["prompt"]) + len(row["response"])
+    return len(row["prompt"]) * (1 if args.packed else 2) + len(row["chosen"]) + len(row["rejected"])
+
+
+def log_line(rec, total):
+    """nanochat's one pipe-separated line per step."""
+    line = f"step {rec['step']:05d}/{total:05d} | loss {rec['loss']:.4f}"
+    if "acc" in rec:
+        line += (f" | acc {rec['acc']:.3f} | r_chosen {rec['r_chosen']:+.4f} | r_rejected "
+                 f"{rec['r_rejected']:+.4f} | margin {rec['margin']:+.4f}")
+    line += f" | lr {rec['lr']:.2e} | gnorm {rec['gnorm']:.3f} | tok/s {rec['tok/s']:,.0f}"
+    return line + (f" | mfu {100 * rec['mfu']:.1f}%" if "mfu" in rec else "")
+
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    # No model, no pairs, no objective: the miniature (end of this file), so `python scdpo.py --out X`
-    # or `--seeds 3` configure it. `--help` shows the training flags; `--mini --help` the miniature's.
-    named = {a.split("=")[0] for a in argv}
-    if "--mini" in named or not named & {"--model", "--pairs", "--objective", "-h", "--help"}:
-        return miniature(argv)
-    train(get_parser().parse_args(argv))
+    parser = get_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if not args.model:
+        parser.error("--model is required (a hub-format folder); to run the whole method in miniature on "
+                     "a CPU: python mini.py")
+    train(args)
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-# ----------------------------------------------------------------------------------------------
-# The miniature: `python scdpo.py` with no arguments shows the whole method on a CPU in about six
-# minutes, on data.py's synthetic word problems whose every step is checkable (data.first_wrong_step):
-#   1. a word tokenizer and a tiny Transformer, SFT'd from scratch on demonstrations that carry a
-#      systematic error (a fraction `--habit` of borrow subtractions forget the borrow), via train()
-#   2. naive and step-controlled pairs from the SFT model with sample.make_pairs (the ramp)
-#   3. DPO, DPO (data-equal) and SCDPO from the same SFT model on those pairs, via train()
-#   4. greedy accuracy on held-out problems (eval.evaluate), the step-localisation metric of the
-#      implicit reward (eval.credit_assignment) on SFT samples labelled by the exact checker, and the
-#      credit-assignment HTML; then Table 1 in miniature.
-#     python scdpo.py                                  # one seed (342 s on an idle 2-core CPU)
-#     python scdpo.py --seeds 3                        # mean and spread over 3 seeds (SFT retrained per seed)
-#     python scdpo.py --seeds 3 --reuse --lrs 1e-5,2e-5,5e-5   # a learning-rate grid on the same SFT and pairs
-#     python scdpo.py --seeds 3 --reuse --cut-rejected # the ablation: no loss after a rejected's first error
-#     torchrun --standalone --nproc_per_node=2 scdpo.py --mini
-# Each seed's log prints where each rejected solution goes wrong relative to the cut k and how (habit /
-# overborrow / other arithmetic / format), and each model's greedy errors by kind. What they show (README,
-# "What the miniature shows"): preference training removes most habit errors, and longer runs over-correct
-# (plain subtractions start to "borrow"), mostly through the loss on the rejected solutions' steps after
-# their first error, which carry the error forward.
-# ----------------------------------------------------------------------------------------------
-def miniature_parser():
-    p = argparse.ArgumentParser(prog="python scdpo.py", description="the miniature: SFT -> pairs -> DPO / DPO "
-                                "(data-equal) / SCDPO -> Table 1, on synthetic step-checkable word problems")
-    p.add_argument("--mini", action="store_true", help="run the miniature (implied with no arguments)")
-    p.add_argument("--out", default="runs/miniature", help="output folder (models, pairs, predictions, credit HTML)")
-    p.add_argument("--seeds", type=int, default=1, help="independent repeats (SFT retrained each time): mean and spread")
-    p.add_argument("--seed", type=int, default=0, help="first seed")
-    p.add_argument("--reuse", action="store_true", help="keep finished stages found in --out (SFT, pairs, DPO runs of the same settings)")
-    # the task: data.py's miniature section
-    p.add_argument("--habit", type=float, default=0.7, help="fraction of SFT demos whose borrow subtractions forget the borrow")
-    p.add_argument("--overborrow", type=float, default=0.0, help="fraction of SFT demos whose plain subtractions borrow anyway")
-    p.add_argument("--n-ops", type=int, default=3, help="additions / subtractions after the product (steps = n_ops + 2)")
-    p.add_argument("--n-sft", type=int, default=8000, help="SFT demonstrations")
-    p.add_argument("--n-pairs", type=int, default=1500, help="questions to sample pairs for")
-    p.add_argument("--n-eval", type=int, default=1000, help="held-out questions for accuracy (greedy)")
-    p.add_argument("--n-credit", type=int, default=400, help="held-out SFT samples for the step-localisation metric")
-    # the model
-    p.add_argument("--dim", type=int, default=96, help="model width")
-    p.add_argument("--layers", type=int, default=3, help="transformer blocks")
-    p.add_argument("--heads", type=int, default=4, help="attention heads")
-    # SFT
-    p.add_argument("--sft-steps", type=int, default=800, help="SFT optimizer steps")
-    p.add_argument("--sft-lr", type=float, default=3e-3, help="SFT peak learning rate")
-    p.add_argument("--sft-batch", type=int, default=64, help="SFT examples per step")
-    # pairs (sample.make_pairs)
-    p.add_argument("--k-max", type=int, default=8, help="naive: samples at T=1 per question at most")
-    p.add_argument("--tries", type=int, default=4, help="step-controlled: continuations per cut")
-    p.add_argument("--ramp", default="paper", help="temperature ramp: paper (1.1,+0.05,1.4) | scripts | start,inc,max")
-    p.add_argument("--sc-per-question", type=int, default=2, help="step-controlled pairs per question at most")
-    # preference training (train())
-    p.add_argument("--lr", type=float, default=2e-5, help="DPO peak learning rate")
-    p.add_argument("--lrs", default=None, help="a learning-rate grid, e.g. 1e-5,2e-5,5e-5: a table each, then each "
-                   "method at its best (SFT and pairs are made once per seed)")
-    p.add_argument("--beta", type=float, default=0.1, help="DPO beta")
-    p.add_argument("--nll-weight", type=float, default=1.0, help="per-token NLL on chosen (MINIATURE-NOTES.md)")
-    p.add_argument("--epochs", type=int, default=2, help="DPO epochs")
-    p.add_argument("--batch", type=int, default=32, help="pairs per DPO step")
-    p.add_argument("--cut-rejected", action="store_true", help="ablation: end every rejected solution right after its "
-                   "first wrong step (found by the exact checker, which real data lacks), so no loss falls on the steps "
-                   "that carry the error forward")
-    return p
-
-
-# The flags that decide the SFT model and the pairs: --reuse keeps those stages only where they match.
-MINI_STAGES = ("habit", "overborrow", "n_ops", "n_sft", "n_pairs", "n_eval", "n_credit", "dim", "layers", "heads",
-               "sft_steps", "sft_lr", "sft_batch", "k_max", "tries", "ramp", "sc_per_question")
-
-
-def mini_tag(args):
-    """The preference-training settings, in the names of the DPO runs and of each seed's result file."""
-    return f"lr{args.lr:g}-nll{args.nll_weight:g}-b{args.beta:g}-ep{args.epochs}-bs{args.batch}" + "-cut" * args.cut_rejected
-
-
-def mini_settings(args, out):
-    """Check (with --reuse) or record <out>/settings.json, the MINI_STAGES flags the seed folder was made with."""
-    path, want = os.path.join(out, "settings.json"), {k: getattr(args, k) for k in MINI_STAGES}
-    if args.reuse and os.path.exists(path):
-        with open(path) as f:
-            have = json.load(f)
-        diff = [f"--{k.replace('_', '-')} {have.get(k)} (now {v})" for k, v in want.items() if have.get(k) != v]
-        if diff:
-            raise ValueError(f"--reuse: {out} was made with other settings: {', '.join(diff)}; use another --out")
-    elif dist.get_rank() == 0:
-        os.makedirs(out, exist_ok=True)
-        data.write_json(path, want)
-
-
-def mini_train(extra, reuse):
-    """train() with the flags in `extra` (a list) plus the miniature's shared ones."""
-    return train(get_parser().parse_args(extra + ["--quiet", "--max-len", "128", "--max-prompt", "100"] + ["--resume"] * reuse))
-
-
-def mini_accuracy(model, tok, recs, rank, world):
-    """(accuracy, rows): eval.evaluate, then every row's first wrong step by the exact checker."""
-    import eval as evaluation
-    from collections import Counter
-    rows = evaluation.evaluate(model, tok, recs, max_new_tokens=48, batch_size=1024, rank=rank, world=world)
-    for r in rows:
-        r["first_wrong_step"], r["error"] = data.mini_error(r["question"], r["completion"])
-        r["borrow"] = any(op == "-" and data.needs_borrow(x, y) for op, x, y, _ in data.mini_nodes(r["question"]))
-    return sum(r["correct"] for r in rows) / len(rows), rows
-
-
-def miniature_seed(args, seed, rank, world, device):
-    """One full run; returns the table's numbers for this seed (on rank 0; {} elsewhere)."""
-    import eval as evaluation
-    import sample
-    from collections import Counter
-    out = os.path.join(args.out, f"seed{seed}")
-    t0 = time.time()
-    times = {}
-    log = print0
-    mini_settings(args, out)
-    # --- the task and the tokenizer --------------------------------------------------------------------
-    sft_recs = data.mini_dataset(args.n_sft, seed=1000 * seed + 1, habit=args.habit, n_ops=args.n_ops, overborrow=args.overborrow)
-    pair_recs = data.mini_dataset(args.n_pairs, seed=1000 * seed + 2, n_ops=args.n_ops, offset=10**6)
-    test_recs = data.mini_dataset(args.n_eval + args.n_credit, seed=1000 * seed + 3, n_ops=args.n_ops, offset=2 * 10**6)
-    eval_recs, credit_recs = test_recs[:args.n_eval], test_recs[args.n_eval:]
-    init = os.path.join(out, "init")
-    if rank == 0:
-        data.mini_tokenizer(init)
-        tok = modeling.Tokenizer.from_pretrained(init)
-        torch.manual_seed(seed)
-        margs = modeling.ModelArgs(vocab_size=tok.vocab_size, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
-                                   intermediate_size=4 * args.dim, max_seq_len=256, bos_token_id=tok.bos_id,
-                                   eos_token_id=tok.eos_id, rope_theta=10000.0)
-        modeling.Transformer(margs).save_pretrained(init)
-        data.write_jsonl(os.path.join(out, "sft.jsonl"), sft_recs)
-    dist.barrier()
-    tok = modeling.Tokenizer.from_pretrained(init)
-    # --- 1. SFT from scratch ------------------------------------------------------------------------------
-    sft_dir = os.path.join(out, "sft")
-    epochs = math.ceil(args.sft_steps * args.sft_batch / len(sft_recs))
-    sft = mini_train(["--objective", "sft", "--model", init, "--data", os.path.join(out, "sft.jsonl"), "--out", sft_dir,
-                      "--lr", str(args.sft_lr), "--epochs", str(epochs), "--max-steps", str(args.sft_steps),
-                      "--global-batch", str(args.sft_batch), "--micro-batch", str(args.sft_batch // world),
-                      "--warmup-ratio", "0.05", "--seed", str(seed)], args.reuse).eval()
-    sft_path = os.path.join(sft_dir, "final")
-    times["sft"] = time.time() - t0
-    # --- 2. pairs: naive and step-controlled, sampled by the SFT model (METHOD.md sections 1-2) ------------
-    t1 = time.time()
-    pairs = os.path.join(out, "pairs.jsonl")
-    if not args.reuse and rank == 0:
-        shutil.rmtree(pairs + ".parts", ignore_errors=True)   # make_pairs resumes from these
-    dist.barrier()
-    summary = sample.make_pairs(sft, tok, pair_recs, pairs, chunk=512, rank=rank, world=world, progress=False,
-                                fmt="cot", k_max=args.k_max, naive_batch=args.k_max, cut="all", cut_mode="paper",
-                                sc_per_question={"mini": args.sc_per_question}, tries=args.tries,
-                                ramp=sample.parse_ramp(args.ramp), max_new_tokens=48, delimiter=data.MINI_DELIM, seed=seed)
-    dist.barrier()   # rank 0 writes pairs.jsonl after make_pairs' own barrier
-    if args.cut_rejected:   # the ablation: every rejected solution ends right after its first wrong step
-        cut = os.path.join(out, "pairs-cut.jsonl")
-        if rank == 0:
-            data.write_jsonl(cut, [data.mini_cut_rejected(p) for p in data.read_pairs(pairs)])
-        dist.barrier()
-        pairs = cut
-    times["pairs"] = time.time() - t1
-    # --- 3. DPO, DPO (data-equal), SCDPO from the same SFT model -----------------------------------------------
-    res = {}
-    for kind, name in (("naive", "DPO"), ("data-equal", "DPO (data-equal)"), ("scdpo", "SCDPO")):
-        t1 = time.time()
-        res[name] = {"model": mini_train(["--model", sft_path, "--pairs", pairs, "--pairs-kind", kind,
-                                          "--out", os.path.join(out, f"{kind}-{mini_tag(args)}"), "--lr", str(args.lr), "--beta", str(args.beta),
-                                          "--nll-weight", str(args.nll_weight), "--epochs", str(args.epochs),
-                                          "--global-batch", str(args.batch), "--micro-batch", str(args.batch // world),
-                                          "--seed", str(seed)], args.reuse).eval()}
-        times[name] = time.time() - t1
-    # --- 4. evaluation ----------------------------------------------------------------------------------------
-    t1 = time.time()
-    table = {"SFT": {"model": sft}, **res}
-    for name, row in table.items():
-        row["acc"], rows = mini_accuracy(row["model"], tok, eval_recs, rank, world)
-        row["acc_borrow"] = sum(r["correct"] for r in rows if r["borrow"]) / max(1, sum(r["borrow"] for r in rows))
-        row["acc_plain"] = sum(r["correct"] for r in rows if not r["borrow"]) / max(1, sum(not r["borrow"] for r in rows))
-        row["errors"] = dict(Counter(r["error"] for r in rows))
-        if rank == 0:
-            data.write_jsonl(os.path.join(out, f"preds-{name.split()[0].lower()}{'-eq' if 'equal' in name else ''}.jsonl"), rows)
-            recount = sum(data.is_equiv(data.extract_answer(r["completion"]), r["gold"]) for r in rows) / len(rows)
-            assert abs(recount - row["acc"]) < 1e-12, (name, recount, row["acc"])
-    times["eval"] = time.time() - t1
-    # credit assignment: the implicit reward of each preference model against the SFT model on the SAME
-    # held-out SFT samples (T=1), labelled by the exact checker; the threshold is cross-fitted (eval.py)
-    t1 = time.time()
-    if rank == 0:
-        sols = sample.sample_solutions(sft, tok, [r["question"] for r in credit_recs], n=1, max_new_tokens=48,
-                                       temperature=1.0, seed=seed)
-        examples = [{"question": r["question"], "steps": data.split_steps(s[0], "cot", data.MINI_DELIM),
-                     "label": data.first_wrong_step(r["question"], s[0])} for r, s in zip(credit_recs, sols)]
-        examples = [e for e in examples if e["steps"]]
-        for name in ("DPO", "DPO (data-equal)", "SCDPO"):
-            tag = name.split()[0].lower() + ("-eq" if "equal" in name else "")
-            loc = evaluation.credit_assignment(table[name]["model"], sft, tok, examples, args.beta, threshold="fit",
-                                               rule="first", html_path=os.path.join(out, f"credit-{tag}.html"),
-                                               title=f"{name} vs SFT: implicit reward per token (seed {seed})")
-            table[name]["loc"] = loc
-    times["credit"] = time.time() - t1
-    times["total"] = time.time() - t0
-    # --- what the pairs are: where each rejected solution's first wrong step falls -------------------------------
-    stats = {}
-    if rank == 0:
-        ps = data.read_pairs(pairs)
-        stats["naive"] = sum(p["kind"] == "naive" for p in ps)
-        stats["sc"] = sum(p["kind"] == "sc" for p in ps)
-        # where the rejected solution goes wrong, relative to the cut k (naive: k = -1), and how: a habit
-        # error, other arithmetic, or format; and for naive pairs, how many steps before that error already
-        # differ in wording between chosen and rejected (step-controlled pairs share them by construction)
-        for kind in ("naive", "sc"):
-            sel = [p for p in ps if p["kind"] == kind]
-            errs = [data.mini_error(p["question"], p["prefix"] + p["rejected"]) for p in sel]
-            stats[f"{kind}_first_wrong_minus_k"] = dict(sorted(Counter(e[0] - p["k"] for e, p in zip(errs, sel)).items()))
-            stats[f"{kind}_error"] = dict(Counter(e[1] for e in errs))
-            differ = [sum(a != b for a, b in zip(data.split_steps(p["prefix"] + p["chosen"], "cot", data.MINI_DELIM)[:max(e[0], 0)],
-                                                 data.split_steps(p["prefix"] + p["rejected"], "cot", data.MINI_DELIM)))
-                      for e, p in zip(errs, sel)]
-            stats[f"{kind}_reworded_steps_before_error"] = round(sum(differ) / max(1, len(differ)), 2)
-        stats["summary"] = summary
-        log(f"[seed {seed}] pairs: {stats['naive']} naive, {stats['sc']} step-controlled | " +
-            " | ".join(f"{k} {v}" for k, v in stats.items() if k.startswith(("naive_", "sc_"))) + f" | {json.dumps(summary)}")
-        for name, row in table.items():
-            log(f"[seed {seed}] {name}: greedy errors by kind {row['errors']}" +
-                (f" | localisation (first below threshold) acc_err {row['loc']['acc_err']:.3f} acc_cor {row['loc']['acc_cor']:.3f} "
-                 f"F1 {row['loc']['f1']:.3f} thresholds {[round(t, 3) for t in row['loc']['thresholds']]}" if "loc" in row else ""))
-        log(f"[seed {seed}] seconds: " + " | ".join(f"{k} {v:.0f}" for k, v in times.items()))
-    result = ({name: {k: ({a: b for a, b in v.items() if a not in ("preds", "step_rewards")} if k == "loc" else v)
-                      for k, v in row.items() if k != "model"} for name, row in table.items()}, stats, times)
-    if rank == 0:
-        data.write_json(os.path.join(out, f"result-{mini_tag(args)}.json"), result)
-    return result
-
-
-def miniature(argv):
-    """`python scdpo.py [--seeds N ...]`: the miniature, then Table 1 in miniature (see above)."""
-    args = miniature_parser().parse_args(argv)
-    rank, world, _, device = compute_init()
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    print0(json.dumps(vars(args)))
-    grid = {}
-    for i, lr in enumerate([float(x) for x in args.lrs.split(",")] if args.lrs else [args.lr]):
-        t0, args.lr, runs = time.time(), lr, []
-        args.reuse = args.reuse or i > 0   # later learning rates keep each seed's SFT model and pairs
-        for s in range(args.seed, args.seed + args.seeds):
-            done = os.path.join(args.out, f"seed{s}", f"result-{mini_tag(args)}.json")
-            if args.reuse and os.path.exists(done):   # a finished seed (e.g. run in another process): read it back
-                mini_settings(args, os.path.dirname(done))
-                with open(done) as f:
-                    runs.append(json.load(f))
-                print0(f"[seed {s}] read back from {done}")
-            else:
-                runs.append(miniature_seed(args, s, rank, world, device))
-        if rank == 0:
-            print(mini_table(args, runs, time.time() - t0), flush=True)
-        grid[lr] = runs
-    if rank == 0 and len(grid) > 1:
-        print(mini_grid(grid))
-    dist.barrier()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return runs
-
-
-def mini_grid(grid):
-    """--lrs: mean accuracy of each preference method at each learning rate, then each method at its best one
-    (picked on the same held-out problems, so optimistic for every method alike) and SCDPO's lead per seed."""
-    names = ["DPO", "DPO (data-equal)", "SCDPO"]
-    acc = {lr: {n: [r[0][n]["acc"] for r in runs] for n in names} for lr, runs in grid.items()}
-    mean = lambda v: 100 * sum(v) / len(v)
-    lines = [f"Learning-rate grid: mean greedy accuracy over {len(next(iter(grid.values())))} seed(s)",
-             f"{'lr':<10}" + "".join(f"{n:>18}" for n in names)]
-    lines += [f"{lr:<10g}" + "".join(f"{mean(a[n]):>18.1f}" for n in names) for lr, a in acc.items()]
-    best = {n: max(acc, key=lambda lr: mean(acc[lr][n])) for n in names}
-    lines.append("best lr: " + ", ".join(f"{n} {best[n]:g} ({mean(acc[best[n]][n]):.1f})" for n in names))
-    for other in names[:2]:
-        d = [100 * (a - b) for a, b in zip(acc[best["SCDPO"]]["SCDPO"], acc[best[other]][other])]
-        lines.append(f"  each at its best lr, SCDPO - {other} per seed: " + ", ".join(f"{x:+.1f}" for x in d))
-    return "\n".join(lines)
-
-
-def mini_table(args, runs, seconds):
-    """Table 1 in miniature: accuracy (all / borrow problems / the rest), pairs, and localisation F1."""
-    names = ["SFT", "DPO", "DPO (data-equal)", "SCDPO"]
-    def ms(vals):
-        m = sum(vals) / len(vals)
-        sd = (sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
-        return f"{100 * m:5.1f}" + (f" ± {100 * sd:3.1f}" if len(vals) > 1 else "")
-    n = len(runs)
-    lines = [f"Table 1 in miniature: {args.n_eval} held-out problems, greedy; {n} seed(s) "
-             f"{'(mean ± std over seeds)' if n > 1 else ''}; {seconds:.0f} s in all",
-             f"{'method':<18} {'pairs naive + sc':>17} {'accuracy':>13} {'borrow probs':>13} {'other probs':>13} "
-             f"{'loc. F1':>13} {'acc_err/acc_cor':>16}"]
-    for name in names:
-        rows = [r[0][name] for r in runs]
-        if name == "SFT":
-            pairs = "-"
-        else:
-            nv = sum(r[1]["naive"] for r in runs) / n
-            sc = sum(r[1]["sc"] for r in runs) / n
-            pairs = {"DPO": f"{nv:.0f} + 0", "DPO (data-equal)": f"{nv + sc:.0f} + 0", "SCDPO": f"{nv:.0f} + {sc:.0f}"}[name]
-        loc = [x["loc"] for x in rows if "loc" in x]
-        f1 = ms([x["f1"] for x in loc]) if loc else "-"
-        ae = f"{100 * sum(x['acc_err'] for x in loc) / n:.1f}/{100 * sum(x['acc_cor'] for x in loc) / n:.1f}" if loc else "-"
-        lines.append(f"{name:<18} {pairs:>17} {ms([x['acc'] for x in rows]):>13} {ms([x['acc_borrow'] for x in rows]):>13} "
-                     f"{ms([x['acc_plain'] for x in rows]):>13} {f1:>13} {ae:>16}")
-    if n > 1:
-        for name in names[1:]:
-            d = [r[0][name]["acc"] - r[0]["SFT"]["acc"] for r in runs]
-            lines.append(f"  {name} - SFT per seed: " + ", ".join(f"{100 * x:+.1f}" for x in d))
-        d = [r[0]["SCDPO"]["acc"] - r[0]["DPO"]["acc"] for r in runs]
-        lines.append("  SCDPO - DPO per seed: " + ", ".join(f"{100 * x:+.1f}" for x in d))
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

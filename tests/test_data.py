@@ -18,12 +18,12 @@ MISTRAL = os.path.join(DATA, "tokenizers", "mistral-7b-v0.1")
 
 @pytest.fixture(scope="module")
 def math_test():
-    return data.load_dataset("math:test", root=DATA)
+    return data.load_records("math:test", root=DATA)
 
 
 @pytest.fixture(scope="module")
 def gsm8k_test():
-    return data.load_dataset("gsm8k:test", root=DATA)
+    return data.load_records("gsm8k:test", root=DATA)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -36,7 +36,7 @@ def gsm8k_test():
     ("math:test500", 500, {"solution", "level", "subject"}),
     ("svamp", 1000, set()), ("asdiv", 2215, set()), ("mawps", 2065, set())])
 def test_load_named_sets(spec, n, extra):
-    recs = data.load_dataset(spec, root=DATA)
+    recs = data.load_records(spec, root=DATA)
     assert len(recs) == n
     assert all(set(r) == {"id", "source", "question", "gold"} | extra for r in recs)
     assert len({r["id"] for r in recs}) == n
@@ -45,44 +45,53 @@ def test_load_named_sets(spec, n, extra):
 
 
 def test_load_details(math_test):
-    gsm = data.load_dataset("gsm8k:train", root=DATA)
+    gsm = data.load_records("gsm8k:train", root=DATA)
     assert gsm[0]["gold"] == "72" and gsm[0]["id"] == "gsm8k/train/0"
-    assert any(r["gold"] == "2125" for r in data.load_dataset("gsm8k:test", root=DATA))  # '#### 2,125'
+    assert any(r["gold"] == "2125" for r in data.load_records("gsm8k:test", root=DATA))  # '#### 2,125'
     assert math_test[0]["id"] == "math/test/algebra/1.json" and math_test[0]["subject"] == "algebra"
     ids = {r["id"] for r in math_test}
-    assert {r["id"] for r in data.load_dataset("math:test500", root=DATA)} <= ids   # MATH500 keeps MATH ids
+    assert {r["id"] for r in data.load_records("math:test500", root=DATA)} <= ids   # MATH500 keeps MATH ids
 
 
 def test_data_root_from_env(monkeypatch):
     monkeypatch.setenv("SCDPO_DATA", DATA)
     assert data.data_root() == DATA
-    assert len(data.load_dataset("svamp")) == 1000
+    assert len(data.load_records("svamp")) == 1000
 
 
-def test_load_any_jsonl_with_field_map(tmp_path):
+def test_any_jsonl_is_read_by_field_names(tmp_path):
     p = tmp_path / "mine.jsonl"
-    p.write_text('{"problem": "1+1?", "answer": "2", "key": "a"}\n\n{"problem": "2+2?", "answer": 4, "key": "b"}\n')
-    recs = data.load_dataset(str(p), fields={"question": "problem", "gold": "answer", "id": "key"})
+    p.write_text('{"problem": "1+1?", "answer": "2", "id": "a"}\n\n{"question": "2+2?", "gold": 4, "id": "b"}\n'
+                 '{"question": "3+3?", "answer": "3+3=6\\n#### 6"}\n')
+    recs = data.load_records(str(p))
     assert recs == [{"id": "mine/a", "source": "mine", "question": "1+1?", "gold": "2"},
-                    {"id": "mine/b", "source": "mine", "question": "2+2?", "gold": "4"}]
-    assert data.load_dataset(str(p), fields={"question": "problem", "gold": "answer"})[1]["id"] == "mine/1"
+                    {"id": "mine/b", "source": "mine", "question": "2+2?", "gold": "4"},
+                    {"id": "mine/2", "source": "mine", "question": "3+3?", "gold": "6", "solution": "3+3=6\n#### 6"}]
+    assert data.load_records(f"{p},{p}", limit=1) == recs[:1] * 2                # each set cut to its first N
+    assert [r["id"] for r in data.load_records("gsm8k,math500", limit=2, root=DATA)] == [
+        "gsm8k/test/0", "gsm8k/test/1", "math/test/precalculus/807.json", "math/test/intermediate_algebra/1994.json"]
 
 
 @pytest.mark.parametrize("text,message", [
     ('{"problem": "1+1?", "answer": "2"}\n{"problem": "x", "answer": \n', "mine.jsonl:2: not valid JSON"),
-    ('{"problem": "1+1?", "answer": "2"}\n\n{"problem": "x"}\n', "mine.jsonl:3: missing field 'answer'"),  # file lines
+    ('{"problem": "1+1?", "answer": "2"}\n\n{"problem": "x"}\n',
+     "mine.jsonl:3: missing field 'gold' or 'answer'"),   # file lines, blank ones counted
+    ('{"answer": "2"}\n', "mine.jsonl:1: missing field 'question' \\(or 'problem'\\)"),
     ('{"problem": ["a"], "answer": "2"}\n', "mine.jsonl:1: field 'problem' is list"),
-    ('[1, 2]\n', "mine.jsonl:1: expected a JSON object")])
+    ('[1, 2]\n', "mine.jsonl:1: expected a JSON object"),
+    ('\n', "mine.jsonl: no records")])
 def test_malformed_lines_name_file_line_field(tmp_path, text, message):
     p = tmp_path / "mine.jsonl"
     p.write_text(text)
     with pytest.raises(ValueError, match=message):
-        data.load_dataset(str(p), fields={"question": "problem", "gold": "answer"})
+        data.load_records(str(p))
 
 
 def test_unknown_set():
     with pytest.raises(ValueError, match="unknown data set"):
-        data.load_dataset("gsm9k:test")
+        data.load_records("gsm9k:test")
+    with pytest.raises(FileNotFoundError, match="missing.jsonl: not found"):
+        data.load_records("missing.jsonl")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,10 +330,6 @@ def test_split_code():
     assert split_steps("```python\nx=1\n```\n\n```output\n\n```\n", "code") == ["```python\nx=1\n```\n\n", "```output\n\n```\n"]
     lead = split_steps("\n```python\nx=1\n```\n", "code")                # leading whitespace stays on the block
     assert lead == ["\n```python\nx=1\n```\n"] and data.step_kind(lead[0]) == "code"
-    assert data.step_of_char(steps, 0) == 0 and data.step_of_char(steps, len(steps[0])) == 1
-    assert data.step_of_char(steps, len(CODE) - 1) == 6
-    with pytest.raises(IndexError):
-        data.step_of_char(steps, len(CODE))
 
 
 def test_cut_points():
@@ -357,8 +362,6 @@ GSM0 = "Janet sells 16 - 3 - 4 = 9 duck eggs a day.\n\nShe makes 9 * 2 = $18 eve
 ])
 def test_judge(solution, fmt, label):
     assert data.judge(solution, "18" if fmt == "cot" else "90", fmt)[0] == label
-    assert data.is_preferred(solution, "18" if fmt == "cot" else "90", fmt) == (label == "preferred")
-    assert data.is_dispreferred(solution, "18" if fmt == "cot" else "90", fmt) == (label == "dispreferred")
 
 
 def test_noisy():
@@ -415,43 +418,6 @@ def test_pair_jsonl_round_trip(tmp_path):
         f.write(json.dumps({**pairs[0], "k": "0"}) + "\n")
     with pytest.raises(ValueError, match=r"pairs.jsonl:1: field 'k' is str"):
         data.read_pairs(path)
-
-
-def test_trl_round_trip():
-    """Our rows come back from TRL's prompt: the question is read out of it (the metadata does not carry
-    it), and a prompt that is not question + prefix is refused. A conversational foreign row maps its
-    user message to the question and an open assistant message after it to the prefix."""
-    naive, sc = _pairs()
-    assert data.to_trl(naive)["prompt"] == REC["question"]
-    assert data.to_trl(sc)["prompt"] == REC["question"] + "\n\n" + STEPS[0]
-    for pair in (naive, sc):
-        row = json.loads(json.dumps(data.to_trl(pair)))
-        assert "question" not in row and (row["chosen"], row["rejected"]) == (pair["chosen"], pair["rejected"])
-        assert data.from_trl(row) == pair
-        edited = {**row, "prompt": "Tom sold 10 clips. Total?" + row["prompt"][len(REC["question"]):]}
-        assert data.from_trl(edited) == {**pair, "question": "Tom sold 10 clips. Total?"}
-        with pytest.raises(ValueError, match=r"TRL row gsm8k/train/0: prompt .* is not question \+ '\\n\\n' \+ prefix"):
-            data.from_trl({**row, "question": "Another question?"})
-    with pytest.raises(ValueError, match=r"is not question"):   # the prompt lost the step-controlled prefix
-        data.from_trl({**data.to_trl(sc), "prompt": REC["question"]})
-    foreign = {"prompt": "What is 2+2?", "chosen": "2+2 = 4.\nThe answer is: 4", "rejected": "The answer is: 5"}
-    back = data.from_trl(foreign)
-    assert (back["question"], back["prefix"], back["kind"], back["chosen_answer"]) == ("What is 2+2?", "", "naive", "4")
-    assert {k: data.to_trl(back)[k] for k in foreign} == foreign
-    user, assistant = {"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "2+2 = 4.\n\n"}
-    chat = {"prompt": [user, assistant], "chosen": [{"role": "assistant", "content": "The answer is: 4"}],
-            "rejected": [{"role": "assistant", "content": "So 5.\n\nThe answer is: 5"}], "gold": "4"}
-    back = data.from_trl(chat)
-    assert (back["question"], back["prefix"], back["kind"], back["k"]) == ("What is 2+2?", "2+2 = 4.\n\n", "sc", 0)
-    assert (back["chosen"], back["rejected"], back["chosen_answer"], back["rejected_answer"]) == (
-        "The answer is: 4", "So 5.\n\nThe answer is: 5", "4", "5")
-    assert data.to_trl(back)["prompt"] == "What is 2+2?\n\n2+2 = 4.\n\n" and data.from_trl(data.to_trl(back)) == back
-    back = data.from_trl({**chat, "prompt": [user]})
-    assert (back["question"], back["prefix"], back["kind"], back["k"]) == ("What is 2+2?", "", "naive", -1)
-    with pytest.raises(ValueError, match=r"messages with roles \['system', 'user'\], expected one of"):
-        data.from_trl({**chat, "prompt": [{"role": "system", "content": "Be brief."}, user]})
-    with pytest.raises(ValueError, match=r"messages with roles \['user'\]"):
-        data.from_trl({**chat, "rejected": [user]})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -567,3 +533,48 @@ def test_packed_equals_unpacked_equals_one_sequence_at_a_time(tok):
             got[packed] = _seg_logps(h, m.lm_head_weight, batch)
     assert torch.allclose(got[True], torch.tensor(ref, dtype=torch.float64), atol=1e-9, rtol=0)
     assert torch.allclose(got[False], torch.tensor(ref, dtype=torch.float64), atol=1e-9, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# TRL's preference format
+# ----------------------------------------------------------------------------------------------
+def test_trl_rows_train_on_the_same_tokens_as_ours(tok, tmp_path):
+    """Our pairs written as TRL rows (to_trl: the prompt rendered with the chat template, as TRL feeds a
+    string prompt verbatim) read back as the same records and tokenise to the same ids."""
+    pairs = list(_pairs())
+    ours, trl = str(tmp_path / "ours.jsonl"), str(tmp_path / "trl.jsonl")
+    data.write_jsonl(ours, pairs)
+    data.write_jsonl(trl, [data.to_trl(p, tok) for p in pairs])
+    rows = data.read_jsonl(trl)
+    assert rows[1]["prompt"] == tok.render_prompt(REC["question"], STEPS[0])
+    assert rows[0]["prompt"].startswith("<s>Question: ") and rows[0]["prompt"].endswith("Answer:\n")
+    (a, fa), (b, fb) = data.read_pairs(ours, with_format=True), data.read_pairs(trl, with_format=True)
+    assert (fa, fb) == ("scdpo", "TRL") and [{k: v for k, v in p.items() if k != "prompt"} for p in b] == a
+    assert [data.tokenize_pair(p, tok) for p in a] == [data.tokenize_pair(p, tok) for p in b]
+
+
+def test_foreign_trl_rows(tok):
+    """A string prompt is fed verbatim (as TRL does); a conversational row is rendered with the chat
+    template, its user message the question and an open assistant message the prefix."""
+    foreign = {"prompt": "Q: What is 2+2?\nA:", "chosen": " 2+2 = 4.\nThe answer is: 4", "rejected": " 5"}
+    back = data.from_trl(foreign, "f.jsonl:1")
+    assert (back["question"], back["prefix"], back["kind"], back["chosen_answer"]) == (foreign["prompt"], "",
+                                                                                        "naive", "4")
+    row = data.tokenize_pair(back, tok)
+    assert tok.decode(row["prompt"]) == "Q: What is 2+2?\nA:"                      # no template around it
+    user, assistant = {"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "2+2 = 4.\n\n"}
+    chat = {"prompt": [user, assistant], "chosen": [{"role": "assistant", "content": "The answer is: 4"}],
+            "rejected": [{"role": "assistant", "content": "So 5.\n\nThe answer is: 5"}], "gold": "4"}
+    back = data.from_trl(chat)
+    assert (back["question"], back["prefix"], back["kind"], back["k"]) == ("What is 2+2?", "2+2 = 4.\n\n", "sc", 0)
+    assert (back["chosen"], back["rejected"], back["chosen_answer"], back["rejected_answer"]) == (
+        "The answer is: 4", "So 5.\n\nThe answer is: 5", "4", "5")
+    assert "prompt" not in back and tok.decode(data.tokenize_pair(back, tok)["prompt"]).startswith("Question: ")
+    back = data.from_trl({**chat, "prompt": [user]})
+    assert (back["question"], back["prefix"], back["kind"], back["k"]) == ("What is 2+2?", "", "naive", -1)
+    with pytest.raises(ValueError, match=r"messages with roles \['system', 'user'\], expected one of"):
+        data.from_trl({**chat, "prompt": [{"role": "system", "content": "Be brief."}, user]})
+    with pytest.raises(ValueError, match=r"x.jsonl:3: messages with roles \['user'\]"):
+        data.from_trl({**chat, "rejected": [user]}, "x.jsonl:3")
+    with pytest.raises(ValueError, match=r"x.jsonl:4: missing field 'rejected'"):
+        data.from_trl({"prompt": "a", "chosen": "b"}, "x.jsonl:4")

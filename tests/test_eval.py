@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import DATA
+from conftest import DATA, tiny_checkpoint
 
 import data
 import eval as E
@@ -20,29 +20,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MISTRAL_TOK = os.path.join(DATA, "tokenizers", "mistral-7b-v0.1")
 
 
-def tiny_checkpoint(path, seed=0):
+def mistral_checkpoint(path, seed=0):
     """A 2-layer random Llama with the real Mistral tokenizer, in the hub's format."""
-    torch.manual_seed(seed)
-    args = M.ModelArgs(vocab_size=32000, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64,
-                       max_seq_len=2048)
-    M.Transformer(args).save_pretrained(path)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(os.path.join(MISTRAL_TOK, f), os.path.join(path, f))
+    tiny_checkpoint(path, seed=seed, tokenizer="mistral")
     return str(path)
 
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     d = tmp_path_factory.mktemp("ckpt")
-    return tiny_checkpoint(d / "a", 0), tiny_checkpoint(d / "b", 1)
+    return mistral_checkpoint(d / "a", 0), mistral_checkpoint(d / "b", 1)
 
 
 @pytest.fixture(scope="module")
 def problems(tmp_path_factory):
     """20 real test problems, 10 GSM8K + 10 MATH500, as one JSONL file."""
-    rows = [{"question": r["question"], "answer": r["gold"]} for r in data.load_dataset("gsm8k:test")[:10]]
+    rows = [{"question": r["question"], "answer": r["gold"]} for r in data.load_records("gsm8k:test")[:10]]
     rows += [{"problem": r["question"], "answer": r["gold"], "subject": r["subject"], "level": r["level"]}
-             for r in data.load_dataset("math:test500")[:10]]
+             for r in data.load_records("math:test500")[:10]]
     path = tmp_path_factory.mktemp("data") / "mixed.jsonl"
     with open(path, "w") as f:
         for r in rows[:10]:
@@ -85,7 +80,7 @@ def test_named_sets_and_breakdown(ckpts, tmp_path, capsys):
 def test_printed_accuracy_equals_recount_when_some_are_right(ckpts, problems, tmp_path, capsys, monkeypatch):
     """A random model scores 0; here every other question gets its gold worked answer, so the count is not trivial."""
     def fake(model, tok, questions, max_new_tokens, batch_size):
-        recs = {r["question"]: r for r in E.load_eval_set(problems[1])}
+        recs = {r["question"]: r for r in data.load_records(problems[1])}
         return [f"So the answer is $\\boxed{{{recs[q]['gold']}}}$." if i % 2 == 0 else "I think it is 12345." for i, q in enumerate(questions)]
     monkeypatch.setattr(E, "generate_greedy", fake)
     out = tmp_path / "p.jsonl"
@@ -195,7 +190,7 @@ def test_bad_eval_files_are_refused_naming_the_file(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(ValueError, match=rf"{empty}: no records"):
-        E.load_eval_set(str(empty))
+        data.load_records(str(empty))
     # a ProcessBench file whose second record lost its label
     real = json.load(open(os.path.join(DATA, "processbench", "gsm8k.json"), encoding="utf-8"))[:3]
     del real[1]["label"]

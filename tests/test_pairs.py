@@ -20,25 +20,16 @@ import pytest
 import torch
 
 import data
+from conftest import byte_tokenizer
 from model import ModelArgs, Transformer
-from sample import load_records, make_pairs
+from sample import PairSettings, make_pairs, pairs_for_chunk
 
-sys.path.insert(0, os.path.dirname(__file__))
-from test_sample import byte_tokenizer  # noqa: E402
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SETTINGS = dict(k_max=16, naive_batch=8, tries=4, max_new_tokens=40, delimiter="\n", chunk=2, seed=0)
+SETTINGS = PairSettings(k_max=16, naive_batch=8, tries=4, max_new_tokens=40, delimiter="\n", seed=0)
 CLI = ["--k-max", "16", "--naive-batch", "8", "--tries", "4", "--max-new-tokens", "40", "--delimiter", "\\n",
        "--chunk", "2", "--seed", "0"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models decode fastest on one thread; on a shared 2-core machine extra threads spin and wait."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tilted_model(tok):
@@ -69,13 +60,13 @@ def setup(tmp_path_factory):
     model.save_pretrained(str(d / "ckpt"))
     rows = [{"question": f"What is {a} + {b}?", "answer": str(a + b)} for a in range(5) for b in range(4)]
     data.write_jsonl(str(d / "gsm8k.jsonl"), rows)   # the source is the file's name: gsm8k (2 sc pairs each)
-    return d, model, tok, load_records(str(d / "gsm8k.jsonl"))
+    return d, model, tok, data.load_records(str(d / "gsm8k.jsonl"))
 
 
 def test_both_pair_kinds_end_to_end(setup):
     d, model, tok, records = setup
     assert len(records) == 20
-    summary = make_pairs(model, tok, records, str(d / "inproc.jsonl"), progress=False, **SETTINGS)
+    summary = make_pairs(model, tok, records, str(d / "inproc.jsonl"), SETTINGS, chunk=2, progress=False)
     pairs = data.read_pairs(str(d / "inproc.jsonl"))
     kinds = [p["kind"] for p in pairs]
     assert kinds.count("naive") >= 3 and kinds.count("sc") >= 3, summary
@@ -107,7 +98,6 @@ def test_both_pair_kinds_end_to_end(setup):
 def test_a_sample_cut_off_at_max_new_tokens_is_never_graded(tmp_path):
     """A scripted model whose solution is right early ('... 43 ...') and only ends later: cut off at
     max_new_tokens, the chain-of-thought fallback (the last number) would grade it preferred."""
-    from sample import pairs_for_chunk
     from test_sample import Scripted
     tok = byte_tokenizer(str(tmp_path / "tok"))
     rec = {"id": "t/0", "source": "gsm8k", "question": "What is 6 * 7 + 1?", "gold": "43"}
@@ -115,9 +105,11 @@ def test_a_sample_cut_off_at_max_new_tokens_is_never_graded(tmp_path):
     model = Scripted(tok.encode(tok.render_prompt(rec["question"]) + script) + [tok.eos_id], tok.vocab_size)
     cut = script[:30]
     assert data.judge(cut, "43")[0] == "preferred"   # what the old pipeline did with it
-    res = pairs_for_chunk(model, tok, [rec], k_max=4, naive_batch=2, tries=2, max_new_tokens=30, delimiter="\n")[0]
+    res = pairs_for_chunk(model, tok, [rec], PairSettings(k_max=4, naive_batch=2, tries=2, max_new_tokens=30,
+                                                         delimiter="\n"))[0]
     assert res["pairs"] == [] and res["stats"] == {"samples": 4, "samples_truncated": 4, "drop_naive_no_preferred": 1}
-    res = pairs_for_chunk(model, tok, [rec], k_max=4, naive_batch=2, tries=2, max_new_tokens=200, delimiter="\n")[0]
+    res = pairs_for_chunk(model, tok, [rec], PairSettings(k_max=4, naive_batch=2, tries=2, max_new_tokens=200,
+                                                         delimiter="\n"))[0]
     assert res["stats"]["samples_preferred"] == 4 and "samples_truncated" not in res["stats"]
 
 
@@ -168,10 +160,10 @@ def test_a_kill_while_rewriting_a_progress_file_loses_nothing(setup, tmp_path, m
         return dumps(*a, **k)
     monkeypatch.setattr(json, "dumps", killed)
     with pytest.raises(Killed):
-        make_pairs(model, tok, records, out, progress=False, **SETTINGS)
+        make_pairs(model, tok, records, out, SETTINGS, chunk=2, progress=False)
     monkeypatch.undo()
     assert calls and open(part).read() == before
-    summary = make_pairs(model, tok, records[:6], out, progress=False, **SETTINGS)   # resumes: all 6 done
+    summary = make_pairs(model, tok, records[:6], out, SETTINGS, chunk=2, progress=False)   # resumes: all 6 done
     assert summary == {"questions": 6, "samples": 6}
     assert open(part).read() == before[:before.rindex("\n") + 1]
 
@@ -179,7 +171,7 @@ def test_a_kill_while_rewriting_a_progress_file_loses_nothing(setup, tmp_path, m
 def test_killed_and_restarted_run_writes_the_same_file(setup):
     d, model, tok, records = setup
     ref = str(d / "ref.jsonl")
-    make_pairs(model, tok, records, ref, progress=False, **SETTINGS)
+    make_pairs(model, tok, records, ref, SETTINGS, chunk=2, progress=False)
     out = str(d / "cli.jsonl")
     cmd = [sys.executable, os.path.join(ROOT, "sample.py"), "pairs", "--model", str(d / "ckpt"),
            "--data", str(d / "gsm8k.jsonl"), "--out", out, *CLI]
@@ -231,7 +223,6 @@ def test_code_format_runs_the_code_of_every_sample(tmp_path):
     """fmt="code" through the pipeline with a scripted model (test_sample.Scripted) that always writes the
     same right solution, its outputs left for the sandbox to fill in: every sample is preferred, so no
     pair comes out, and the counts say why."""
-    from sample import pairs_for_chunk
     from test_sample import Scripted
     tok = byte_tokenizer(str(tmp_path / "tok"))
     S, E, OS, OE = data.CODE_START, data.CODE_END, data.OUTPUT_START, data.OUTPUT_END
@@ -239,7 +230,8 @@ def test_code_format_runs_the_code_of_every_sample(tmp_path):
     script = f"Compute.\n{S}x = 6*7\nprint(x)\n{E}{OS}XX\n{OE}Then.\n{S}x + 1\n{E}{OS}XX\n{OE}The answer is 43."
     model = Scripted(tok.encode(prompt + script) + [tok.eos_id], tok.vocab_size)
     rec = {"id": "t/0", "source": "math", "question": "What is 6 * 7 + 1?", "gold": "43"}
-    res = pairs_for_chunk(model, tok, [rec], fmt="code", k_max=4, naive_batch=2, tries=2, max_new_tokens=200)[0]
+    res = pairs_for_chunk(model, tok, [rec], PairSettings(fmt="code", k_max=4, naive_batch=2, tries=2,
+                                                         max_new_tokens=200))[0]
     # continuing after a prefix that defines x works only because the prefix's code re-runs in each
     # continuation's kernel first (else `x + 1` fails, the output differs, the script derails, a pair appears)
     assert res["pairs"] == []

@@ -13,16 +13,11 @@ from tokenizers import decoders, models, pre_tokenizers
 
 import data
 from model import ModelArgs, Tokenizer, Transformer
-from sample import Kernel, generate, logits_to_probs, sample, sample_solutions
+from conftest import byte_tokenizer
+from sample import Kernel, Sampling, generate, logits_to_probs, sample, sample_solutions
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models decode fastest on one thread; on a shared 2-core machine extra threads spin and wait."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(vocab=64, seed=0, **kw):
@@ -31,18 +26,9 @@ def tiny(vocab=64, seed=0, **kw):
     return Transformer(ModelArgs(**{**args, **kw})).eval()
 
 
-def byte_tokenizer(path):
-    """A byte-level tokenizer without merges: one token per byte, plus <s> and </s>."""
-    alpha = sorted(pre_tokenizers.ByteLevel.alphabet())
-    t = tokenizers.Tokenizer(models.BPE(vocab={"<s>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate(alpha)}}, merges=[]))
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    t.decoder = decoders.ByteLevel()
-    t.add_special_tokens(["<s>", "</s>"])
-    os.makedirs(path, exist_ok=True)
-    t.save(os.path.join(path, "tokenizer.json"))
-    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump({"bos_token": "<s>", "eos_token": "</s>"}, f)
-    return Tokenizer.from_pretrained(path)
+def ids(model, prompts, new, n=1, seed=None, eos_id=None, **cfg):
+    """generate()'s token ids per row, decoding as `cfg` says (greedy by default)."""
+    return [r.ids for r in generate(model, prompts, Sampling(new, **cfg), n=n, seed=seed, eos_id=eos_id)]
 
 
 def full_forward_greedy(model, prompt, steps):
@@ -58,7 +44,7 @@ def full_forward_greedy(model, prompt, steps):
 def test_greedy_ragged_equals_full_forward_argmax():
     model = tiny()
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12], [13], [14, 15]]
-    assert generate(model, prompts, 16) == [full_forward_greedy(model, p, 16) for p in prompts]
+    assert ids(model, prompts, 16) == [full_forward_greedy(model, p, 16) for p in prompts]
 
 
 def test_rows_stop_at_eos_and_the_rest_go_on():
@@ -66,7 +52,7 @@ def test_rows_stop_at_eos_and_the_rest_go_on():
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [13]]
     ref = [full_forward_greedy(model, p, 12) for p in prompts]
     eos = ref[1][3]   # row 1 ends after 4 tokens; the others end at their first `eos` or run to the limit
-    out = generate(model, prompts, 12, eos_id=eos)
+    out = ids(model, prompts, 12, eos_id=eos)
     for o, r in zip(out, ref):
         assert o == (r[:r.index(eos) + 1] if eos in r else r)
     assert len(out[1]) <= 4
@@ -75,10 +61,10 @@ def test_rows_stop_at_eos_and_the_rest_go_on():
 def test_shared_prompt_reuse_equals_separate_prefills():
     model = tiny()
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]]
-    shared = generate(model, prompts, 10, temperature=1.0, top_k=20, seed=7, n=4)
-    separate = generate(model, [p for p in prompts for _ in range(4)], 10, temperature=1.0, top_k=20, seed=7)
+    shared = ids(model, prompts, 10, temperature=1.0, top_k=20, seed=7, n=4)
+    separate = ids(model, [p for p in prompts for _ in range(4)], 10, temperature=1.0, top_k=20, seed=7)
     assert shared == separate
-    assert generate(model, prompts, 10, temperature=1.0, seed=7, n=4) == generate(model, prompts, 10, temperature=1.0, seed=7, n=4)
+    assert ids(model, prompts, 10, temperature=1.0, seed=7, n=4) == ids(model, prompts, 10, temperature=1.0, seed=7, n=4)
     assert len({tuple(r) for r in shared}) > 2   # samples differ from one another
 
 
@@ -134,7 +120,7 @@ def test_sampled_counts_match_softmax(T, top_k, top_p):
     prompt = [1, 5, 9, 2]
     p = reference_probs(model(torch.tensor([prompt]))[0, -1:].detach(), T, top_k, top_p)[0]
     N = 6000
-    out = generate(model, [prompt], 1, temperature=T, top_k=top_k, top_p=top_p, seed=11, n=N)
+    out = ids(model, [prompt], 1, temperature=T, top_k=top_k, top_p=top_p, seed=11, n=N)
     counts = np.bincount([o[0] for o in out], minlength=16)
     support = p > 0
     assert counts[~support].sum() == 0, "a token outside top-k/top-p was sampled"
@@ -186,7 +172,7 @@ def test_ramp_changes_temperature_exactly_at_step_boundaries(btok):
     model = Scripted(script, btok.vocab_size)
     prompts = [btok.encode(prompt_text), btok.encode(prompt_text + "One.\n\nTw")]   # the second starts mid-solution
     for ramp in [(1.1, 0.05, 1.4), (1.1, 0.1, 1.4)]:
-        rows = generate(model, prompts, 200, ramp=ramp, tok=btok, seed=0, return_rows=True)
+        rows = generate(model, prompts, Sampling(max_new_tokens=200, ramp=ramp), tok=btok, seed=0)
         for r, start in zip(rows, [0, len("One.\n\nTw")]):
             text = body[start:]
             assert btok.decode(r.ids) == text and r.finish == "eos"
@@ -204,22 +190,22 @@ def test_ramp_with_line_delimiter_and_constant_temperature_without_ramp(btok):
     prompt_text = "<s>Question: go\n\nAnswer:\n"
     body = "a\nb\nc\nd"
     model = Scripted(btok.encode(prompt_text + body) + [btok.eos_id], btok.vocab_size)
-    r = generate(model, [btok.encode(prompt_text)], 50, ramp=(1.0, 0.25, 1.5), tok=btok, delimiter="\n", return_rows=True)[0]
+    r = generate(model, [btok.encode(prompt_text)], Sampling(50, ramp=(1.0, 0.25, 1.5), delimiter="\n"), tok=btok)[0]
     assert [round(t, 6) for t in r.temps] == [1.0, 1.0, 1.25, 1.25, 1.5, 1.5, 1.5, 1.5]
-    r = generate(model, [btok.encode(prompt_text)], 50, temperature=0.8, tok=btok, return_rows=True)[0]
+    r = generate(model, [btok.encode(prompt_text)], Sampling(50, temperature=0.8), tok=btok)[0]
     assert set(r.temps) == {0.8}
 
 
 def test_stop_string(btok):
     prompt_text = "<s>Question: go\n\nAnswer:\n"
     model = Scripted(btok.encode(prompt_text + "One.\n\nTwo.\n\nThree.") + [btok.eos_id], btok.vocab_size)
-    texts = sample_solutions(model, btok, ["go"], n=2, stop="Two", temperature=1.0)
-    assert texts == [["One.\n\n", "One.\n\n"]]
-    rows = sample_solutions(model, btok, ["go"] * 3, prefixes=["", "", "One.\n\nTwo.\n\n"], stop="Two",
-                            max_new_tokens=4, return_finish=True)
+    texts = sample_solutions(model, btok, ["go"], Sampling(stop=("Two",), temperature=1.0), n=2)
+    assert texts == [[("One.\n\n", "stop"), ("One.\n\n", "stop")]]
+    rows = sample_solutions(model, btok, ["go"] * 3, Sampling(max_new_tokens=4, stop=("Two",)),
+                            prefixes=["", "", "One.\n\nTwo.\n\n"])
     assert rows == [[("One.", "length")], [("One.", "length")], [("Thre", "length")]]
-    assert sample_solutions(model, btok, ["go"], stop="Two", return_finish=True) == [[("One.\n\n", "stop")]]
-    assert sample_solutions(model, btok, ["go"], return_finish=True) == [[("One.\n\nTwo.\n\nThree.", "eos")]]
+    assert sample_solutions(model, btok, ["go"], Sampling(stop=("Two",))) == [[("One.\n\n", "stop")]]
+    assert sample_solutions(model, btok, ["go"]) == [[("One.\n\nTwo.\n\nThree.", "eos")]]
 
 
 def test_code_blocks_run_in_one_kernel_per_row_and_outputs_are_appended(btok):
@@ -230,8 +216,7 @@ def test_code_blocks_run_in_one_kernel_per_row_and_outputs_are_appended(btok):
                    "The answer is 43.")
     want = script_text.replace("XX", "42", 1).replace("XX", "43", 1)
     model = Scripted(btok.encode(prompt_text + script_text) + [btok.eos_id], btok.vocab_size)
-    rows = generate(model, [btok.encode(prompt_text)] * 2, 300, ramp=(1.1, 0.1, 1.4), tok=btok, fmt="code",
-                    return_rows=True)
+    rows = generate(model, [btok.encode(prompt_text)] * 2, Sampling(300, ramp=(1.1, 0.1, 1.4), fmt="code"), tok=btok)
     for r in rows:
         assert btok.decode(r.ids) == want
         # steps completed: text->code, code end, (output), text->code, code end
@@ -375,7 +360,7 @@ def test_hostile_code_inside_generate_leaves_the_sampler_running(btok, tmp_path)
     prompt_text = "<s>Question: go\n\nAnswer:\n"
     model = Scripted(btok.encode(prompt_text + text) + [btok.eos_id], btok.vocab_size)
     t = time.time()
-    rows = generate(model, [btok.encode(prompt_text)] * 2, 2000, tok=btok, fmt="code", sandbox=sandbox, return_rows=True)
+    rows = generate(model, [btok.encode(prompt_text)] * 2, Sampling(2000, fmt="code"), tok=btok, sandbox=sandbox)
     assert time.time() - t < 2 * len(blocks) + 10                  # the rows' blocks run side by side
     for r in rows:
         assert btok.decode(r.ids) == text and r.finish == "eos"

@@ -5,7 +5,6 @@ against transformers, and the refusals (malformed pairs, foreign pairs, a non-fi
 norm, a resume by another number of processes)."""
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -18,40 +17,16 @@ from safetensors.torch import load_file
 import data
 import scdpo
 from model import ModelArgs, Transformer
-from test_sample import byte_tokenizer   # one token per byte, plus <s> and </s>
+from conftest import tiny_checkpoint, toy_pairs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_model(path, seed=0, tied=False, vocab=None):
-    """A tiny random hub checkpoint with the byte tokenizer; Qwen2-shaped (qkv bias, tied embeddings)
-    with tied=True, Llama-shaped otherwise."""
-    tok = byte_tokenizer(path)
-    torch.manual_seed(seed)
-    args = ModelArgs(vocab_size=vocab or tok.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                     intermediate_size=64, max_seq_len=512, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
-                     model_type="qwen2" if tied else "llama", qkv_bias=tied, tie_embeddings=tied)
-    m = Transformer(args)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.2)
-    m.save_pretrained(path)
-    return m, tok
+    return tiny_checkpoint(path, seed=seed, tied=tied, vocab=vocab)
 
 
-def make_pairs(path, n=16, seed=0):
-    """n toy pairs, alternately naive and step-controlled (the prefix is the first step)."""
-    rng, pairs = random.Random(seed), []
-    for i in range(n):
-        a, b, c = rng.randint(1, 9), rng.randint(1, 9), rng.randint(1, 9)
-        rec = {"id": f"q{i}", "source": "toy", "question": f"Ann has {a} bags of {b} nuts and {c} more. How many?", "gold": str(a * b + c)}
-        s1, good, bad = f"{a}*{b}={a * b}\n\n", f"{a * b}+{c}={a * b + c}\n\nThe answer is {a * b + c}.", f"{a * b}+{c}={a * b + c + 1}\n\nThe answer is {a * b + c + 1}."
-        if i % 2:
-            pairs.append(data.make_pair(rec, good, bad, prefix=s1, k=0))
-        else:
-            pairs.append(data.make_pair(rec, s1 + good, f"{a}*{b}={a * b - 1}\n\n" + bad))
-    data.write_jsonl(path, pairs)
-    return path
+make_pairs = toy_pairs
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +212,7 @@ def test_bad_pairs_are_refused_up_front(tiny, tmp_path):
         scdpo.train(args_for(str(tmp_path / "small"), pairs, str(tmp_path / "b")))
     # pairs recorded as sampled by another model
     shutil.copy(pairs, tmp_path / "p.jsonl")
-    fp = scdpo.model_fingerprint(str(root / "model"))
+    fp = data.model_fingerprint(str(root / "model"))
     json.dump({**fp, "model": "0" * 16}, open(tmp_path / "p.jsonl.meta.json", "w"))
     with pytest.raises(ValueError, match="sampled with model 0000000000000000"):
         scdpo.train(args_for(str(root / "model"), str(tmp_path / "p.jsonl"), str(tmp_path / "c")))
@@ -360,7 +335,7 @@ def test_without_pairs_the_pairs_are_sampled_once(tiny, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="training items is less than one global batch"):
         scdpo.train(scdpo.get_parser().parse_args(argv))
     meta = json.load(open(tmp_path / "run" / "pairs.jsonl.meta.json"))
-    assert meta["summary"]["questions"] == 2 and meta["model"] == scdpo.model_fingerprint(str(root / "model"))["model"]
+    assert meta["summary"]["questions"] == 2 and meta["model"] == data.model_fingerprint(str(root / "model"))["model"]
     monkeypatch.setattr(sample, "make_pairs", lambda *a, **k: pytest.fail("the finished stage ran again"))
     with pytest.raises(ValueError, match="training items is less than one global batch"):
         scdpo.train(scdpo.get_parser().parse_args(argv))
