@@ -64,7 +64,8 @@ def token_logprobs_reference(hidden, weight, targets):
 # Cost at N=8192, D=4096, V=131072, bf16, on an H200 (C=16384: 8 slices):
 #   FLOPs   4 GEMMs (forward, recomputed logits, dH, dW) of 2NDV = 8NDV = 3.5e13: 44.5 ms at the
 #           ~790 TFLOP/s of a large bf16 cuBLAS GEMM (989 on paper). Each slice's GEMM is 1.1e12
-#           FLOPs on 0.6 GB of operands and output (~2000 FLOP/byte), so it runs at that peak.
+#           FLOPs on 0.5-0.7 GB of operands and output (1500-2300 FLOP/byte, where the H200's
+#           memory would limit below ~200), so it can run at that peak.
 #   bytes   outside the GEMMs: the row kernels read fp32 Z twice and write bf16 dZ once,
 #           N*V*(4+4+2) = 10.7 GB; dH accumulates over 8 slices, 4 passes of N*D*4 each = 4.3 GB;
 #           15 GB at ~4 TB/s = 3.8 ms.
@@ -74,16 +75,17 @@ def token_logprobs_reference(hidden, weight, targets):
 # Why slices of the vocabulary, not of the tokens (Liger-Kernel's fused linear cross-entropy cuts
 # tokens): both need the same FLOPs, but a token chunk writes every row of dW, so dW needs an fp32
 # V x D accumulator (2 GiB here) read and written once per chunk: with 2048-token chunks 17 GB of
-# traffic, and 2.5 GiB of memory with the chunk's logits, against our 1.0 GiB; that is 0.29 of naive
-# with the returned gradients, which misses the target of 1/4, where ours is 0.17. The trade-off
-# flips when N > V (the dH accumulator is N x D), which DPO micro-batches never reach.
+# traffic, and 2.5 GiB of memory with the chunk's logits, against our 1.0 GiB. With the returned
+# gradients (1.1 GiB) that is about 0.3 of naive, missing the target of 1/4; ours is 0.17. The
+# trade-off flips when N > V (the dH accumulator is N x D), which DPO micro-batches never reach.
 #
 # Numerics. Z is fp32 (cuBLAS accumulates in fp32; torch.mm(out_dtype=float32) skips the rounding
 # to bf16, which at |z| ~ 30 would move a log-prob by up to 0.06); dZ is rounded once, to the input
-# dtype, for the two gradient GEMMs. The log-sum-exp stays split as (m, log s), never lse = m + log s:
-# with logits far from 0 (the "massive activations" of LLM hidden states) the rounding of |m| in lse
-# (3e-5 at |m| ~ 300) would enter every p of the row, sum_j p_j would drift off 1, and dH along the
-# large-weight direction would pick up weight * drift. p = exp(z - m) * exp(-log s) avoids it.
+# dtype, for the two gradient GEMMs. The log-sum-exp stays split as (m, log s), never m + log s:
+# with logits far from 0 (the "massive activations" of LLM hidden states) the rounding of |m| in
+# lse = m + log s (up to 1.5e-5 at |m| ~ 300) would enter every p of the row, sum_j p_j would drift
+# off 1, and dH along the large-weight direction would pick up weight * drift.
+# p = exp(z - m) * exp(-log s) avoids it.
 # ----------------------------------------------------------------------------------------------
 
 
