@@ -154,7 +154,7 @@ def accuracy(n, d, v):
     grad = torch.randn(n, device="cuda", generator=g)
 
     def run(fn, dt):
-        h, w = hidden.to(dt).requires_grad_(), weight.to(dt).requires_grad_()
+        h, w = (x.detach().to(dt).requires_grad_() for x in (hidden, weight))     # fresh leaves
         logp = fn(h, w, targets)
         return (logp.detach(), *torch.autograd.grad(logp, (h, w), grad.to(logp.dtype)))
 
