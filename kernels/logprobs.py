@@ -3,21 +3,21 @@
     logp[i] = log softmax(hidden @ weight.T)[i, targets[i]]    (0 where targets[i] == -100)
 
 DPO needs exactly this for every response token of the policy and the reference model. Written
-naively it materialises the logits, their fp32 copy and their gradient: 2.5 GB each at 4096
-tokens and Qwen2.5's 151,936 vocab, the most reported out-of-memory in DPO trainers.
+naively it materialises the logits, their fp32 copy and their gradient: 2.5 GB each at 4096 tokens
+and Qwen2.5's 151,936 vocab, the most reported out-of-memory in DPO trainers.
 
-Which path runs is decided in one place, `which_backend`:
-  - CUDA tensors (backend=None)  -> Triton: fused kernels, logits live only in registers, one
-                                   [BLOCK_N, BLOCK_V] tile at a time.
-  - anything else (backend=None) -> torch: the same math chunked over tokens, so the largest
-                                   temporary is one [chunk, V] fp32 block.
+One algorithm (below): the vocabulary is cut into slices, each slice's logits come from one GEMM,
+and a row step turns them into log-sum-exp statistics (forward) or logit gradients (backward). The
+row step has two implementations, and `which_backend` picks one in one place:
+  - CUDA tensors (backend=None)  -> "triton": two Triton row kernels.
+  - anything else (backend=None) -> "torch": the same row step in torch ops.
   - backend="triton" / "torch"   -> forced; "triton" on CPU tensors needs TRITON_INTERPRET=1
                                    (Triton's numpy interpreter, used by the tests) and raises otherwise.
-Nothing falls back silently.
+Nothing falls back silently. The GEMMs are torch.mm (cuBLAS on a GPU) in both.
 
-Layout (as in the Triton tutorials): naive reference with its memory traffic, the kernels, the
-launchers, the autograd Functions, the torch fallback, then the public functions.
-Tests: tests/test_kernels.py. Benchmark: bench/logprobs.py.
+Layout (as in the Triton tutorials): naive reference with its memory traffic, the algorithm and its
+cost, the Triton row kernels, the same row step in torch, the launchers, the autograd Function, then
+the public functions. Tests: tests/test_kernels.py. Benchmark: bench/logprobs.py.
 """
 
 import os
@@ -30,14 +30,15 @@ IGNORE = -100
 
 
 # ----------------------------------------------------------------------------------------------
-# Naive reference: what a DPO trainer usually writes. Memory traffic for N tokens, vocab V,
-# hidden D in bf16 (fp32 doubles every 2-byte term below):
-#   logits = hidden @ weight.T        write N*V*2 bytes               (2.5 GB at 4096 x 151936 fp32)
-#   .float().log_softmax(-1)          read N*V*2, write N*V*4 twice   (the copy, then the output kept for backward)
-#   .gather(targets)                  N values; backward scatters them into a fresh N*V*4 zero tensor
-#   log_softmax backward              read 2 * N*V*4, write N*V*4; then cast to bf16, N*V*2
-#   dH = dlogits @ W, dW = dlogits.T @ H   read N*V*2 twice
-# so a peak of several N x V tensors alive at once, for N values that are actually wanted.
+# Naive reference: what a DPO trainer usually writes. Memory for N tokens, vocab V in bf16, at
+# N=8192, V=131072 (one N x V tensor: 2 GiB in bf16, 4 GiB in fp32):
+#   logits = hidden @ weight.T        N*V*2 bytes written
+#   .float().log_softmax(-1)          the fp32 copy, then the fp32 output kept for backward: 10 GiB
+#                                     alive at the peak of the forward
+#   .gather(targets)                  N values; its backward scatters them into a fresh N*V*4 zero tensor
+#   log_softmax backward              reads both N*V*4 tensors, writes a third: 12 GiB alive
+#   .to(bf16), dH = dZ @ W, dW = dZ.T @ H   N*V*2 more, read twice
+# so ~12 GiB and ~10 N*V-sized passes over memory, for N values that are actually wanted.
 # ----------------------------------------------------------------------------------------------
 def token_logprobs_reference(hidden, weight, targets):
     logits = hidden @ weight.T                                             # (N, V)
@@ -46,322 +47,238 @@ def token_logprobs_reference(hidden, weight, targets):
     return torch.where(targets == IGNORE, 0.0, picked)
 
 
-# Two helpers that exist only because of the interpreter (TRITON_INTERPRET=1, the CPU tests);
-# on a GPU, INTERPRET is False and they compile to a plain tl.dot and a plain cast. Triton 3.9's
-# interpreter (runtime/interpreter.py) (1) multiplies bf16 dot operands as their raw uint16 bits,
-# and (2) casts fp32 -> bf16 by truncation where the GPU rounds to nearest even.
-@triton.jit
-def _mm(a, b, acc, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
-    # a @ b + acc, fp32 accumulation; under the interpreter the operands go to fp32 first (exact)
-    if INTERPRET:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
-
-
-@triton.jit
-def _cast(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
-    # x.to(dtype); under the interpreter a bf16 target is rounded to nearest even by hand on the fp32
-    # bits (add 0x7FFF plus the lowest kept bit, drop 16 bits) and kept in fp32 for _mm
-    if INTERPRET and dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
-    else:
-        return x.to(dtype)
+# ----------------------------------------------------------------------------------------------
+# The algorithm. Cut the vocabulary into slices of C columns; for each slice, Z = H @ W[slice].T
+# is one GEMM with fp32 output (N, C), then a row step reads Z once:
+#   forward:  the online log-sum-exp (Milakov & Gimelshein 2018) carried from slice to slice,
+#                 m' = max(m, max_j z_j);   s' = s * exp(m - m') + sum_j exp(z_j - m'),
+#             and z[target] from the one slice that holds it; logp = (z_t - m) - log s.
+#             Only m and log s (2N floats) are kept for the backward.
+#   backward: with g the incoming gradient, d logp_i / d z_ij = onehot(t_i)_j - p_ij, so
+#                 dZ = g[:, None] * (onehot(t) - exp(Z - m) / s)     (g = 0 for ignored tokens)
+#             in the input dtype, then two GEMMs: dH += dZ @ W[slice] (fp32 accumulator),
+#             dW[slice] = dZ.T @ H (its own rows: written once, no accumulation).
+# No atomics anywhere: every output element has one writer, so results are the same bit for bit
+# from run to run.
+#
+# Cost at N=8192, D=4096, V=131072, bf16, on an H200 (C=16384: 8 slices):
+#   FLOPs   4 GEMMs (forward, recomputed logits, dH, dW) of 2NDV = 8NDV = 3.5e13: 44.5 ms at the
+#           ~790 TFLOP/s of a large bf16 cuBLAS GEMM (989 on paper). Each slice's GEMM is 1.1e12
+#           FLOPs on 0.5-0.7 GB of operands and output (1500-2300 FLOP/byte, where the H200's
+#           memory would limit below ~200), so it can run at that peak.
+#   bytes   outside the GEMMs: the row kernels read fp32 Z twice and write bf16 dZ once,
+#           N*V*(4+4+2) = 10.7 GB; dH accumulates over 8 slices, 4 passes of N*D*4 each = 4.3 GB;
+#           15 GB at ~4 TB/s = 3.8 ms.
+#   time    ~48 ms, ~90% of the GEMM peak (target 70%; bench/logprobs.py --device cuda measures it).
+#   memory  beyond inputs and returned gradients: Z 512 MiB, dZ 256 MiB, the fp32 dH and one
+#           slice's product 2 x 128 MiB: 1.0 GiB (the naive path: ~12 GiB).
+# Why slices of the vocabulary, not of the tokens (Liger-Kernel's fused linear cross-entropy cuts
+# tokens): both need the same FLOPs, but a token chunk writes every row of dW, so dW needs an fp32
+# V x D accumulator (2 GiB here) read and written once per chunk: with 2048-token chunks 17 GB of
+# traffic, and 2.5 GiB of memory with the chunk's logits, against our 1.0 GiB. With the returned
+# gradients (1.1 GiB) that is about 0.3 of naive, missing the target of 1/4; ours is 0.17. The
+# trade-off flips when N > V (the dH accumulator is N x D), which DPO micro-batches never reach.
+#
+# Numerics. Z is fp32 (cuBLAS accumulates in fp32; torch.mm(out_dtype=float32) skips the rounding
+# to bf16, which at |z| ~ 30 would move a log-prob by up to 0.06); dZ is rounded once, to the input
+# dtype, for the two gradient GEMMs. The log-sum-exp stays split as (m, log s), never m + log s:
+# with logits far from 0 (the "massive activations" of LLM hidden states) the rounding of |m| in
+# lse = m + log s (up to 1.5e-5 at |m| ~ 300) would enter every p of the row, sum_j p_j would drift
+# off 1, and dH along the large-weight direction would pick up weight * drift.
+# p = exp(z - m) * exp(-log s) avoids it.
+# ----------------------------------------------------------------------------------------------
 
 
 # ----------------------------------------------------------------------------------------------
-# Triton forward. One program owns a tile of BLOCK_N tokens and a contiguous slice of the vocab
-# (a "split"); it walks that slice BLOCK_V columns at a time. For each logits tile
-#     z = H[rows] @ W[cols].T                    (fp32 accumulation over D, BLOCK_D at a time)
-# it updates the online log-sum-exp (Milakov & Gimelshein 2018):
-#     m' = max(m, max_j z_j);   s' = s * exp(m - m') + sum_j exp(z_j - m');   lse = m + log s
-# and picks up z[target] in the one tile whose columns contain the target. Each split writes its
-# partial (m, s, z_target); the launcher merges the splits (a few ops on [splits, N] floats).
-# Splitting the vocab is flash-decoding's trick: N=8192 tokens are only 128 token tiles, too few
-# programs to fill a GPU, while the vocab axis has 1000+ tiles to share out.
+# Triton row step, forward. One program per token row of one slice's (N, C) fp32 logits: it
+# updates the row's running (m, s) with the slice's C columns, BLOCK_V at a time, and picks up
+# z[target] if the target falls in this slice. Rows are independent: no cross-program reduction.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _forward_kernel(H, W, T, M_part, S_part, Z_part, N, V, D, v_per_split,
-                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                    PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
-    # program_id is int32; rows * D and cols * D pass 2**31 for large heads (V=262144 x D=8192 is
-    # 2.1e9) and the pointer arithmetic would wrap silently. Start in int64 and everything stays there.
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_s = tl.program_id(1).to(tl.int64)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                 # token ids of this tile
-    row_ok = rows < N                                              # the last tile is ragged
-    t = tl.load(T + rows, mask=row_ok, other=-100)                 # target ids (-100: ignored)
-    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)             # running max m
-    s = tl.zeros((BLOCK_N,), tl.float32)                           # running sum s = sum exp(z - m)
-    z_t = tl.zeros((BLOCK_N,), tl.float32)                         # z[target], 0 unless in this split
-    v_start = pid_s * v_per_split                                  # v_per_split is a multiple of BLOCK_V,
-    v_end = tl.minimum(v_start + v_per_split, V)                   # so only cols >= V need masking
-    for v0 in range(v_start, v_end, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)                          # vocab ids of this tile
-        col_ok = cols < V
-        # z = H[rows] @ W[cols].T, accumulated in fp32 over D; masked loads give 0, adding nothing
-        z = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            h = tl.load(H + rows[:, None] * D + ds[None, :], mask=row_ok[:, None] & (ds[None, :] < D), other=0.0)
-            w = tl.load(W + cols[:, None] * D + ds[None, :], mask=col_ok[:, None] & (ds[None, :] < D), other=0.0)
-            z = _mm(h, tl.trans(w), z, PRECISION, INTERPRET)
-        z = tl.where(col_ok[None, :], z, float("-inf"))            # columns past V: exp(-inf) = 0
-        # online log-sum-exp; the first tile has m = -inf and exp(-inf - m') = 0 clears s
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+def _lse_kernel(Z, T, M, S, Z_T, C, v0, BLOCK_V: tl.constexpr):
+    # program_id is int32, and row * C passes 2**31 at 131072 rows x 16384 columns; in int64 from the
+    # start, all the pointer arithmetic below stays in int64.
+    row = tl.program_id(0).to(tl.int64)
+    z_row = Z + row * C
+    m = tl.load(M + row)                                           # running max (-inf before slice 0)
+    s = tl.load(S + row)                                           # running sum of exp(z - m)
+    for c0 in range(0, C, BLOCK_V):
+        cols = c0 + tl.arange(0, BLOCK_V)
+        z = tl.load(z_row + cols, mask=cols < C, other=float("-inf"))   # exp(-inf) = 0: masked adds 0
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        # rescale the old sum to the new max; on the first block m = -inf and exp(-inf) clears s = 0
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
         m = m_new
-        # the target column, if it is in this tile (never for t = -100)
-        z_t += tl.sum(tl.where(cols[None, :] == t[:, None], z, 0.0), axis=1)
-    tl.store(M_part + pid_s * N + rows, m, mask=row_ok)
-    tl.store(S_part + pid_s * N + rows, s, mask=row_ok)
-    tl.store(Z_part + pid_s * N + rows, z_t, mask=row_ok)
+    tl.store(M + row, m)
+    tl.store(S + row, s)
+    t = tl.load(T + row) - v0                                      # the target's column in this slice
+    hit = (t >= 0) & (t < C)                                       # never for t = -100
+    tl.store(Z_T + row, tl.load(z_row + t, mask=hit, other=0.0), mask=hit)
 
 
 # ----------------------------------------------------------------------------------------------
-# Triton backward. With p = softmax(z) and g the incoming gradient of logp[i]:
-#     d logp_i / d z_ij = onehot(t_i)_j - p_ij         so   dZ = g[:, None] * (onehot(t) - P)
-#     dH = dZ @ W         dW = dZ.T @ H                (g = 0 for ignored tokens)
-# Each program owns one (token tile, vocab tile): it recomputes z from H and W (the one logits
-# recompute counted in 8*N*D*V), turns it into dZ in registers from the saved row max m and
-# log s (p = exp(z - m) / s: no second pass over the vocab), and adds dZ @ W[cols] into dH[rows]
-# and dZ.T @ H[rows] into dW[cols], BLOCK_D columns at a time, with fp32 atomics.
-# Why atomics rather than one kernel for dH (looping over vocab tiles) and one for dW (looping
-# over token tiles): D is 1024-8192, so a program cannot keep its [BLOCK_N, D] share of dH in
-# registers and must read-modify-write it in global memory either way; two owner kernels would
-# then also recompute every logits tile twice (10*N*D*V flops instead of 8) and give only N/BLOCK_N
-# (resp. V/BLOCK_V) programs. The price: fp32 atomics make dH/dW bitwise non-deterministic
-# run to run (last-bit differences), and an fp32 dW buffer of V*D*4 bytes for bf16 weights.
+# Triton row step, backward. One program per row of the slice's recomputed fp32 logits: writes
+# dZ = g * (onehot(t) - p) in the input dtype, p from the saved (m, log s) with no second pass.
+# For fp32 inputs dZ is Z itself (in place): each element is loaded before it is stored, by the
+# same thread (same layout for load and store), so the aliasing is safe.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _backward_kernel(H, W, T, M, LOG_S, G, dH, dW, N, V, D,
-                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                     GROUP_N: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
-                     NEED_DH: tl.constexpr, NEED_DW: tl.constexpr):
-    # Grouped launch order (as in Triton's matmul tutorial): programs running at the same time
-    # cover GROUP_N token tiles x a few vocab tiles, so their H and W tiles are shared in L2 and
-    # their atomics land on several dH and dW rows instead of piling onto one.
-    pid = tl.program_id(0)
-    n_tiles = tl.cdiv(N, BLOCK_N)
-    v_tiles = tl.cdiv(V, BLOCK_V)
-    first_n = (pid // (GROUP_N * v_tiles)) * GROUP_N
-    group_n = tl.minimum(n_tiles - first_n, GROUP_N)
-    pid_n = (first_n + (pid % (GROUP_N * v_tiles)) % group_n).to(tl.int64)   # int64: see forward
-    pid_v = ((pid % (GROUP_N * v_tiles)) // group_n).to(tl.int64)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    row_ok = rows < N
-    col_ok = cols < V
-    t = tl.load(T + rows, mask=row_ok, other=-100)
-    m = tl.load(M + rows, mask=row_ok, other=0.0)
-    log_s = tl.load(LOG_S + rows, mask=row_ok, other=0.0)
-    g = tl.load(G + rows, mask=row_ok, other=0.0)
-    g = tl.where(t != -100, g, 0.0)                                # ignored tokens get no gradient
-    # recompute z = H[rows] @ W[cols].T exactly as the forward did
-    z = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        h = tl.load(H + rows[:, None] * D + ds[None, :], mask=row_ok[:, None] & (ds[None, :] < D), other=0.0)
-        w = tl.load(W + cols[:, None] * D + ds[None, :], mask=col_ok[:, None] & (ds[None, :] < D), other=0.0)
-        z = _mm(h, tl.trans(w), z, PRECISION, INTERPRET)
-    # dZ = g * (onehot(t) - p), p = exp(z - m) / s. Not exp(z - lse): z - m is exact, while
-    # lse = m + log s carries one rounding of |m| (3e-5 at |m| ~ 300) into every p of the row, so
-    # sum_j p_j drifts off 1 and dH along a large-weight direction (the "massive activations" of
-    # LLM hidden states) picks up weight * drift.
-    # Columns past V meet only zero W rows and masked stores, but z = 0 there and exp(0 - m) can
-    # overflow (all logits < -88), and inf * 0 = NaN in the dots: they get z = -inf, so p = 0.
-    z = tl.where(col_ok[None, :], z, float("-inf"))
-    p = tl.exp(z - m[:, None]) * tl.exp(-log_s)[:, None]
-    dz = g[:, None] * (tl.where(cols[None, :] == t[:, None], 1.0, 0.0) - p)
-    dz = _cast(dz, H.dtype.element_ty, INTERPRET)                  # bf16 in: bf16 tensor-core dots, fp32 acc
-    for d0 in range(0, D, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        d_ok = ds[None, :] < D
-        if NEED_DH:
-            # dH[rows, ds] += dZ @ W[cols, ds]                     (BLOCK_N, BLOCK_D)
-            w = tl.load(W + cols[:, None] * D + ds[None, :], mask=col_ok[:, None] & d_ok, other=0.0)
-            dh = _mm(dz, w, tl.zeros((BLOCK_N, BLOCK_D), tl.float32), PRECISION, INTERPRET)
-            tl.atomic_add(dH + rows[:, None] * D + ds[None, :], dh, mask=row_ok[:, None] & d_ok, sem="relaxed")
-        if NEED_DW:
-            # dW[cols, ds] += dZ.T @ H[rows, ds]                   (BLOCK_V, BLOCK_D)
-            h = tl.load(H + rows[:, None] * D + ds[None, :], mask=row_ok[:, None] & d_ok, other=0.0)
-            dw = _mm(tl.trans(dz), h, tl.zeros((BLOCK_V, BLOCK_D), tl.float32), PRECISION, INTERPRET)
-            tl.atomic_add(dW + cols[:, None] * D + ds[None, :], dw, mask=col_ok[:, None] & d_ok, sem="relaxed")
+def _dlogits_kernel(Z, DZ, T, M, LOG_S, G, C, v0, BLOCK_V: tl.constexpr, INTERPRET: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)                            # int64: see _lse_kernel
+    m = tl.load(M + row)
+    inv_s = tl.exp(-tl.load(LOG_S + row))                          # 1 / s, once per row
+    g = tl.load(G + row)                                           # 0 for ignored tokens
+    t = tl.load(T + row) - v0                                      # target column, may be outside [0, C)
+    for c0 in range(0, C, BLOCK_V):
+        cols = c0 + tl.arange(0, BLOCK_V)
+        z = tl.load(Z + row * C + cols, mask=cols < C, other=float("-inf"))
+        dz = g * (tl.where(cols == t, 1.0, 0.0) - tl.exp(z - m) * inv_s)
+        if INTERPRET:
+            if DZ.dtype.element_ty == tl.bfloat16:
+                # Triton 3.9's interpreter casts fp32 -> bf16 by truncation where the GPU rounds to
+                # nearest even: round by hand on the fp32 bits (add 0x7FFF plus the lowest kept bit,
+                # drop 16 bits), so that the truncating store below is exact. On a GPU: a plain cast.
+                bits = dz.to(tl.uint32, bitcast=True)
+                dz = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        tl.store(DZ + row * C + cols, dz.to(DZ.dtype.element_ty), mask=cols < C)
 
 
 # ----------------------------------------------------------------------------------------------
-# Launchers. Block sizes, chosen on paper (not autotuned, not yet timed on a GPU; retune there):
-#   BLOCK_N=64, BLOCK_V=128: a 64x128 fp32 logits tile is 32 KB of registers over 8 warps
-#     (32 per thread), leaving room in the backward for dZ and the two [*, BLOCK_D] products;
-#     both are multiples of the 16x16 (bf16) tensor-core shapes that tl.dot needs.
-#   BLOCK_D=64: 64 bf16 = 128-byte rows, one full cache line per row per load.
-#   splits: enough vocab slices that token tiles x splits is about 4 programs per SM. Under the
-#     interpreter (no SMs) we count 4, so small test shapes still exercise the split merge.
+# The same row step in torch, for CPUs and any non-CUDA tensor: the lines mirror the kernels.
+# Z is overwritten in place, so a slice never costs a second (N, C) block.
 # ----------------------------------------------------------------------------------------------
-BLOCK_N, BLOCK_V, BLOCK_D, GROUP_N, NUM_WARPS = 64, 128, 64, 8, 8
+def _target_column(targets, v0, C):
+    t = targets - v0
+    return t.clamp(0, C - 1)[:, None], (t >= 0) & (t < C)         # gather index, is it in this slice
+
+
+def _lse_torch(z, targets, m, s, z_t, v0):
+    col, hit = _target_column(targets, v0, z.shape[1])
+    z_t += torch.where(hit, z.gather(1, col).squeeze(1), 0.0)
+    m_new = torch.maximum(m, z.amax(1))
+    s.mul_((m - m_new).exp()).add_(z.sub_(m_new[:, None]).exp_().sum(1))
+    m.copy_(m_new)
+
+
+def _dlogits_torch(z, dz, targets, m, log_s, g, v0):
+    col, hit = _target_column(targets, v0, z.shape[1])
+    z.sub_(m[:, None]).exp_().mul_((-g * (-log_s).exp())[:, None])           # -g p
+    z.scatter_add_(1, col, torch.where(hit, g, 0.0)[:, None])                # + g onehot(t)
+    if dz is not z:
+        dz.copy_(z)                                                          # round to nearest even
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers. Block sizes, chosen on paper (the compile test prints registers and shared memory):
+#   one program per row: N programs (8192 at the shape above, ~60 per SM), independent of C.
+#   BLOCK_V=4096 fp32 over 8 warps: 16 values per thread, four 16-byte loads in flight per thread
+#     per step, enough with several programs per SM to cover HBM latency in a kernel that only
+#     streams memory; 32 registers, so 8 programs (2048 threads) fit on an SM. A slice narrower
+#     than 4096 (the last, or a small vocab) gets the next power of two instead.
+#   CHUNK_BYTES: the fp32 (N, C) logits block of one slice; C a multiple of 256 (aligned GEMM
+#     operands), at least 256. On a GPU 512 MiB: C=16384 above, GEMMs of 1.1e12 FLOPs and 8 passes
+#     over dH. On a CPU 64 MiB: its GEMMs are slow enough that more slices cost nothing measurable,
+#     and memory is what a CPU run is short of.
+# ----------------------------------------------------------------------------------------------
+BLOCK_V, NUM_WARPS = 4096, 8
+CHUNK_BYTES = {"cuda": 512 * 2**20, "cpu": 64 * 2**20}
 
 
 def _interpreting():
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _precision(x):
-    # fp32 tl.dot defaults to TF32 on GPUs (10-bit mantissa); fp32 inputs ask for fp32 products
-    return "ieee" if x.dtype == torch.float32 else "tf32"
+def _block(C):
+    return min(BLOCK_V, triton.next_power_of_2(C))
 
 
-def _triton_forward(hidden, weight, targets):
-    N, D = hidden.shape
-    V = weight.shape[0]
-    n_tiles, v_tiles = triton.cdiv(N, BLOCK_N), triton.cdiv(V, BLOCK_V)
-    sms = 4 if not hidden.is_cuda else torch.cuda.get_device_properties(hidden.device).multi_processor_count
-    tiles_per_split = triton.cdiv(v_tiles, min(v_tiles, triton.cdiv(4 * sms, n_tiles)))
-    splits = triton.cdiv(v_tiles, tiles_per_split)                 # every split gets >= 1 tile
-    m, s, z = (torch.empty(splits, N, device=hidden.device, dtype=torch.float32) for _ in range(3))
-    _forward_kernel[(n_tiles, splits)](hidden, weight, targets, m, s, z, N, V, D, tiles_per_split * BLOCK_V,
-                                       BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D,
-                                       PRECISION=_precision(hidden), INTERPRET=_interpreting(), num_warps=NUM_WARPS)
-    # merge splits: lse = M + log S, M = max_k m_k, S = sum_k s_k exp(m_k - M).
-    # logp = (z_t - M) - log S, not z_t - lse, and (M, log S) kept apart for the backward: with
-    # logits far from 0 the rounding of lse itself would be the largest error (see the backward).
-    m_all = m.amax(0)
-    log_s = (s * (m - m_all).exp()).sum(0).log()
-    logp = torch.where(targets == IGNORE, 0.0, (z.sum(0) - m_all) - log_s)
-    return logp, m_all, log_s
+def _lse_triton(z, targets, m, s, z_t, v0):
+    N, C = z.shape
+    _lse_kernel[(N,)](z, targets, m, s, z_t, C, v0, BLOCK_V=_block(C), num_warps=NUM_WARPS)
 
 
-def _triton_backward(hidden, weight, targets, m, log_s, grad, need_dh, need_dw):
-    N, D = hidden.shape
-    V = weight.shape[0]
-    # atomics accumulate in fp32; for fp32 inputs these buffers are the gradients themselves
-    dh = torch.zeros(N, D, device=hidden.device, dtype=torch.float32) if need_dh else None
-    dw = torch.zeros(V, D, device=hidden.device, dtype=torch.float32) if need_dw else None
-    grid = (triton.cdiv(N, BLOCK_N) * triton.cdiv(V, BLOCK_V),)
-    _backward_kernel[grid](hidden, weight, targets, m, log_s, grad, dh, dw, N, V, D,
-                           BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D, GROUP_N=GROUP_N,
-                           PRECISION=_precision(hidden), INTERPRET=_interpreting(), NEED_DH=need_dh, NEED_DW=need_dw,
-                           num_warps=NUM_WARPS)
-    return (dh.to(hidden.dtype) if need_dh else None), (dw.to(weight.dtype) if need_dw else None)
+def _dlogits_triton(z, dz, targets, m, log_s, g, v0):
+    N, C = z.shape
+    _dlogits_kernel[(N,)](z, dz, targets, m, log_s, g, C, v0, BLOCK_V=_block(C), INTERPRET=_interpreting(),
+                          num_warps=NUM_WARPS)
 
 
-class _TritonTokenLogprobs(torch.autograd.Function):
+ROW_STEPS = {"triton": (_lse_triton, _dlogits_triton), "torch": (_lse_torch, _dlogits_torch)}
+
+
+# ----------------------------------------------------------------------------------------------
+# The autograd Function: the slice loop, shared by both row steps.
+# ----------------------------------------------------------------------------------------------
+def _slices(N, V, device):
+    """Vocabulary slices [v0, v1): the (N, C) fp32 logits block near CHUNK_BYTES."""
+    budget = CHUNK_BYTES["cuda" if device.type == "cuda" else "cpu"]
+    C = max(256, budget // (4 * max(N, 1)) // 256 * 256)
+    return [(v0, min(v0 + C, V)) for v0 in range(0, V, C)]
+
+
+def _mm32(a, b):
+    """a @ b with fp32 output and fp32 accumulation; bf16 operands are multiplied exactly."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)             # cuBLAS, no rounding of the output
+    return a.float() @ b.float()                                   # CPUs have no bf16 -> fp32 GEMM
+
+
+class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets):
-        logp, m, log_s = _triton_forward(hidden, weight, targets)
+    def forward(ctx, hidden, weight, targets, backend):
+        lse_step = ROW_STEPS[backend][0]
+        N = hidden.shape[0]
+        m = torch.full((N,), float("-inf"), dtype=torch.float32, device=hidden.device)
+        s, z_t = (torch.zeros(N, dtype=torch.float32, device=hidden.device) for _ in range(2))
+        for v0, v1 in _slices(N, weight.shape[0], hidden.device):
+            z = _mm32(hidden, weight[v0:v1].T)                     # (N, C) fp32 logits of this slice
+            lse_step(z, targets, m, s, z_t, v0)
+        log_s = s.log()
         ctx.save_for_backward(hidden, weight, targets, m, log_s)   # 2N floats, not N x V
-        return logp
+        ctx.backend = backend
+        return torch.where(targets == IGNORE, 0.0, (z_t - m) - log_s)
 
     @staticmethod
     def backward(ctx, grad):
         hidden, weight, targets, m, log_s = ctx.saved_tensors
-        dh, dw = _triton_backward(hidden, weight, targets, m, log_s, grad.float().contiguous(),
-                                  ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return dh, dw, None
-
-
-# ----------------------------------------------------------------------------------------------
-# Torch fallback: the same math, chunked over tokens. The chunk is sized so its [C, V] fp32
-# logits block stays near CHUNK_BYTES, so extra memory is bounded by a chunk (plus the fp32 dW
-# that bf16 weights accumulate into), not by N x V. The backward recomputes each chunk's logits
-# from the saved (m, log s), like the kernel, instead of keeping them.
-# For bf16 inputs the matmul runs in bf16 (fp32 accumulation inside the GEMM, output rounded to
-# bf16) and everything after it -- log-sum-exp, softmax, dZ, dW accumulation -- in fp32.
-# ----------------------------------------------------------------------------------------------
-CHUNK_BYTES = 64 * 2**20
-
-
-def _chunk_rows(V):
-    return max(1, CHUNK_BYTES // (4 * V))
-
-
-class _TorchTokenLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, targets):
-        N, C = hidden.shape[0], _chunk_rows(weight.shape[0])
-        logp, m, log_s = (torch.empty(N, device=hidden.device, dtype=torch.float32) for _ in range(3))
-        for i in range(0, N, C):
-            t = targets[i:i + C]
-            z = (hidden[i:i + C] @ weight.T).float()               # (C, V) the only big temporary
-            m[i:i + C] = z.amax(-1)
-            z = z.sub_(m[i:i + C, None])                           # z - m, in place: no 2nd block
-            z_t = z.gather(-1, t.clamp(min=0)[:, None]).squeeze(-1)
-            log_s[i:i + C] = z.exp_().sum(-1).log()
-            logp[i:i + C] = torch.where(t == IGNORE, 0.0, z_t - log_s[i:i + C])   # (z_t - m) - log s
-        ctx.save_for_backward(hidden, weight, targets, m, log_s)
-        return logp
-
-    @staticmethod
-    def backward(ctx, grad):
-        hidden, weight, targets, m, log_s = ctx.saved_tensors
+        dlogits_step = ROW_STEPS[ctx.backend][1]
         need_dh, need_dw = ctx.needs_input_grad[:2]
-        N, C = hidden.shape[0], _chunk_rows(weight.shape[0])
-        g = torch.where(targets == IGNORE, 0.0, grad.float())
-        dh = torch.empty_like(hidden) if need_dh else None
-        dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_dw else None
-        for i in range(0, N, C):
-            h, t, gc = hidden[i:i + C], targets[i:i + C], g[i:i + C, None]
-            # dZ = g * (onehot(t) - exp(z - m) / s), in place in the recomputed logits block
-            dz = (h @ weight.T).float().sub_(m[i:i + C, None]).exp_().mul_(-gc * log_s[i:i + C, None].neg().exp())
-            dz.scatter_add_(-1, t.clamp(min=0)[:, None], gc)       # ignored rows add g = 0
+        g = torch.where(targets == IGNORE, 0.0, grad.float()).contiguous()
+        dh = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_dh else None
+        dw = torch.empty_like(weight) if need_dw else None
+        for v0, v1 in _slices(hidden.shape[0], weight.shape[0], hidden.device):
+            w = weight[v0:v1]
+            z = _mm32(hidden, w.T)                                 # the forward's logits, recomputed
+            # dZ in the input dtype, for the two GEMMs; fp32 inputs: Z itself, in place
+            dz = z if weight.dtype == torch.float32 else torch.empty_like(z, dtype=weight.dtype)
+            dlogits_step(z, dz, targets, m, log_s, g, v0)
             if need_dh:
-                torch.mm(dz.to(weight.dtype), weight, out=dh[i:i + C])   # dH = dZ @ W
+                dh += _mm32(dz, w)                                 # dH += dZ @ W[slice]
             if need_dw:
-                dw.addmm_(dz.T, h.float())                         # dW += dZ.T @ H, fp32
-        return dh, (dw.to(weight.dtype) if need_dw else None), None
-
-
-# ----------------------------------------------------------------------------------------------
-# From logits the caller already holds (sampler, evaluation): same chunked log-sum-exp, and a
-# backward that writes the logits gradient chunk by chunk, so no fp32 [.., V] copy is ever made.
-# ----------------------------------------------------------------------------------------------
-class _LogitsLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, targets):                             # logits (R, V), targets (R,)
-        R, C = logits.shape[0], _chunk_rows(logits.shape[1])
-        logp, m, log_s = (torch.empty(R, device=logits.device, dtype=torch.float32) for _ in range(3))
-        for i in range(0, R, C):
-            t = targets[i:i + C]
-            m[i:i + C] = logits[i:i + C].amax(-1)
-            z = logits[i:i + C].float().sub(m[i:i + C, None])      # z - m, a new fp32 block
-            z_t = z.gather(-1, t.clamp(min=0)[:, None]).squeeze(-1)
-            log_s[i:i + C] = z.exp_().sum(-1).log()
-            logp[i:i + C] = torch.where(t == IGNORE, 0.0, z_t - log_s[i:i + C])
-        ctx.save_for_backward(logits, targets, m, log_s)
-        return logp
-
-    @staticmethod
-    def backward(ctx, grad):
-        logits, targets, m, log_s = ctx.saved_tensors
-        R, C = logits.shape[0], _chunk_rows(logits.shape[1])
-        g = torch.where(targets == IGNORE, 0.0, grad.float())
-        dlogits = torch.empty_like(logits)
-        for i in range(0, R, C):
-            gc = g[i:i + C, None]
-            dz = logits[i:i + C].float().sub(m[i:i + C, None]).exp_().mul_(-gc * log_s[i:i + C, None].neg().exp())  # -g p
-            dz.scatter_add_(-1, targets[i:i + C].clamp(min=0)[:, None], gc)         # + g * onehot
-            dlogits[i:i + C] = dz
-        return dlogits, None
+                torch.mm(dz.T, hidden, out=dw[v0:v1])              # dW[slice] = dZ.T @ H
+        return (dh.to(hidden.dtype) if need_dh else None), dw, None, None
 
 
 # ----------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------
 def which_backend(hidden, backend=None):
-    """The one place that decides the path: None -> "triton" for CUDA tensors, else "torch"."""
+    """The one place that decides the row step: None -> "triton" for CUDA tensors, else "torch"."""
     if backend is None:
         return "triton" if hidden.is_cuda else "torch"
-    if backend not in ("triton", "torch"):
+    if backend not in ROW_STEPS:
         raise ValueError(f"backend must be None, 'triton' or 'torch', got {backend!r}")
     if backend == "triton" and not hidden.is_cuda and not _interpreting():
-        raise RuntimeError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported")
+        raise RuntimeError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton "
+                           "is imported")
     return backend
 
 
 def _check_targets(targets, V):
     ok = (targets == IGNORE) | ((targets >= 0) & (targets < V))
-    if not bool(ok.all()):                                         # one host sync; cheaper than a wrong answer
+    if not bool(ok.all()):                                 # one host sync; cheaper than a wrong answer
         raise ValueError(f"targets must be in [0, {V}) or {IGNORE}")
 
 
@@ -369,19 +286,10 @@ def token_logprobs(hidden, weight, targets, backend=None):
     """log softmax(hidden @ weight.T)[i, targets[i]] as float32 (N,), 0 where targets == -100,
     without materialising the (N, V) logits. hidden (N, D), weight (V, D), targets (N,) int64.
     Differentiable in hidden and weight. backend: see `which_backend`."""
-    assert hidden.dim() == 2 and weight.dim() == 2 and hidden.shape[1] == weight.shape[1], (hidden.shape, weight.shape)
+    assert hidden.dim() == 2 and weight.dim() == 2, (hidden.shape, weight.shape)
+    assert hidden.shape[1] == weight.shape[1], (hidden.shape, weight.shape)
     assert targets.shape == hidden.shape[:1] and targets.dtype == torch.int64, (targets.shape, targets.dtype)
     assert hidden.dtype == weight.dtype, (hidden.dtype, weight.dtype)
     _check_targets(targets, weight.shape[0])
-    fn = _TritonTokenLogprobs if which_backend(hidden, backend) == "triton" else _TorchTokenLogprobs
-    return fn.apply(hidden.contiguous(), weight.contiguous(), targets.contiguous())
-
-
-def logprobs_from_logits(logits, targets):
-    """log softmax(logits)[..., targets] as float32 with targets' shape, 0 where targets == -100.
-    Chunked over rows; logits (..., V) in any float dtype. A layout that cannot be viewed as
-    (rows, V), e.g. logits[:, :-1], is copied once (in its own dtype)."""
-    assert logits.shape[:-1] == targets.shape, (logits.shape, targets.shape)
-    _check_targets(targets, logits.shape[-1])
-    rows = logits.reshape(-1, logits.shape[-1])
-    return _LogitsLogprobs.apply(rows, targets.reshape(-1)).view(targets.shape)
+    backend = which_backend(hidden, backend)
+    return _TokenLogprobs.apply(hidden.contiguous(), weight.contiguous(), targets.contiguous(), backend)
