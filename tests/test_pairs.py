@@ -238,3 +238,42 @@ def test_code_format_runs_the_code_of_every_sample(tmp_path):
     assert res["stats"]["samples_preferred"] == 4 and res["stats"]["drop_naive_no_dispreferred"] == 1
     # cuts after text and output blocks only (never after a code block): k = 0, 2, 3, 5, 2 tries each
     assert res["stats"]["drop_sc_no_wrong_continuation"] == 4 and res["stats"]["samples_sc"] == 8
+
+
+def test_one_question_answer_file_loads_the_same_through_every_command(setup, tmp_path):
+    """The same {question, answer} JSONL through eval.py --data, sample.py pairs --data and scdpo.py --data
+    (its pair-sampling stage): all three read the same records (data.load_records)."""
+    import eval as E
+    import scdpo
+    d, _, _, records = setup
+    src, want = str(d / "gsm8k.jsonl"), [r["id"] for r in records[:4]]
+    E.main(["--model", str(d / "ckpt"), "--data", src, "--limit", "4", "--max-new-tokens", "4",
+            "--out", str(tmp_path / "preds.jsonl")])
+    assert [r["id"] for r in data.read_jsonl(str(tmp_path / "preds.jsonl"))] == want
+    import sample
+    sample.main(["pairs", "--model", str(d / "ckpt"), "--data", src, "--limit", "4", "--out",
+                 str(tmp_path / "p.jsonl"), *CLI])
+    assert sorted(r["id"] for r in data.read_jsonl(str(tmp_path / "p.jsonl.parts" / "rank0.jsonl"))) == sorted(want)
+    four = tmp_path / "four.jsonl"
+    data.write_jsonl(str(four), data.read_jsonl(src)[:4])
+    args = scdpo.settings(model=str(d / "ckpt"), data=str(four), out=str(tmp_path / "run"), max_len=72,
+                          max_prompt=32, k_max=2, naive_batch=2, tries=1, quiet=True)
+    with pytest.raises(ValueError, match="less than one global batch"):   # 4 questions make too few pairs
+        scdpo.train(args)
+    parts = data.read_jsonl(str(tmp_path / "run" / "pairs.jsonl.parts" / "rank0.jsonl"))
+    assert [r["id"].replace("four/", "gsm8k/") for r in parts] == want
+
+
+def test_cli_writes_trl_rows_that_train_on_the_same_tokens(setup, tmp_path):
+    """`sample.py pairs --format trl`: the same pairs as our format, as TRL rows whose prompt is the rendered
+    chat template; read back by scdpo.py's reader, they tokenise to the same training rows."""
+    import sample
+    d, _, tok, _ = setup
+    outs = {fmt: str(tmp_path / f"{fmt}.jsonl") for fmt in ("scdpo", "trl")}
+    for fmt, out in outs.items():
+        sample.main(["pairs", "--model", str(d / "ckpt"), "--data", str(d / "gsm8k.jsonl"), "--out", out,
+                     "--limit", "6", "--format", fmt, *CLI])
+    (ours, fa), (trl, fb) = (data.read_pairs(outs[f], with_format=True) for f in ("scdpo", "trl"))
+    assert (fa, fb) == ("scdpo", "TRL") and len(ours) == len(trl) > 0
+    assert all(r["prompt"] == tok.render_prompt(p["question"], p["prefix"]) for r, p in zip(trl, ours))
+    assert data.tokenize_pairs(ours, tok, log=print) == data.tokenize_pairs(trl, tok, log=print)

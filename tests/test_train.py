@@ -339,3 +339,23 @@ def test_without_pairs_the_pairs_are_sampled_once(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(sample, "make_pairs", lambda *a, **k: pytest.fail("the finished stage ran again"))
     with pytest.raises(ValueError, match="training items is less than one global batch"):
         scdpo.train(scdpo.get_parser().parse_args(argv))
+
+
+def test_a_rerun_into_an_earlier_runs_folder_refuses_or_starts_clean(tiny, tmp_path):
+    """Without --resume an --out that holds a run is refused; --overwrite removes its log, checkpoints and
+    final model first, so that a crash of the new run followed by --resume cannot report the old model
+    as complete, and the log holds each step once."""
+    root, _, _, pairs, _ = tiny
+    common = ["--global-batch", "8", "--micro-batch", "4", "--lr", "1e-3", "--max-steps", "2"]
+    out = str(tmp_path / "run")
+    scdpo.train(args_for(str(root / "model"), pairs, out, *common))
+    assert os.path.exists(os.path.join(out, "final", "DONE"))
+    with pytest.raises(FileExistsError, match="holds an earlier run .*--resume .*--overwrite"):
+        scdpo.train(args_for(str(root / "model"), pairs, out, *common, "--lr", "2e-3"))
+    assert scdpo.train(args_for(str(root / "model"), pairs, out, *common, "--lr", "2e-3", "--overwrite",
+                                "--stop-after", "1")) is None                       # the new run "crashes"
+    assert not os.path.exists(os.path.join(out, "final"))
+    assert [json.loads(l)["step"] for l in open(os.path.join(out, "log.jsonl"))] == [1]
+    model = scdpo.train(args_for(str(root / "model"), pairs, out, *common, "--lr", "2e-3", "--resume"))
+    assert [json.loads(l)["step"] for l in open(os.path.join(out, "log.jsonl"))] == [1, 2]
+    assert json.loads(open(os.path.join(out, "log.jsonl")).readlines()[0])["lr"] > 0 and model is not None
