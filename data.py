@@ -149,20 +149,36 @@ def write_json(path, obj):
 
 
 # ----------------------------------------------------------------------------------------------
-# Final answers. extract_answer looks, in order, for the last \boxed{..} / \fbox{..}, the last
-# '#### N' (GSM8K), the last 'The answer is ..' (MetaMath), and else the last number in the text.
+# Final answers. The answer of a solution is the one of its LAST answer marker, by position:
+#   \boxed{..} / \fbox{..}    (boxes joined only by commas or 'and' are one list: \boxed{1}, \boxed{2})
+#   'Final Answer: The final answer is X. I hope it is correct.'  (Minerva), 'The answer is: X'
+#   (MetaMath), 'Answer: X', and GSM8K's '#### N'.
+# A marker's answer is the math span or box right after it, else its sentence, cut at '. ' or the line
+# end; a sentence that is prose ('The largest $n$ is 34.') gives its last math expression. A text with
+# no marker gives its last math expression: the last $..$ / $$..$$ / \(..\) / \[..\] span, bare \frac /
+# \sqrt, or number, whichever ends last, so never a fragment of a fraction. A $ opens math only if a
+# closing $ follows that is not money's: '$25 + $10 = $35' has no span, its answer is 35.
 # ----------------------------------------------------------------------------------------------
-_NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|(?<![\w.])-?\.\d+")
+_NUMBER = re.compile(r"(?<![\w.{^_\\])-?(?:\d{1,3}(?:,\d{3})+|\d{1,3}(?: \d{3})+|\d+)(?:\.\d+)?(?:/\d+)?(?![\d}]|\.\d)"
+                     r"|(?<![\w.{^_\\])-?\.\d+(?![\d}])")
+_OPEN = re.compile(r"\\\[|\\\(|\$\$|(?<!\\)\$")
+_DOLLAR = re.compile(r"\$((?:[^$\\]|\\[\s\S])+?)\$")
+_PROSE = re.compile(r"(?<![\\\w{])[A-Za-z]{2,} +[A-Za-z]{2,}(?![\w}])")   # two words in a row
+_BARE = re.compile(r"-?\d*\\(?:[dtc]?frac|sqrt)(?![a-zA-Z])")
+_MARKER = re.compile(r"(?i)\bfinal\s+answer\W{0,3}(?:is\b|:)|\bthe\s+(?:\w+\s+)?answer\s+is\b|^\W*answer\s*:|####", re.M)
+_JOIN = re.compile(r"(?:\s|[,;$&]|\\[\[\]()]|\\[,;!]|\\q?quad|\\text\{\s*(?:and)?\s*\}|\band\b)*")
 
 
-def last_boxed(text):
-    """Content of the last \\boxed{..} or \\fbox{..} (nested and escaped braces allowed), or of the
-    unbraced `\\boxed 5`; None when there is none or the last one never closes (a truncated answer)."""
-    starts = list(re.finditer(r"\\(?:boxed|fbox)(?![a-zA-Z])\s*", text))
-    if not starts:
-        return None
-    i = starts[-1].end()
-    if text.startswith("{", i):
+def _boxes(text):
+    """[(start, end, content)] of every \\boxed{..} / \\fbox{..} (nested and escaped braces allowed) and
+    unbraced `\\boxed 5`; content None for a box that never closes (a truncated answer)."""
+    out = []
+    for m in re.finditer(r"\\(?:boxed|fbox)(?![a-zA-Z])\s*", text):
+        i = m.end()
+        if not text.startswith("{", i):
+            arg = re.match(r"[^\s$}]+", text[i:])
+            out.append((m.start(), i + len(arg.group(0)) if arg else i, arg.group(0).rstrip(".") if arg else None))
+            continue
         depth, j = 0, i
         while j < len(text):
             if text[j] == "\\":
@@ -170,11 +186,16 @@ def last_boxed(text):
                 continue
             depth += {"{": 1, "}": -1}.get(text[j], 0)
             if depth == 0:
-                return text[i + 1:j].strip()
+                break
             j += 1
-        return None
-    m = re.match(r"[^\s$}]+", text[i:])
-    return m.group(0).rstrip(".") if m else None
+        out.append((m.start(), j + 1, text[i + 1:j].strip() if j < len(text) else None))
+    return out
+
+
+def last_boxed(text):
+    """Content of the last \\boxed{..} or \\fbox{..}, or None (no box, or the last one never closes)."""
+    boxes = _boxes(text)
+    return boxes[-1][2] if boxes else None
 
 
 def _hash_answer(text):
@@ -182,78 +203,204 @@ def _hash_answer(text):
     return found[-1].strip() if found else None
 
 
+def _math_spans(text):
+    """[(start, end, content)] of the math spans of a text, in order. A single $ opens a span only when
+    its closing $ is not followed by a digit (money: '$5 and $6') and the span is not prose."""
+    spans, i = [], 0
+    while True:
+        m = _OPEN.search(text, i)
+        if not m:
+            return spans
+        tok, i = m.group(0), m.end()
+        if tok == "$":
+            d = _DOLLAR.match(text, m.start())
+            if (not d or not d.group(1).strip() or "\n\n" in d.group(1) or text[d.end():d.end() + 1].isdigit()
+                    or _PROSE.search(d.group(1))):
+                continue
+            spans.append((m.start(), d.end(), d.group(1)))
+        else:
+            j = text.find({"\\[": "\\]", "\\(": "\\)", "$$": "$$"}[tok], i)
+            if j < 0:
+                continue
+            spans.append((m.start(), j + 2, text[i:j]))
+        i = spans[-1][1]
+
+
+def _last_math(text):
+    """The last math expression of a text (a span, bare \\frac / \\sqrt or number), or None."""
+    spans = _math_spans(text)
+    k = len(spans) - 1
+    while k > 0 and _JOIN.fullmatch(text[spans[k - 1][1]:spans[k][0]]):
+        k -= 1
+    best = (spans[-1][1], ", ".join(c for _, _, c in spans[k:])) if spans else (-1, None)
+    outside = list(text)
+    for s, e, _ in spans:
+        outside[s:e] = " " * (e - s)
+    outside = "".join(outside)
+    for m in _NUMBER.finditer(outside, best[0] + 1):
+        best = max(best, (m.end(), m.group(0).replace(",", "")))
+    for m in _BARE.finditer(outside, best[0] + 1):
+        i = m.end()
+        for _ in range(1 if m.group(0).endswith("sqrt") else 2):
+            i = _take_arg(text, i)[1]
+        best = max(best, (i, text[m.start():i]))
+    return best[1]
+
+
+def _marked(text, i):
+    """The answer that a marker ending at text[i] introduces, and whether it is math (not a bare word)."""
+    rest = text[i:i + 3000].lstrip(" \t\n:*\"")
+    spans = _math_spans(rest)
+    ends = (m.start() for m in re.finditer(r"\.(?=\s|$)|\n", rest) if not any(s < m.start() < e for s, e, _ in spans))
+    sentence = rest[:next(ends, len(rest))]
+    if spans and spans[0][0] == 0 and not _JOIN.fullmatch(sentence[spans[0][1]:]):
+        return spans[0][2], True                       # '$16\pi$. I hope', but '$1$ and $2$' is a list
+    if _PROSE.search(sentence) or any(e <= len(sentence) for _, e, _ in spans):
+        sentence = _last_math(sentence) or ""
+    return sentence, bool(re.search(r"[\d\\]|^\(?[A-Za-z]\)?$", sentence.strip(" *$.")))
+
+
+def _clean(ans):
+    """An answer without its math delimiters, markdown bold, quotes and closing punctuation; None if empty."""
+    a = ans.strip()
+    for _ in range(3):
+        m = re.fullmatch(r"\$+([^$]*)\$+|\\\((.*)\\\)|\\\[(.*)\\\]|\*\*(.*)\*\*|\"(.*)\"", a, re.S)
+        a = next(g for g in m.groups() if g is not None).strip() if m else a
+    a = a.rstrip(" .,;:").strip()
+    return a or None
+
+
 def extract_answer(text, fallback=True):
-    """The final answer of a solution as a string, or None (also when its last box is cut off).
-    `fallback`: the last number when no explicit answer marker exists (word problems)."""
+    """The final answer of a solution as a string (see above), or None: no answer, or the last marker
+    is a box cut off by the token limit. `fallback`: the last math expression when no marker exists."""
     if text is None:
         return None
-    if re.search(r"\\(?:boxed|fbox)(?![a-zA-Z])", text):  # a text that boxes is judged by its last box alone
-        return last_boxed(text) or None
-    found = _hash_answer(text)
-    if found:
-        return found
-    said = re.findall(r"[Tt]he (?:final )?answer is[:\s]*(.+)", text)
-    if said:
-        ans = said[-1].strip().rstrip(".").strip().strip("$").strip()
-        if ans:
-            return ans
-    if fallback:
-        nums = _NUMBER.findall(text)
-        if nums:
-            return nums[-1].replace(",", "")
-    return None
+    boxes = _boxes(text)
+    at, ans = -1, None
+    if boxes:
+        k = len(boxes) - 1
+        while k and boxes[k][2] is not None and boxes[k - 1][2] is not None and _JOIN.fullmatch(
+                text[boxes[k - 1][1]:boxes[k][0]]):
+            k -= 1
+        at, ans = boxes[k][0], None if boxes[-1][2] is None else ", ".join(b[2] for b in boxes[k:])
+    weak = None
+    for m in reversed(list(_MARKER.finditer(text))):
+        if m.start() < at:
+            break
+        said, is_math = _marked(text, m.end())
+        if is_math:
+            at, ans = m.start(), said
+            break
+        weak = weak or said
+    if at < 0:
+        ans = weak or (_last_math(text) if fallback else None)
+    return _clean(ans) if ans else None
 
 
 # ----------------------------------------------------------------------------------------------
-# Equivalence. Both answers are first brought to one canonical LaTeX string (MATH's normalisation:
-# \dfrac -> \frac, \left/\right, \text{units}, degrees, dollars, percent, spacing, \frac12 ->
-# \frac{1}{2}, thousands commas, 'x = 5' -> '5'). Equal strings are equal answers. Otherwise the
-# structure is compared (sets and lists order-free; tuples, intervals and matrices in order, brackets
-# exact) and single values as numbers (relative 1e-6), then symbolically: LaTeX is translated by our
-# own small translator to a plain expression whose every name is checked before sympy parses it, and
-# sympy runs under a timer (SIGALRM, so only in the main thread: elsewhere the symbolic step is off,
-# with a one-time message) so that no answer can hang the caller.
+# Equivalence. Both answers are first brought to one canonical LaTeX string (normalize_answer: \dfrac
+# -> \frac, \left/\right and spacing gone, \text{units}, degrees, dollars, thousands separators in
+# every spelling (115{,}000, 1\,000, 1 000), \frac12 -> \frac{1}{2}, 4 4/9 -> 4\frac{4}{9}, the words
+# percent / pct -> %, \le -> <=, 'and' / 'or' / ';' -> ','). Equal strings are equal answers. Then:
+# - the gold decides what '=' means. A gold equation (one '=' and a digit in its left side:
+#   x^2+y^2=13) needs an equation with the same solutions (y^2+x^2=13; not 13). Otherwise a chain
+#   a = b = c states its last side ('\frac{28}{4}=7' -> 7, 'k = 1/3' -> 1/3, 'x \in [1,2]' -> [1,2]).
+# - structures: unions, matrices (same shape), tuples and intervals (in order, brackets exact), sets
+#   and lists (any order; \pm gives both values; 'x=1, y=2' matches by name, or in the gold's order
+#   when the prediction gives bare values); a < x <= b is the interval (a,b]; x > 5 is 5 < x.
+# - single values as numbers (relative 1e-6), then symbolically: LaTeX is translated by our own
+#   small translator to a plain expression whose every name is checked before sympy parses it, and
+#   sympy runs under a timer (SIGALRM, so only in the main thread: elsewhere the symbolic step is off,
+#   with a one-time message) so that no answer can hang the caller.
+# Decisions for the ambiguous cases:
+# - decimal vs exact: equal to relative 1e-6 only. 0.5 = 1/2 and 0.3333333 = 1/3, but 0.333 != 1/3
+#   and 1.414 != \sqrt{2}: MATH asks for exact answers, and rounding is for the question to ask.
+# - unreduced vs reduced fraction: equal (\frac{411}{333} = \frac{137}{111}): the value is the answer.
+# - percentage: 50\% equals 50 (MATH's answers drop the sign) and 0.5 (what 50% means); without a
+#   % sign 50 and 0.5 differ.
+# - a multiple-choice letter: C = (C) = \text{(C)}. A point is not a set: (1,2) != 1,2.
+# - a comma between digits is a thousands separator (1,000) or a list (1,22), never a decimal point.
+# - a base subscript belongs to the number: 204_5 = 204_{5} != 54.
 # ----------------------------------------------------------------------------------------------
-_TEXT = re.compile(r"\\(?:text|textbf|textrm|mbox|mathrm)\s*\{([^{}]*)\}(?:\^\{?[23]\}?)?")
+_TEXT = re.compile(r"\\(?:text|textbf|textrm|textit|textnormal|mbox|mathrm)\s*\{([^{}]*)\}(?:\^\{?[23]\}?)?")
+_REL = {"leqslant": "<=", "geqslant": ">=", "leq": "<=", "geq": ">=", "le": "<=", "ge": ">=", "lt": "<", "gt": ">",
+        "neq": "!=", "ne": "!="}
 
 
-def normalize_answer(s):
-    """Canonical string form of an answer (see above)."""
+def normalize_answer(s, thousands=True):
+    """Canonical string form of an answer (see above). thousands=False reads 1,000 as the list 1, 0."""
     s = str(s).strip().replace("\n", " ")
-    s = re.sub(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|big|Big|displaystyle)(?![a-zA-Z])", "", s)
-    for mark in ("\\!", "\\,", "\\;", "\\:", "\\$", "$", "\\%", "%", "°"):
-        s = s.replace(mark, "")
-    s = s.replace("\\ ", " ")
-    s = re.sub(r"\\[dt]frac(?![a-zA-Z])", r"\\frac", s)
+    if "\\begin" not in s:                                                    # '\\frac' written doubled
+        s = re.sub(r"\\\\(?=[a-zA-Z])", r"\\", s)
+    s = re.sub(r"\\(?:left|right|[bB]igg?[lr]?|displaystyle|mathbf|boldsymbol)(?![a-zA-Z])", "", s)
+    s = re.sub(r"\s*\{\s*,\s*\}\s*|,\s*\\!\s*", ",", s)                # 115{,}000, 11,\! 111
+    s = re.sub(r"(?<!\\)\\[!,;:]", "", s)
+    s = re.sub(r"(?<!\\)\\(?:[> ]|q?quad(?![a-zA-Z]))|~", " ", s)
+    s = s.replace("\\$", "").replace("$", "").replace("°", "^\\circ").replace("≤", "\\le ").replace("≥", "\\ge ")
+    s = re.sub(r"\\%|\\text\{\s*(?:percent(?:age)?|pct)\s*\}|(?<![a-zA-Z])(?:percent(?:age)?|pct)(?![a-zA-Z])", "%", s)
+    s = re.sub(r"\\[dtc]frac(?![a-zA-Z])", r"\\frac", s)
     s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|\\circ", "", s)
-    s = re.sub(r"\\text\{\s*and\s*\}|(?<![a-zA-Z\\])and(?![a-zA-Z])", ",", s)
+    s = re.sub(r"\\(" + "|".join(_REL) + r")(?![a-zA-Z])", lambda m: _REL[m.group(1)], s)
+    s = re.sub(r"\\mathrm\s*\{\s*([a-zA-Z])\s*\}", r"\1", s)                  # \mathrm{e}: a letter, no unit
+    s = re.sub(r"\\text\{\s*(?:and|or)\s*\}|(?<![a-zA-Z\\])(?:and|or)(?![a-zA-Z])", ",", s)
     bare = _TEXT.sub("", s)
     s = bare if bare.strip(" ,.") else _TEXT.sub(r"\1", s)        # units go; a text-only answer stays
     m = re.fullmatch(r"\s*(-?[\d.,/]*\d)\s+[a-zA-Z][a-zA-Z\s.]*", s)  # '18 ways', '5 dollars'
     s = m.group(1) if m else s
+    m = re.fullmatch(r"\s*\(([A-Za-z])\)\s*", s)                            # a choice: (C)
+    s = m.group(1) if m else s
     if re.fullmatch(r"[A-Za-z' ]+", s.strip()):
         s = s.lower()
-    s = s.replace(" ", "").rstrip(".").strip(",")
+    # thousands: 1,000 and 1 000, not '32, 349' (a list), then 4 4/9 (a mixed number)
+    if thousands:
+        s = re.sub(r"(?<![\d.,])([1-9]\d{0,2})((?:,\d{3})+|(?: \d{3})+)(?!\d)", lambda m: m.group(1) + m.group(2)
+                   .replace(",", "").replace(" ", ""), s)
+    s = re.sub(r"(?<![\d.}])(\d+) +(\d+)/(\d+)(?![\d./])", r"\1\\frac{\2}{\3}", s)
+    s = s.replace(" ", "").replace(";", ",").rstrip(".").strip(",")
     s = re.sub(r",+", ",", s)
-    s = _brace_args(s)
-    s = re.sub(r"(?<![\d,.])([1-9]\d{0,2})((?:,\d{3})+)(?![\d])", lambda m: m.group(1) + m.group(2).replace(",", ""), s)
+    s = re.sub(r"(?<![\w}\\])\\(?=\d)", "", s)                                # \15 (a lost \$)
+    m = re.fullmatch(r"\{([^{}]*)\}", s)                                      # {1,2,3}: a bare group
+    s = _brace_args(m.group(1) if m else s)
     s = re.sub(r"(?<![\d}])\.(\d)", r"0.\1", s)
-    return _drop_lhs(s)
+    return re.sub(r"_\{(\w+)\}", r"_\1", s)
 
 
-_LHS = re.compile(r"([a-zA-Z](?:_\{?\w+\}?|\([a-z]\))?)(?:=|\\in)(.+)")
+_NAME = r"(?:[a-zA-Z]+|\\[a-zA-Z]+)(?:_\w+)?(?:\([a-z]\))?|\([a-z](?:,[a-z])+\)"
+_LHS = re.compile(rf"({_NAME})(?:=|\\in)(.+)")
 
 
 def _drop_lhs(s):
-    """'x=5' -> '5', 'f(x)=2x+3' -> '2x+3', 'x\\in[1,2]' -> '[1,2]': a lone variable's name goes."""
+    """'x=5' -> '5', 'f(x)=2x+3' -> '2x+3', 'x\\in[1,2]' -> '[1,2]': a lone name goes."""
     m = _LHS.fullmatch(s)
     return m.group(2) if m and "=" not in m.group(2) else s
 
 
 def _drop_common_lhs(items):
     """'x=1,x=2' -> ['1', '2'], but 'x=1,y=2' keeps its names (which value is which matters)."""
-    names = {m.group(1) if m else None for m in map(_LHS.fullmatch, items)}
-    return [_drop_lhs(x) for x in items] if len(names) == 1 else items
+    names = {m.group(1) for m in map(_LHS.fullmatch, items) if m}
+    return [_drop_lhs(x) for x in items] if len(names) <= 1 else items
+
+
+def _is_equation(s):
+    """One '=' (outside brackets) with a digit in its left side, subscripts aside: x^2+y^2=13, 4x-5y=-50."""
+    sides = _split_top(s, "=")
+    return len(sides) == 2 and not re.search(r"[<>!]|,", s) and bool(re.search(r"\d", re.sub(r"_\w+", "", sides[0])))
+
+
+def _value(s):
+    """What a non-equation answer states: the last side of 'a = b \\approx c' (a lone name's value), the
+    interval of a < x <= b, and 5 < x for x > 5."""
+    if len(_split_top(s, ",")) > 1:
+        return s                                       # a list: its items keep their names
+    sides = [s] if re.search(r"[<>!]", s) else _split_top(s, "=")
+    sides = [_split_top(x, "\\approx")[0] for x in sides] if len(sides) > 1 else _split_top(s, "\\approx")
+    s = _drop_lhs(sides[-1] if len(sides) > 1 else s)
+    m = re.fullmatch(r"(.+?)(<=?|>=?)[a-zA-Z](?:\([a-z]\))?(<=?|>=?)(.+)", s)
+    if m and m.group(2)[0] == m.group(3)[0]:
+        lo, op1, op2, hi = m.groups() if m.group(2)[0] == "<" else m.groups()[::-1]
+        return ("(" if len(op1) == 1 else "[") + lo + "," + hi + (")" if len(op2) == 1 else "]")
+    m = re.fullmatch(r"([^<>]+)(>=?)([^<>]+)", s)
+    return m.group(3) + "<" + m.group(2)[1:] + m.group(1) if m else s
 
 
 def _match_brace(s, i):
@@ -316,9 +463,12 @@ def is_equiv(pred, gold, timeout=2.0):
         return False
     if max(len(str(pred)), len(str(gold))) > MAX_ANSWER_CHARS:  # no real answer is this long: exact text only
         return str(pred).strip() == str(gold).strip()
-    try:
-        a, b = normalize_answer(pred), normalize_answer(gold)
-        return a == b or _equiv(a, b, timeout)
+    try:  # '45,135' is 45135 or the list 45, 135: equal under either reading is equal
+        for thousands in (True, False)[:1 + bool(re.search(r"\d,\d{3}", str(pred) + str(gold)))]:
+            a, b = normalize_answer(pred, thousands), normalize_answer(gold, thousands)
+            if a == b or (("=" in a and _equiv(a, b, timeout)) if _is_equation(b) else _equiv(_value(a), _value(b), timeout)):
+                return True
+        return False
     except RecursionError:  # braces nested hundreds deep: not an answer
         return False
 
@@ -340,26 +490,33 @@ def _split_top(s, sep):
     return parts + [s[start:]]
 
 
+def _pm(items):
+    """Each item with one \\pm (or \\mp) is the two values it stands for."""
+    return [x.replace(pm, sign, 1) for x in items for pm in ("\\pm", "\\mp") if x.count(pm) == 1
+            for sign in "+-"] + [x for x in items if x.count("\\pm") + x.count("\\mp") != 1]
+
+
 def _structure(s):
     """(kind, brackets, items): 'union' of intervals, 'matrix', 'seq' (tuple or interval), 'set', 'scalar'."""
     parts = _split_top(s, "\\cup")
     if len(parts) > 1:
         return "union", "", parts
-    m = re.fullmatch(r"\\begin\{([pbv]?matrix)\}(.*)\\end\{\1\}", s)
+    s = re.sub(r"^[(\[](\\begin\{.*\})[)\]]$", r"\1", s)
+    m = re.fullmatch(r"\\begin\{([pbvBV]?matrix|array)\}(?:\{[lcr|]*\})?(.*)\\end\{\1\}", s)
     if m:
         rows = [r for r in re.split(r"\\\\|\\(?![a-zA-Z])", m.group(2)) if r]  # '\\' rows ('\' in MATH's answer field)
         return "matrix", str([len(r.split("&")) for r in rows]), [c for r in rows for c in r.split("&")]
     if s.startswith("\\{") and s.endswith("\\}"):
-        return "set", "", _drop_common_lhs(_split_top(s[2:-2], ","))
+        return "set", "", _pm(_drop_common_lhs(_split_top(s[2:-2], ",")))
     if len(s) > 1 and s[0] in "([" and s[-1] in ")]" and _match_brace(s, 0) == len(s) - 1:
         items = _split_top(s[1:-1], ",")
         if len(items) > 1:
             return "seq", s[0] + s[-1], items
     items = _split_top(s, ",")
     if len(items) > 1:
-        return "set", "", _drop_common_lhs([x for x in items if x])
-    if s.count("\\pm") == 1:
-        return "set", "", [s.replace("\\pm", "+"), s.replace("\\pm", "-")]
+        return "set", "", _pm(_drop_common_lhs([x for x in items if x]))
+    if s.count("\\pm") + s.count("\\mp") == 1:
+        return "set", "", _pm([s])
     return "scalar", "", [s]
 
 
@@ -371,7 +528,9 @@ def _equiv(a, b, timeout):
         return False
     if ka == "scalar":
         return _scalar_equiv(a, b, timeout)
-    if ka in ("seq", "matrix"):
+    named = [{m.group(1) for m in map(_LHS.fullmatch, z) if m} for z in (xs, ys)]
+    if ka in ("seq", "matrix") or (ka == "set" and bool(named[0]) != bool(named[1])):
+        xs, ys = [_drop_lhs(x) for x in xs], [_drop_lhs(y) for y in ys]  # bare values: in the named order
         return all(_equiv(x, y, timeout) for x, y in zip(xs, ys))
     left = list(ys)  # sets and unions: match each item once, in any order
     for x in xs:
@@ -390,7 +549,7 @@ def _to_number(s):
         if int(den) == 0:
             return None
         return (-1 if sign else 1) * (int(whole or 0) + int(num) / int(den))
-    m = re.fullmatch(r"(-?\d+(?:\.\d+)?)(?:/(\d+(?:\.\d+)?))?", s)
+    m = re.fullmatch(r"([-+]?\d+(?:\.\d+)?)(?:/(\d+(?:\.\d+)?))?", s)
     if not m or (m.group(2) is not None and float(m.group(2)) == 0):
         return None
     return float(m.group(1)) / (float(m.group(2)) if m.group(2) else 1.0)
@@ -401,6 +560,11 @@ def _close(x, y, rel=1e-6):
 
 
 def _scalar_equiv(a, b, timeout):
+    if a.endswith("%") or b.endswith("%"):  # a percentage is its number, or that number / 100
+        x, y = _to_number(a.rstrip("%")), _to_number(b.rstrip("%"))
+        hundredth = x is not None and y is not None and _close(x / (100 if a[-1] == "%" else 1),
+                                                                y / (100 if b[-1] == "%" else 1))
+        return hundredth or _scalar_equiv(a.rstrip("%"), b.rstrip("%"), timeout)
     x, y = _to_number(a), _to_number(b)
     if x is not None and y is not None:
         return _close(x, y)
@@ -459,17 +623,26 @@ def latex_to_expr(s):
                 fn = next((f for f in _FUNCS if name.startswith(f)), None)
                 if fn is None:
                     return None
-                arg = name[len(fn):]
+                arg, power = name[len(fn):], None
+                if not arg and s.startswith("^", i):  # \sin^2 x = (sin x)^2
+                    power, i = _take_arg(s, i + 1)
+                    power = latex_to_expr(power or "")
+                    if not power:
+                        return None
                 if not arg:
-                    if s.startswith("(", i):
+                    if s.startswith("(", i) and not power:
                         out.append(fn)
                         continue
-                    m = re.compile(r"\d+(?:\.\d+)?|[a-zA-Z]").match(s, i) if not s.startswith("{", i) else None
-                    arg, i = (m.group(0), m.end()) if m else _take_arg(s, i)
+                    if s.startswith("(", i):
+                        j = _match_brace(s, i)
+                        arg, i = (s[i + 1:j], j + 1) if j > 0 else (None, i)
+                    else:
+                        m = re.compile(r"\d+(?:\.\d+)?|[a-zA-Z]").match(s, i) if not s.startswith("{", i) else None
+                        arg, i = (m.group(0), m.end()) if m else _take_arg(s, i)
                 arg = latex_to_expr(arg or "")
                 if not arg:
                     return None
-                out.append(f"{fn}({arg})")
+                out.append(f"({fn}({arg}))**({power})" if power else f"{fn}({arg})")
         elif c == "{":
             j = _match_brace(s, i)
             inner = latex_to_expr(s[i + 1:j]) if j > 0 else None
@@ -537,26 +710,26 @@ _warned_thread = []
 
 @functools.lru_cache(maxsize=65536)
 def _symbolic_equal(a, b, timeout):
-    """a == b through sympy (expressions: simplify(x - y) == 0; numbers: relative 1e-6; equations: the
-    two sides' differences proportional), within `timeout` seconds; False when it cannot decide."""
+    """a == b through sympy (expressions: simplify(x - y) == 0; numbers: relative 1e-6; equations and
+    inequalities: the two sides' differences proportional), within `timeout` seconds; False when it cannot decide."""
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGALRM"):
         if not _warned_thread:  # the timer needs the main thread; outside it only string equality counts
             _warned_thread.append(1)
             print("data.is_equiv: not in the main thread, symbolic equivalence is off (string/number rules only)")
         return False
-    equation = a.count("=") == 1
-    if equation != (b.count("=") == 1):
+    rel = [re.fullmatch(r"([^<>=!]+)(<=|<|!=|=)([^<>=!]+)", s) for s in (a, b)]
+    if bool(rel[0]) != bool(rel[1]) or (rel[0] and rel[0].group(2) != rel[1].group(2)):
         return False
-    ea, eb = (latex_to_expr("{%s}-{%s}" % tuple(s.split("=")) if equation else s) for s in (a, b))
+    ea, eb = (latex_to_expr("{%s}-{%s}" % (m.group(1), m.group(3)) if m else s) for m, s in zip(rel, (a, b)))
     if ea is None or eb is None:
         return False
     try:
         with _time_limit(timeout), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # sympy's deprecation notes on odd input (a tuple times x)
             x, y = _parse(ea), _parse(eb)
-            if equation:  # same solution set when one side-difference is a multiple of the other
+            if rel[0]:  # the same solutions: one side-difference is a constant times the other (> 0 for <)
                 ratio = sympy.simplify(x / y)
-                return bool(ratio.is_number and ratio != 0 and ratio.is_finite)
+                return bool(ratio.is_number and ratio.is_finite and ratio != 0 and (rel[0].group(2)[0] in "=!" or ratio > 0))
             if x == y:
                 return True
             if not (x.free_symbols or y.free_symbols):
