@@ -159,7 +159,8 @@ def write_json(path, obj):
 # \sqrt, or number, whichever ends last, so never a fragment of a fraction. A $ opens math only if a
 # closing $ follows that is not money's: '$25 + $10 = $35' has no span, its answer is 35.
 # ----------------------------------------------------------------------------------------------
-_NUMBER = re.compile(r"(?<![\w.{^_\\])-?(?:\d{1,3}(?:,\d{3})+|\d{1,3}(?: \d{3})+|\d+)(?:\.\d+)?(?:/\d+)?(?![\d}]|\.\d)"
+_NUMBER = re.compile(r"(?<![\w.{^_\\])-?(?:\d{1,3}(?:,\d{3})+(?!,\d)|\d{1,3}(?: \d{3})+|\d+(?:,\d{1,2}(?![\d,]))?)"
+                     r"(?:\.\d+)?(?:/\d+)?(?![\d}]|\.\d)"
                      r"|(?<![\w.{^_\\])-?\.\d+(?![\d}])")
 _OPEN = re.compile(r"\\\[|\\\(|\$\$|(?<!\\)\$")
 _DOLLAR = re.compile(r"\$((?:[^$\\]|\\[\s\S])+?)\$")
@@ -167,6 +168,7 @@ _PROSE = re.compile(r"(?<![\\\w{])[A-Za-z]{2,} +[A-Za-z]{2,}(?![\w}])")   # two 
 _BARE = re.compile(r"-?\d*\\(?:[dtc]?frac|sqrt)(?![a-zA-Z])")
 _MARKER = re.compile(r"(?i)\bfinal\s+answer\W{0,3}(?:is\b|:)|\bthe\s+(?:\w+\s+)?answer\s+is\b|^\W*answer\s*:|####", re.M)
 _JOIN = re.compile(r"(?:\s|[,;$&]|\\[\[\]()]|\\[,;!]|\\q?quad|\\text\{\s*(?:and)?\s*\}|\band\b)*")
+_VALUE = re.compile(r"(?:[^\\]|\\(?:[dtc]?frac|sqrt|pi|pm|infty|left|right|text|mathrm|circ|[%,!])(?![a-zA-Z]))*")
 
 
 def _boxes(text):
@@ -203,6 +205,13 @@ def _hash_answer(text):
     return found[-1].strip() if found else None
 
 
+def _box_list(between):
+    """Two boxes are one list answer ('\\boxed{1} and \\boxed{2}') when little text lies between them: a comma
+    or 'and', no 'or' (MATH writes alternatives so: '\\boxed{x+11} or \\boxed{11+x}') and no sentence end."""
+    return (len(between) <= 30 and bool(re.search(r",|\band\b", between) or not between.strip(" $"))
+            and not re.search(r"\bor\b|\.\s|\n\n", between))
+
+
 def _math_spans(text):
     """[(start, end, content)] of the math spans of a text, in order. A single $ opens a span only when
     its closing $ is not followed by a digit (money: '$5 and $6') and the span is not prose."""
@@ -228,9 +237,9 @@ def _math_spans(text):
 
 def _last_math(text):
     """The last math expression of a text (a span, bare \\frac / \\sqrt or number), or None."""
-    spans = _math_spans(text)
+    spans = [sp for sp in _math_spans(text) if not re.fullmatch(r"\s*[a-zA-Z]\s*[.,]?\s*", sp[2])]  # $S$ names
     k = len(spans) - 1
-    while k > 0 and _JOIN.fullmatch(text[spans[k - 1][1]:spans[k][0]]):
+    while k > 0 and _JOIN.fullmatch(text[spans[k - 1][1]:spans[k][0]]) and all(map(_VALUE.fullmatch, (spans[k - 1][2], spans[k][2]))):
         k -= 1
     best = (spans[-1][1], ", ".join(c for _, _, c in spans[k:])) if spans else (-1, None)
     outside = list(text)
@@ -238,7 +247,7 @@ def _last_math(text):
         outside[s:e] = " " * (e - s)
     outside = "".join(outside)
     for m in _NUMBER.finditer(outside, best[0] + 1):
-        best = max(best, (m.end(), m.group(0).replace(",", "")))
+        best = max(best, (m.end(), m.group(0)))
     for m in _BARE.finditer(outside, best[0] + 1):
         i = m.end()
         for _ in range(1 if m.group(0).endswith("sqrt") else 2):
@@ -279,8 +288,7 @@ def extract_answer(text, fallback=True):
     at, ans = -1, None
     if boxes:
         k = len(boxes) - 1
-        while k and boxes[k][2] is not None and boxes[k - 1][2] is not None and _JOIN.fullmatch(
-                text[boxes[k - 1][1]:boxes[k][0]]):
+        while k and boxes[k][2] is not None and boxes[k - 1][2] is not None and _box_list(text[boxes[k - 1][1]:boxes[k][0]]):
             k -= 1
         at, ans = boxes[k][0], None if boxes[-1][2] is None else ", ".join(b[2] for b in boxes[k:])
     weak = None
@@ -327,9 +335,12 @@ _REL = {"leqslant": "<=", "geqslant": ">=", "leq": "<=", "geq": ">=", "le": "<="
         "neq": "!=", "ne": "!="}
 
 
-def normalize_answer(s, thousands=True):
-    """Canonical string form of an answer (see above). thousands=False reads 1,000 as the list 1, 0."""
+def normalize_answer(s, comma="thousands"):
+    """Canonical string form of an answer (see above). `comma`: how '1,000' and '2,74' read: 'thousands'
+    (1000; 2,74 stays a list), 'list' (both lists) or 'decimal' (2.74, and 0,111 = 0.111; 1,000 stays)."""
     s = str(s).strip().replace("\n", " ")
+    if re.search(r"\\begin\{(?:aligned|align|gathered|split)", s):              # a derivation: its last row
+        s = re.split(r"\\\\", re.sub(r"\\(?:begin|end)\{[a-z]+\*?\}", "", s).strip(" \\"))[-1].replace("&", "")
     if "\\begin" not in s:                                                    # '\\frac' written doubled
         s = re.sub(r"\\\\(?=[a-zA-Z])", r"\\", s)
     s = re.sub(r"\\(?:left|right|[bB]igg?[lr]?|displaystyle|mathbf|boldsymbol)(?![a-zA-Z])", "", s)
@@ -352,10 +363,13 @@ def normalize_answer(s, thousands=True):
     if re.fullmatch(r"[A-Za-z' ]+", s.strip()):
         s = s.lower()
     # thousands: 1,000 and 1 000, not '32, 349' (a list), then 4 4/9 (a mixed number)
-    if thousands:
+    if comma == "decimal":
+        s = re.sub(r"^(-?)(?:(0),(\d+)|(\d+),(\d{1,2}|\d{4,}))$", lambda m: m.group(1) + ".".join(filter(None, m.groups()[1:])), s)
+    if comma == "thousands":
         s = re.sub(r"(?<![\d.,])([1-9]\d{0,2})((?:,\d{3})+|(?: \d{3})+)(?!\d)", lambda m: m.group(1) + m.group(2)
                    .replace(",", "").replace(" ", ""), s)
-    s = re.sub(r"(?<![\d.}])(\d+) +(\d+)/(\d+)(?![\d./])", r"\1\\frac{\2}{\3}", s)
+    s = re.sub(r"(?<![\d./}])(\d+) +(\d+)/(\d+)(?![\d./])",             # 11 6/6 is no number at all
+               lambda m: m.expand(r"\1\\frac{\2}{\3}" if int(m[2]) < int(m[3]) else r"\1\\;\2/\3"), s)
     s = s.replace(" ", "").replace(";", ",").rstrip(".").strip(",")
     s = re.sub(r",+", ",", s)
     s = re.sub(r"(?<![\w}\\])\\(?=\d)", "", s)                                # \15 (a lost \$)
@@ -384,7 +398,7 @@ def _drop_common_lhs(items):
 def _is_equation(s):
     """One '=' (outside brackets) with a digit in its left side, subscripts aside: x^2+y^2=13, 4x-5y=-50."""
     sides = _split_top(s, "=")
-    return len(sides) == 2 and not re.search(r"[<>!]|,", s) and bool(re.search(r"\d", re.sub(r"_\w+", "", sides[0])))
+    return len(sides) == 2 and not re.search(r"[<>,]|!=", s) and bool(re.search(r"\d", re.sub(r"_\w+", "", sides[0])))
 
 
 def _value(s):
@@ -392,7 +406,7 @@ def _value(s):
     interval of a < x <= b, and 5 < x for x > 5."""
     if len(_split_top(s, ",")) > 1:
         return s                                       # a list: its items keep their names
-    sides = [s] if re.search(r"[<>!]", s) else _split_top(s, "=")
+    sides = [s] if re.search(r"[<>]|!=", s) else _split_top(s, "=")
     sides = [_split_top(x, "\\approx")[0] for x in sides] if len(sides) > 1 else _split_top(s, "\\approx")
     s = _drop_lhs(sides[-1] if len(sides) > 1 else s)
     m = re.fullmatch(r"(.+?)(<=?|>=?)[a-zA-Z](?:\([a-z]\))?(<=?|>=?)(.+)", s)
@@ -463,9 +477,9 @@ def is_equiv(pred, gold, timeout=2.0):
         return False
     if max(len(str(pred)), len(str(gold))) > MAX_ANSWER_CHARS:  # no real answer is this long: exact text only
         return str(pred).strip() == str(gold).strip()
-    try:  # '45,135' is 45135 or the list 45, 135: equal under either reading is equal
-        for thousands in (True, False)[:1 + bool(re.search(r"\d,\d{3}", str(pred) + str(gold)))]:
-            a, b = normalize_answer(pred, thousands), normalize_answer(gold, thousands)
+    try:  # '45,135' is 45135 or the list 45, 135: equal under any reading of its commas is equal
+        for comma in ("thousands", "list", "decimal")[:1 + 2 * bool(re.search(r"\d,\d", str(pred) + str(gold)))]:
+            a, b = normalize_answer(pred, comma), normalize_answer(gold, comma)
             if a == b or (("=" in a and _equiv(a, b, timeout)) if _is_equation(b) else _equiv(_value(a), _value(b), timeout)):
                 return True
         return False
@@ -524,6 +538,8 @@ def _equiv(a, b, timeout):
     if a == b:
         return True
     (ka, ba, xs), (kb, bb, ys) = _structure(a), _structure(b)
+    if ka in ("set", "union"):  # a value listed twice is one value
+        xs, ys = list(dict.fromkeys(xs)), list(dict.fromkeys(ys))
     if ka != kb or ba != bb or len(xs) != len(ys):
         return False
     if ka == "scalar":
@@ -542,28 +558,31 @@ def _equiv(a, b, timeout):
 
 
 def _to_number(s):
-    """Plain numbers only: '-3', '2.50', '7/2', '\\frac{7}{2}', '-\\frac{7}{2}', '3\\frac{1}{2}' (mixed)."""
-    m = re.fullmatch(r"(-?)(\d*)\\frac\{(\d+)\}\{(\d+)\}", s)
+    """Plain numbers, exactly, with the count of decimals written: '-3', '2.50', '7/2', '\\frac{7}{2}',
+    '-\\frac{7}{2}', '3\\frac{1}{2}' (mixed) -> (Rational, decimals); None for anything else."""
+    m = re.fullmatch(r"([-+]?)(\d*)\\frac\{(\d+)\}\{(\d+)\}", s)
     if m:
         sign, whole, num, den = m.groups()
-        if int(den) == 0:
-            return None
-        return (-1 if sign else 1) * (int(whole or 0) + int(num) / int(den))
-    m = re.fullmatch(r"([-+]?\d+(?:\.\d+)?)(?:/(\d+(?:\.\d+)?))?", s)
-    if not m or (m.group(2) is not None and float(m.group(2)) == 0):
+        return None if int(den) == 0 else ((-1) ** (sign == "-") * (int(whole or 0) + sympy.Rational(int(num), int(den))), 0)
+    m = re.fullmatch(r"([-+]?\d+(?:\.(\d+))?)(?:/(\d+(?:\.\d+)?))?", s)
+    if not m or (m.group(3) is not None and float(m.group(3)) == 0):
         return None
-    return float(m.group(1)) / (float(m.group(2)) if m.group(2) else 1.0)
+    return sympy.Rational(m.group(1).lstrip("+")) / sympy.Rational(m.group(3) or 1), len(m.group(2) or "")
 
 
-def _close(x, y, rel=1e-6):
-    return abs(x - y) <= rel * max(abs(x), abs(y)) + 1e-12
+def _close(x, y):
+    """Exact numbers are equal when equal; a written decimal also within relative 1e-6 and half a unit of
+    its last digit (0.3333333 = 1/3, but 0.333 != 1/3 and 2039192.0 != 2039191)."""
+    (x, dx), (y, dy) = x, y
+    d = max(dx, dy)
+    return x == y or (d > 0 and abs(x - y) <= min(max(abs(x), abs(y)) / 10 ** 6, sympy.Rational(1, 2 * 10 ** d)))
 
 
 def _scalar_equiv(a, b, timeout):
     if a.endswith("%") or b.endswith("%"):  # a percentage is its number, or that number / 100
         x, y = _to_number(a.rstrip("%")), _to_number(b.rstrip("%"))
-        hundredth = x is not None and y is not None and _close(x / (100 if a[-1] == "%" else 1),
-                                                                y / (100 if b[-1] == "%" else 1))
+        hundredth = x is not None and y is not None and _close(*[(v / 100, d + 2) if z[-1] == "%" else (v, d)
+                                                                 for (v, d), z in ((x, a), (y, b))])
         return hundredth or _scalar_equiv(a.rstrip("%"), b.rstrip("%"), timeout)
     x, y = _to_number(a), _to_number(b)
     if x is not None and y is not None:
