@@ -159,9 +159,9 @@ def write_json(path, obj):
 # \sqrt, or number, whichever ends last, so never a fragment of a fraction. A $ opens math only if a
 # closing $ follows that is not money's: '$25 + $10 = $35' has no span, its answer is 35.
 # ----------------------------------------------------------------------------------------------
-_NUMBER = re.compile(r"(?<![\w.{^_\\])-?(?:\d{1,3}(?:,\d{3})+(?!,\d)|\d{1,3}(?: \d{3})+|\d+(?:,\d{1,2}(?![\d,]))?)"
-                     r"(?:\.\d+)?(?:/\d+)?(?![\d}]|\.\d)"
-                     r"|(?<![\w.{^_\\])-?\.\d+(?![\d}])")
+_NUMBER = re.compile(r"(?<![\w.{^_\\])[-+]?(?:(?:\d{1,3}(?: \d{3})+|\d+) +\d+/\d+(?![\d/])"     # 4 4/9
+                     r"|(?:\d{1,3}(?:,\d{3})+(?!,\d)|\d{1,3}(?: \d{3})+|\d+(?:,\d{1,2}(?![\d,]))?)"
+                     r"(?:\.\d+)?(?:/\d+)?(?![\d}]|\.\d)|\.\d+(?![\d}]))(?: ?(?:%|percent(?:age)?\b|pct\b))?")
 _OPEN = re.compile(r"\\\[|\\\(|\$\$|(?<!\\)\$")
 _DOLLAR = re.compile(r"\$((?:[^$\\]|\\[\s\S])+?)\$")
 _PROSE = re.compile(r"(?<![\\\w{])[A-Za-z]{2,} +[A-Za-z]{2,}(?![\w}])")   # two words in a row
@@ -206,10 +206,11 @@ def _hash_answer(text):
 
 
 def _box_list(between):
-    """Two boxes are one list answer ('\\boxed{1} and \\boxed{2}') when little text lies between them: a comma
-    or 'and', no 'or' (MATH writes alternatives so: '\\boxed{x+11} or \\boxed{11+x}') and no sentence end."""
-    return (len(between) <= 30 and bool(re.search(r",|\band\b", between) or not between.strip(" $"))
-            and not re.search(r"\bor\b|\.\s|\n\n", between))
+    """Two boxes are one list answer when only commas, 'and' and spacing lie between them, or a short text
+    with an 'and' ('\\boxed{1} papers and \\boxed{2} bins'); never across 'or' (MATH writes alternatives
+    so: '\\boxed{x+11} or \\boxed{11+x}') or a sentence end."""
+    return bool(_JOIN.fullmatch(between)) or (len(between) <= 30 and bool(re.search(r"\band\b", between))
+                                              and not re.search(r"\bor\b|\.\s|\n\n", between))
 
 
 def _math_spans(text):
@@ -236,24 +237,30 @@ def _math_spans(text):
 
 
 def _last_math(text):
-    """The last math expression of a text (a span, bare \\frac / \\sqrt or number), or None."""
-    spans = [sp for sp in _math_spans(text) if not re.fullmatch(r"\s*[a-zA-Z]\s*[.,]?\s*", sp[2])]  # $S$ names
-    k = len(spans) - 1
-    while k > 0 and _JOIN.fullmatch(text[spans[k - 1][1]:spans[k][0]]) and all(map(_VALUE.fullmatch, (spans[k - 1][2], spans[k][2]))):
-        k -= 1
-    best = (spans[-1][1], ", ".join(c for _, _, c in spans[k:])) if spans else (-1, None)
+    """The last math expression of a text (a span, or spans joined by commas or 'and', a bare \\frac /
+    \\sqrt, a number), or None. A span of one letter ('$S$') names a quantity: it counts only alone."""
+    spans = _math_spans(text)
     outside = list(text)
     for s, e, _ in spans:
         outside[s:e] = " " * (e - s)
     outside = "".join(outside)
-    for m in _NUMBER.finditer(outside, best[0] + 1):
-        best = max(best, (m.end(), m.group(0)))
+    best, named = (-1, None), [sp for sp in spans if not re.fullmatch(r"\s*[a-zA-Z]\s*[.,]?\s*", sp[2])]
+    if named:
+        k = len(named) - 1
+        while k and _JOIN.fullmatch(text[named[k - 1][1]:named[k][0]]) and _VALUE.fullmatch(named[k - 1][2]):
+            k -= 1
+        best = (named[-1][1], ", ".join(c for _, _, c in named[k:]) if _VALUE.fullmatch(named[-1][2]) else named[-1][2])
+    run = None
+    for m in _NUMBER.finditer(outside, best[0] + 1):   # numbers joined by + - * / are one expression: 4 + 4/9
+        run = run if run and re.fullmatch(r"\s*[-+*/]\s*", outside[run[1]:m.start()]) else (m.start(), 0)
+        run = (run[0], m.end())
+        best = max(best, (m.end(), outside[run[0]:m.end()]))
     for m in _BARE.finditer(outside, best[0] + 1):
         i = m.end()
         for _ in range(1 if m.group(0).endswith("sqrt") else 2):
             i = _take_arg(text, i)[1]
         best = max(best, (i, text[m.start():i]))
-    return best[1]
+    return best[1] if best[1] is not None or not spans else spans[-1][2]
 
 
 def _marked(text, i):
@@ -275,7 +282,7 @@ def _clean(ans):
     for _ in range(3):
         m = re.fullmatch(r"\$+([^$]*)\$+|\\\((.*)\\\)|\\\[(.*)\\\]|\*\*(.*)\*\*|\"(.*)\"", a, re.S)
         a = next(g for g in m.groups() if g is not None).strip() if m else a
-    a = a.rstrip(" .,;:").strip()
+    a = a.rstrip(" .,;:").strip(" *")
     return a or None
 
 
@@ -370,7 +377,10 @@ def normalize_answer(s, comma="thousands"):
                    .replace(",", "").replace(" ", ""), s)
     s = re.sub(r"(?<![\d./}])(\d+) +(\d+)/(\d+)(?![\d./])",             # 11 6/6 is no number at all
                lambda m: m.expand(r"\1\\frac{\2}{\3}" if int(m[2]) < int(m[3]) else r"\1\\;\2/\3"), s)
-    s = s.replace(" ", "").replace(";", ",").rstrip(".").strip(",")
+    s = s.replace(" ", "").rstrip(".")
+    if re.fullmatch(r"[a-z]=[^;,=]+(?:,[a-z]=[^;,=]+)+(?:;[a-z]=[^;,=]+(?:,[a-z]=[^;,=]+)+)+", s):   # p=5,q=2;p=7,q=2
+        s = ",".join("(" + ",".join(x.split("=")[1] for x in g.split(",")) + ")" for g in s.split(";"))
+    s = s.replace(";", ",").strip(",")
     s = re.sub(r",+", ",", s)
     s = re.sub(r"(?<![\w}\\])\\(?=\d)", "", s)                                # \15 (a lost \$)
     m = re.fullmatch(r"\{([^{}]*)\}", s)                                      # {1,2,3}: a bare group
@@ -583,7 +593,8 @@ def _scalar_equiv(a, b, timeout):
         x, y = _to_number(a.rstrip("%")), _to_number(b.rstrip("%"))
         hundredth = x is not None and y is not None and _close(*[(v / 100, d + 2) if z[-1] == "%" else (v, d)
                                                                  for (v, d), z in ((x, a), (y, b))])
-        return hundredth or _scalar_equiv(a.rstrip("%"), b.rstrip("%"), timeout)
+        bare = all(re.fullmatch(r"-?\d+(?:\.\d+)?%?", z) for z in (a, b) if z[-1] == "%")
+        return hundredth or (bare and _scalar_equiv(a.rstrip("%"), b.rstrip("%"), timeout))
     x, y = _to_number(a), _to_number(b)
     if x is not None and y is not None:
         return _close(x, y)
