@@ -166,7 +166,7 @@ _OPEN = re.compile(r"\\\[|\\\(|\$\$|(?<!\\)\$")
 _DOLLAR = re.compile(r"\$((?:[^$\\]|\\[\s\S])+?)\$")
 _PROSE = re.compile(r"(?<![\\\w{])[A-Za-z]{2,} +[A-Za-z]{2,}(?![\w}])")   # two words in a row
 _BARE = re.compile(r"-?\d*\\(?:[dtc]?frac|sqrt)(?![a-zA-Z])")
-_MARKER = re.compile(r"(?i)\bfinal\s+answer\W{0,3}(?:is\b|:)|\bthe\s+(?:\w+\s+)?answer\s+is\b|^\W*answer\s*:|####", re.M)
+_MARKER = re.compile(r"(?i)\bfinal\s+answer\W{0,3}(?:is\b|:)|\b(?:the|our)\s+(?:\w+\s+)?answer\s+is\b|^\W*answer\s*:|####", re.M)
 _JOIN = re.compile(r"(?:\s|[,;$&]|\\[\[\]()]|\\[,;!]|\\q?quad|\\text\{\s*(?:and)?\s*\}|\band\b)*")
 _VALUE = re.compile(r"(?:[^\\]|\\(?:[dtc]?frac|sqrt|pi|pm|infty|left|right|text|mathrm|circ|[%,!])(?![a-zA-Z]))*")
 
