@@ -166,9 +166,10 @@ _OPEN = re.compile(r"\\\[|\\\(|\$\$|(?<!\\)\$")
 _DOLLAR = re.compile(r"\$((?:[^$\\]|\\[\s\S])+?)\$")
 _PROSE = re.compile(r"(?<![\\\w{])[A-Za-z]{2,} +[A-Za-z]{2,}(?![\w}])")   # two words in a row
 _BARE = re.compile(r"-?\d*\\(?:[dtc]?frac|sqrt)(?![a-zA-Z])")
-_MARKER = re.compile(r"(?i)\bfinal\s+answer\W{0,3}(?:is\b|:)|\b(?:the|our)\s+(?:\w+\s+)?answer\s+is\b|^\W*answer\s*:|####", re.M)
+_MARKER = re.compile(r"(?i)\bfinal\s+answer\W{0,3}(?:is\b|:)|\b(?:the|our)\s+(?:\w+\s+)?answer\s+is\b"
+                     r"|^\W*answer\s*:|####", re.M)
 _JOIN = re.compile(r"(?:\s|[,;$&]|\\[\[\]()]|\\[,;!]|\\q?quad|\\text\{\s*(?:and)?\s*\}|\band\b)*")
-_VALUE = re.compile(r"(?:[^\\]|\\(?:[dtc]?frac|sqrt|pi|pm|infty|left|right|text|mathrm|circ|[%,!])(?![a-zA-Z]))*")
+_VALUE = re.compile(r"(?:[^\\]|\\(?:[dtc]?frac|sqrt|pi|pm|infty|left|right|text|circ|[%,!])(?![a-z]))*")
 
 
 def _boxes(text):
@@ -178,8 +179,8 @@ def _boxes(text):
     for m in re.finditer(r"\\(?:boxed|fbox)(?![a-zA-Z])\s*", text):
         i = m.end()
         if not text.startswith("{", i):
-            arg = re.match(r"[^\s$}]+", text[i:])
-            out.append((m.start(), i + len(arg.group(0)) if arg else i, arg.group(0).rstrip(".") if arg else None))
+            arg = re.match(r"[^\s$}]*", text[i:]).group(0)
+            out.append((m.start(), i + len(arg), arg.rstrip(".") or None))
             continue
         depth, j = 0, i
         while j < len(text):
@@ -249,7 +250,8 @@ def _last_math(text):
         k = len(named) - 1
         while k and _JOIN.fullmatch(text[named[k - 1][1]:named[k][0]]) and _VALUE.fullmatch(named[k - 1][2]):
             k -= 1
-        best = (named[-1][1], ", ".join(c for _, _, c in named[k:]) if _VALUE.fullmatch(named[-1][2]) else named[-1][2])
+        last = named[-1][2]
+        best = (named[-1][1], ", ".join(c for _, _, c in named[k:]) if _VALUE.fullmatch(last) else last)
     run = None
     for m in _NUMBER.finditer(outside, best[0] + 1):   # numbers joined by + - * / are one expression: 4 + 4/9
         run = run if run and re.fullmatch(r"\s*[-+*/]\s*", outside[run[1]:m.start()]) else (m.start(), 0)
@@ -267,8 +269,9 @@ def _marked(text, i):
     """The answer that a marker ending at text[i] introduces, and whether it is math (not a bare word)."""
     rest = text[i:i + 3000].lstrip(" \t\n:*\"")
     spans = _math_spans(rest)
-    ends = (m.start() for m in re.finditer(r"\.(?=\s|$)|\n", rest) if not any(s < m.start() < e for s, e, _ in spans))
-    sentence = rest[:next(ends, len(rest))]
+    ends = [m.start() for m in re.finditer(r"\.(?=\s|$)|\n", rest)
+            if not any(s < m.start() < e for s, e, _ in spans)]
+    sentence = rest[:(ends + [len(rest)])[0]]
     if spans and spans[0][0] == 0 and not _JOIN.fullmatch(sentence[spans[0][1]:]):
         return spans[0][2], True                       # '$16\pi$. I hope', but '$1$ and $2$' is a list
     if _PROSE.search(sentence) or any(e <= len(sentence) for _, e, _ in spans):
@@ -295,7 +298,7 @@ def extract_answer(text, fallback=True):
     at, ans = -1, None
     if boxes:
         k = len(boxes) - 1
-        while k and boxes[k][2] is not None and boxes[k - 1][2] is not None and _box_list(text[boxes[k - 1][1]:boxes[k][0]]):
+        while k and boxes[k][2] and boxes[k - 1][2] and _box_list(text[boxes[k - 1][1]:boxes[k][0]]):
             k -= 1
         at, ans = boxes[k][0], None if boxes[-1][2] is None else ", ".join(b[2] for b in boxes[k:])
     weak = None
@@ -338,8 +341,8 @@ def extract_answer(text, fallback=True):
 # - a base subscript belongs to the number: 204_5 = 204_{5} != 54.
 # ----------------------------------------------------------------------------------------------
 _TEXT = re.compile(r"\\(?:text|textbf|textrm|textit|textnormal|mbox|mathrm)\s*\{([^{}]*)\}(?:\^\{?[23]\}?)?")
-_REL = {"leqslant": "<=", "geqslant": ">=", "leq": "<=", "geq": ">=", "le": "<=", "ge": ">=", "lt": "<", "gt": ">",
-        "neq": "!=", "ne": "!="}
+_REL = {"leqslant": "<=", "geqslant": ">=", "leq": "<=", "geq": ">=", "le": "<=", "ge": ">=", "lt": "<",
+        "gt": ">", "neq": "!=", "ne": "!="}
 
 
 def normalize_answer(s, comma="thousands"):
@@ -347,15 +350,18 @@ def normalize_answer(s, comma="thousands"):
     (1000; 2,74 stays a list), 'list' (both lists) or 'decimal' (2.74, and 0,111 = 0.111; 1,000 stays)."""
     s = str(s).strip().replace("\n", " ")
     if re.search(r"\\begin\{(?:aligned|align|gathered|split)", s):              # a derivation: its last row
-        s = re.split(r"\\\\", re.sub(r"\\(?:begin|end)\{[a-z]+\*?\}", "", s).strip(" \\"))[-1].replace("&", "")
+        s = re.split(r"\\\\", re.sub(r"\\(?:begin|end)\{[a-z]+\*?\}", "", s).strip(" \\"))[-1]
+        s = s.replace("&", "")
     if "\\begin" not in s:                                                    # '\\frac' written doubled
         s = re.sub(r"\\\\(?=[a-zA-Z])", r"\\", s)
     s = re.sub(r"\\(?:left|right|[bB]igg?[lr]?|displaystyle|mathbf|boldsymbol)(?![a-zA-Z])", "", s)
     s = re.sub(r"\s*\{\s*,\s*\}\s*|,\s*\\!\s*", ",", s)                # 115{,}000, 11,\! 111
     s = re.sub(r"(?<!\\)\\[!,;:]", "", s)
     s = re.sub(r"(?<!\\)\\(?:[> ]|q?quad(?![a-zA-Z]))|~", " ", s)
-    s = s.replace("\\$", "").replace("$", "").replace("°", "^\\circ").replace("≤", "\\le ").replace("≥", "\\ge ")
-    s = re.sub(r"\\%|\\text\{\s*(?:percent(?:age)?|pct)\s*\}|(?<![a-zA-Z])(?:percent(?:age)?|pct)(?![a-zA-Z])", "%", s)
+    s = s.replace("\\$", "").replace("$", "").replace("°", "^\\circ")
+    s = s.replace("≤", "\\le ").replace("≥", "\\ge ")
+    s = re.sub(r"\\%|\\text\{\s*(?:percent(?:age)?|pct)\s*\}|(?<![a-zA-Z])(?:percent(?:age)?|pct)(?![a-z])",
+               "%", s)
     s = re.sub(r"\\[dtc]frac(?![a-zA-Z])", r"\\frac", s)
     s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|\\circ", "", s)
     s = re.sub(r"\\(" + "|".join(_REL) + r")(?![a-zA-Z])", lambda m: _REL[m.group(1)], s)
@@ -371,14 +377,15 @@ def normalize_answer(s, comma="thousands"):
         s = s.lower()
     # thousands: 1,000 and 1 000, not '32, 349' (a list), then 4 4/9 (a mixed number)
     if comma == "decimal":
-        s = re.sub(r"^(-?)(?:(0),(\d+)|(\d+),(\d{1,2}|\d{4,}))$", lambda m: m.group(1) + ".".join(filter(None, m.groups()[1:])), s)
+        s = re.sub(r"^(-?)(?:(0),(\d+)|(\d+),(\d{1,2}|\d{4,}))$",
+                   lambda m: m[1] + ".".join(filter(None, m.groups()[1:])), s)
     if comma == "thousands":
-        s = re.sub(r"(?<![\d.,])([1-9]\d{0,2})((?:,\d{3})+|(?: \d{3})+)(?!\d)", lambda m: m.group(1) + m.group(2)
-                   .replace(",", "").replace(" ", ""), s)
+        s = re.sub(r"(?<![\d.,])([1-9]\d{0,2})((?:,\d{3})+|(?: \d{3})+)(?!\d)",
+                   lambda m: m[1] + re.sub("[ ,]", "", m[2]), s)
     s = re.sub(r"(?<![\d./}])(\d+) +(\d+)/(\d+)(?![\d./])",             # 11 6/6 is no number at all
                lambda m: m.expand(r"\1\\frac{\2}{\3}" if int(m[2]) < int(m[3]) else r"\1\\;\2/\3"), s)
     s = s.replace(" ", "").rstrip(".")
-    if re.fullmatch(r"[a-z]=[^;,=]+(?:,[a-z]=[^;,=]+)+(?:;[a-z]=[^;,=]+(?:,[a-z]=[^;,=]+)+)+", s):   # p=5,q=2;p=7,q=2
+    if re.fullmatch(r"(?:[a-z]=[^;,=]+(?:,[a-z]=[^;,=]+)+;?){2,}", s):             # p=5,q=2;p=7,q=2
         s = ",".join("(" + ",".join(x.split("=")[1] for x in g.split(",")) + ")" for g in s.split(";"))
     s = s.replace(";", ",").strip(",")
     s = re.sub(r",+", ",", s)
@@ -408,7 +415,8 @@ def _drop_common_lhs(items):
 def _is_equation(s):
     """One '=' (outside brackets) with a digit in its left side, subscripts aside: x^2+y^2=13, 4x-5y=-50."""
     sides = _split_top(s, "=")
-    return len(sides) == 2 and not re.search(r"[<>,]|!=", s) and bool(re.search(r"\d", re.sub(r"_\w+", "", sides[0])))
+    return (len(sides) == 2 and not re.search(r"[<>,]|!=", s)
+            and bool(re.search(r"\d", re.sub(r"_\w+", "", sides[0]))))
 
 
 def _value(s):
@@ -456,7 +464,7 @@ def _take_arg(s, i):
 
 
 def _brace_args(s):
-    """\\frac12 -> \\frac{1}{2}, \\sqrt2 -> \\sqrt{2}, \\frac\\pi4 -> \\frac{\\pi}{4} (spaces already gone)."""
+    """\\frac12 -> \\frac{1}{2}, \\sqrt2 -> \\sqrt{2}, \\frac\\pi4 -> \\frac{\\pi}{4} (no spaces left)."""
     out, i = [], 0
     while i < len(s):
         m = _BRACED.match(s, i)
@@ -487,10 +495,14 @@ def is_equiv(pred, gold, timeout=2.0):
         return False
     if max(len(str(pred)), len(str(gold))) > MAX_ANSWER_CHARS:  # no real answer is this long: exact text only
         return str(pred).strip() == str(gold).strip()
+    commas = re.search(r"\d,\d", str(pred) + str(gold))
+    readings = ("thousands", "list", "decimal") if commas else ("thousands",)
     try:  # '45,135' is 45135 or the list 45, 135: equal under any reading of its commas is equal
-        for comma in ("thousands", "list", "decimal")[:1 + 2 * bool(re.search(r"\d,\d", str(pred) + str(gold)))]:
+        for comma in readings:
             a, b = normalize_answer(pred, comma), normalize_answer(gold, comma)
-            if a == b or (("=" in a and _equiv(a, b, timeout)) if _is_equation(b) else _equiv(_value(a), _value(b), timeout)):
+            if _is_equation(b) and "=" in a and _equiv(a, b, timeout):
+                return True
+            if a == b or (not _is_equation(b) and _equiv(_value(a), _value(b), timeout)):
                 return True
         return False
     except RecursionError:  # braces nested hundreds deep: not an answer
@@ -528,7 +540,7 @@ def _structure(s):
     s = re.sub(r"^[(\[](\\begin\{.*\})[)\]]$", r"\1", s)
     m = re.fullmatch(r"\\begin\{([pbvBV]?matrix|array)\}(?:\{[lcr|]*\})?(.*)\\end\{\1\}", s)
     if m:
-        rows = [r for r in re.split(r"\\\\|\\(?![a-zA-Z])", m.group(2)) if r]  # '\\' rows ('\' in MATH's answer field)
+        rows = [r for r in re.split(r"\\\\|\\(?![a-zA-Z])", m.group(2)) if r]  # '\\' rows (MATH's field: '\')
         return "matrix", str([len(r.split("&")) for r in rows]), [c for r in rows for c in r.split("&")]
     if s.startswith("\\{") and s.endswith("\\}"):
         return "set", "", _pm(_drop_common_lhs(_split_top(s[2:-2], ",")))
@@ -573,7 +585,8 @@ def _to_number(s):
     m = re.fullmatch(r"([-+]?)(\d*)\\frac\{(\d+)\}\{(\d+)\}", s)
     if m:
         sign, whole, num, den = m.groups()
-        return None if int(den) == 0 else ((-1) ** (sign == "-") * (int(whole or 0) + sympy.Rational(int(num), int(den))), 0)
+        value = int(whole or 0) + sympy.Rational(int(num), int(den)) if int(den) else None
+        return None if value is None else ((-value if sign == "-" else value), 0)
     m = re.fullmatch(r"([-+]?\d+(?:\.(\d+))?)(?:/(\d+(?:\.\d+)?))?", s)
     if not m or (m.group(3) is not None and float(m.group(3)) == 0):
         return None
@@ -585,7 +598,8 @@ def _close(x, y):
     its last digit (0.3333333 = 1/3, but 0.333 != 1/3 and 2039192.0 != 2039191)."""
     (x, dx), (y, dy) = x, y
     d = max(dx, dy)
-    return x == y or (d > 0 and abs(x - y) <= min(max(abs(x), abs(y)) / 10 ** 6, sympy.Rational(1, 2 * 10 ** d)))
+    return x == y or (d > 0 and abs(x - y) <= min(
+        max(abs(x), abs(y)) / 10 ** 6, sympy.Rational(1, 2 * 10**d)))
 
 
 def _scalar_equiv(a, b, timeout):
@@ -601,13 +615,15 @@ def _scalar_equiv(a, b, timeout):
     return _symbolic_equal(a, b, timeout)
 
 
-_FUNCS = ("arcsin", "arccos", "arctan", "sinh", "cosh", "tanh", "sin", "cos", "tan", "cot", "sec", "csc", "ln", "log", "exp")
-_SYMBOLS = {"pi": "pi", "infty": "oo", "cdot": "*", "times": "*", "div": "/", "theta": "theta", "alpha": "alpha",
-            "beta": "beta", "gamma": "gamma", "phi": "phi", "omega": "omega", "lambda": "lamda"}
+_FUNCS = ("arcsin", "arccos", "arctan", "sinh", "cosh", "tanh", "sin", "cos", "tan", "cot", "sec", "csc",
+          "ln", "log", "exp")
+_SYMBOLS = {"pi": "pi", "infty": "oo", "cdot": "*", "times": "*", "div": "/", "theta": "theta",
+            "alpha": "alpha", "beta": "beta", "gamma": "gamma", "phi": "phi", "omega": "omega",
+            "lambda": "lamda"}
 _SYMPY = {name: getattr(sympy, name) for name in (
-    "Integer", "Float", "Rational", "Symbol", "Function", "Add", "Mul", "Pow", "sqrt", "pi", "oo", "E", "I", "sin",
-    "cos", "tan", "cot", "sec", "csc", "asin", "acos", "atan", "sinh", "cosh", "tanh", "log", "exp", "binomial",
-    "factorial")}
+    "Integer", "Float", "Rational", "Symbol", "Function", "Add", "Mul", "Pow", "sqrt", "pi", "oo", "E", "I",
+    "sin", "cos", "tan", "cot", "sec", "csc", "asin", "acos", "atan", "sinh", "cosh", "tanh", "log", "exp",
+    "binomial", "factorial")}
 _SYMPY.update(arcsin=sympy.asin, arccos=sympy.acos, arctan=sympy.atan, ln=sympy.log, __builtins__={})
 
 
@@ -629,7 +645,7 @@ def latex_to_expr(s):
                 a, b = latex_to_expr(a or ""), latex_to_expr(b or "")
                 if not a or not b:
                     return None
-                # a whole number right before \frac is a mixed number: 3\frac{1}{2} = 7/2 (but x^2\frac{1}{2} is a product)
+                # a whole number before \frac: a mixed number, 3\frac{1}{2} = 7/2 (x^2\frac{1}{2}: a product)
                 whole = re.search(r"(?:^|(?<=[+\-(, ]))\d+$", "".join(out)) if name == "frac" else None
                 if whole:
                     out = ["".join(out)[:whole.start()], f"({whole.group(0)}+({a})/({b}))"]
@@ -667,7 +683,7 @@ def latex_to_expr(s):
                         j = _match_brace(s, i)
                         arg, i = (s[i + 1:j], j + 1) if j > 0 else (None, i)
                     else:
-                        m = re.compile(r"\d+(?:\.\d+)?|[a-zA-Z]").match(s, i) if not s.startswith("{", i) else None
+                        m = None if s.startswith("{", i) else re.compile(r"\d+(\.\d+)?|[a-zA-Z]").match(s, i)
                         arg, i = (m.group(0), m.end()) if m else _take_arg(s, i)
                 arg = latex_to_expr(arg or "")
                 if not arg:
@@ -697,9 +713,11 @@ def _parse(expr):
     the functions in _SYMPY or to new symbols, so the text cannot reach anything else. Powers with
     exponents of 10^4 or more and factorials other than n! (n < 1000, or a symbol) are refused: big
     integer arithmetic runs in C, where the timer cannot stop it."""
-    if (len(expr) > 300 or not re.fullmatch(r"[A-Za-z0-9+\-*/().,! ]+", expr) or re.search(r"\.\s*[A-Za-z]", expr)
+    if (len(expr) > 300 or not re.fullmatch(r"[A-Za-z0-9+\-*/().,! ]+", expr)
+            or re.search(r"\.\s*[A-Za-z]", expr)
             or any(keyword.iskeyword(w) for w in re.findall(r"[A-Za-z]+", expr))
-            or any(not re.search(r"(?:(?<!\d)\d{1,3}|[A-Za-z])\s*$", expr[:m.start()]) for m in re.finditer("!", expr))):
+            or any(not re.search(r"(?:(?<!\d)\d{1,3}|[A-Za-z])\s*$", expr[:m.start()])
+                   for m in re.finditer("!", expr))):
         raise ValueError(f"refused: {expr!r}")
     lazy = parse_expr(expr, local_dict={}, global_dict=_SYMPY, transformations=_TRANSFORMS, evaluate=False)
     for node in sympy.preorder_traversal(lazy):
@@ -741,11 +759,11 @@ _warned_thread = []
 @functools.lru_cache(maxsize=65536)
 def _symbolic_equal(a, b, timeout):
     """a == b through sympy (expressions: simplify(x - y) == 0; numbers: relative 1e-6; equations and
-    inequalities: the two sides' differences proportional), within `timeout` seconds; False when it cannot decide."""
+    inequalities: the sides' differences proportional) within `timeout` seconds; False when undecided."""
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGALRM"):
         if not _warned_thread:  # the timer needs the main thread; outside it only string equality counts
             _warned_thread.append(1)
-            print("data.is_equiv: not in the main thread, symbolic equivalence is off (string/number rules only)")
+            print("data.is_equiv: not in the main thread, symbolic equivalence is off (string, number rules)")
         return False
     rel = [re.fullmatch(r"([^<>=!]+)(<=|<|!=|=)([^<>=!]+)", s) for s in (a, b)]
     if bool(rel[0]) != bool(rel[1]) or (rel[0] and rel[0].group(2) != rel[1].group(2)):
@@ -759,7 +777,8 @@ def _symbolic_equal(a, b, timeout):
             x, y = _parse(ea), _parse(eb)
             if rel[0]:  # the same solutions: one side-difference is a constant times the other (> 0 for <)
                 ratio = sympy.simplify(x / y)
-                return bool(ratio.is_number and ratio.is_finite and ratio != 0 and (rel[0].group(2)[0] in "=!" or ratio > 0))
+                return bool(ratio.is_number and ratio.is_finite and ratio != 0
+                            and (rel[0].group(2)[0] in "=!" or ratio > 0))
             if x == y:
                 return True
             if not (x.free_symbols or y.free_symbols):
