@@ -149,15 +149,13 @@ def write_json(path, obj):
 
 
 # ----------------------------------------------------------------------------------------------
-# Final answers. The answer of a solution is the one of its LAST answer marker, by position:
-#   \boxed{..} / \fbox{..}    (boxes joined only by commas or 'and' are one list: \boxed{1}, \boxed{2})
-#   'Final Answer: The final answer is X. I hope it is correct.'  (Minerva), 'The answer is: X'
-#   (MetaMath), 'Answer: X', and GSM8K's '#### N'.
-# A marker's answer is the math span or box right after it, else its sentence, cut at '. ' or the line
-# end; a sentence that is prose ('The largest $n$ is 34.') gives its last math expression. A text with
-# no marker gives its last math expression: the last $..$ / $$..$$ / \(..\) / \[..\] span, bare \frac /
-# \sqrt, or number, whichever ends last, so never a fragment of a fraction. A $ opens math only if a
-# closing $ follows that is not money's: '$25 + $10 = $35' has no span, its answer is 35.
+# Final answers. A solution's answer is that of its LAST marker, by position: \boxed{..} / \fbox{..}
+# (boxes joined by commas or 'and' are one list), 'Final Answer: The final answer is X. I hope it is
+# correct.' (Minerva), 'The answer is: X' (MetaMath), 'Answer: X', '#### N' (GSM8K). A marker's answer
+# is the math span right after it, else its sentence (to '. ' or the line end), or that sentence's last
+# math expression when it is prose ('The largest $n$ is 34.'). Without a marker: the text's last math
+# expression, i.e. the last $..$ / \(..\) / \[..\] span, bare \frac / \sqrt or number, whichever ends
+# last (never a piece of a fraction). A $ opens math only if its closing $ is not money's ('$5 and $6').
 # ----------------------------------------------------------------------------------------------
 _NUMBER = re.compile(r"(?<![\w.{^_\\])[-+]?(?:(?:\d{1,3}(?: \d{3})+|\d+) +\d+/\d+(?![\d/])"     # 4 4/9
                      r"|(?:\d{1,3}(?:,\d{3})+(?!,\d)|\d{1,3}(?: \d{3})+|\d+(?:,\d{1,2}(?![\d,]))?)"
@@ -178,20 +176,12 @@ def _boxes(text):
     out = []
     for m in re.finditer(r"\\(?:boxed|fbox)(?![a-zA-Z])\s*", text):
         i = m.end()
-        if not text.startswith("{", i):
+        if text.startswith("{", i):
+            j = _match_brace(text, i, "{}")
+            out.append((m.start(), j + 1 if j > 0 else len(text), text[i + 1:j].strip() if j > 0 else None))
+        else:
             arg = re.match(r"[^\s$}]*", text[i:]).group(0)
             out.append((m.start(), i + len(arg), arg.rstrip(".") or None))
-            continue
-        depth, j = 0, i
-        while j < len(text):
-            if text[j] == "\\":
-                j += 2
-                continue
-            depth += {"{": 1, "}": -1}.get(text[j], 0)
-            if depth == 0:
-                break
-            j += 1
-        out.append((m.start(), j + 1, text[i + 1:j].strip() if j < len(text) else None))
     return out
 
 
@@ -316,29 +306,17 @@ def extract_answer(text, fallback=True):
 
 
 # ----------------------------------------------------------------------------------------------
-# Equivalence. Both answers are first brought to one canonical LaTeX string (normalize_answer: \dfrac
-# -> \frac, \left/\right and spacing gone, \text{units}, degrees, dollars, thousands separators in
-# every spelling (115{,}000, 1\,000, 1 000), \frac12 -> \frac{1}{2}, 4 4/9 -> 4\frac{4}{9}, the words
-# percent / pct -> %, \le -> <=, 'and' / 'or' / ';' -> ','). Equal strings are equal answers. Then:
-# - the gold decides what '=' means. A gold equation (one '=' and a digit in its left side:
-#   x^2+y^2=13) needs an equation with the same solutions (y^2+x^2=13; not 13). Otherwise a chain
-#   a = b = c states its last side ('\frac{28}{4}=7' -> 7, 'k = 1/3' -> 1/3, 'x \in [1,2]' -> [1,2]).
-# - structures: unions, matrices (same shape), tuples and intervals (in order, brackets exact), sets
-#   and lists (any order; \pm gives both values; 'x=1, y=2' matches by name, or in the gold's order
-#   when the prediction gives bare values); a < x <= b is the interval (a,b]; x > 5 is 5 < x.
-# - single values as numbers (relative 1e-6), then symbolically: LaTeX is translated by our own
-#   small translator to a plain expression whose every name is checked before sympy parses it, and
-#   sympy runs under a timer (SIGALRM, so only in the main thread: elsewhere the symbolic step is off,
-#   with a one-time message) so that no answer can hang the caller.
-# Decisions for the ambiguous cases:
-# - decimal vs exact: equal to relative 1e-6 only. 0.5 = 1/2 and 0.3333333 = 1/3, but 0.333 != 1/3
-#   and 1.414 != \sqrt{2}: MATH asks for exact answers, and rounding is for the question to ask.
-# - unreduced vs reduced fraction: equal (\frac{411}{333} = \frac{137}{111}): the value is the answer.
-# - percentage: 50\% equals 50 (MATH's answers drop the sign) and 0.5 (what 50% means); without a
-#   % sign 50 and 0.5 differ.
-# - a multiple-choice letter: C = (C) = \text{(C)}. A point is not a set: (1,2) != 1,2.
-# - a comma between digits is a thousands separator (1,000) or a list (1,22), never a decimal point.
-# - a base subscript belongs to the number: 204_5 = 204_{5} != 54.
+# Equivalence. Both answers are brought to one canonical string (normalize_answer: \dfrac -> \frac,
+# \left/\right, spacing, \text{units}, degrees, dollars, thousands in every spelling (115{,}000, 1\,000,
+# 1 000), \frac12 -> \frac{1}{2}, 4 4/9 -> 4\frac{4}{9}, percent -> %, \le -> <=, 'and' / ';' -> ',').
+# Equal strings are equal answers. Then the gold decides what '=' means: a gold equation (one '=', a
+# digit on its left: x^2+y^2=13) needs an equation with the same solutions; else a chain a = b = c
+# states its last side ('\frac{28}{4}=7' is 7, 'k = 1/3' is 1/3, 'x \in [1,2]' is [1,2]). Structures:
+# unions, matrices (same shape), tuples and intervals (in order, brackets exact), sets and lists (any
+# order; \pm gives both values; named values match by name, bare ones in the gold's order); a < x <= b
+# is (a,b]. Single values compare as exact numbers, then through sympy: our own translator turns the
+# LaTeX into a plain expression whose every name is checked before sympy parses it, under a timer
+# (SIGALRM: main thread only; elsewhere the symbolic step is off, with a one-time message).
 # ----------------------------------------------------------------------------------------------
 _TEXT = re.compile(r"\\(?:text|textbf|textrm|textit|textnormal|mbox|mathrm)\s*\{([^{}]*)\}(?:\^\{?[23]\}?)?")
 _REL = {"leqslant": "<=", "geqslant": ">=", "leq": "<=", "geq": ">=", "le": "<=", "ge": ">=", "lt": "<",
@@ -435,14 +413,14 @@ def _value(s):
     return m.group(3) + "<" + m.group(2)[1:] + m.group(1) if m else s
 
 
-def _match_brace(s, i):
-    """Index of the bracket closing s[i] ('{', '(' or '['); -1 if unbalanced. Escaped \\{ \\} are text."""
+def _match_brace(s, i, pairs="{}()[]"):
+    """Index of the bracket closing s[i] (one of `pairs`' openers); -1 if unbalanced. \\{ \\} are text."""
     depth, j = 0, i
     while j < len(s):
         if s[j] == "\\" and j + 1 < len(s) and s[j + 1] in "{}":
             j += 2
             continue
-        depth += (s[j] in "{([") - (s[j] in "})]")
+        depth += (s[j] in pairs[0::2]) - (s[j] in pairs[1::2])
         if depth == 0:
             return j
         j += 1
@@ -490,7 +468,18 @@ MAX_ANSWER_CHARS = 1000
 
 
 def is_equiv(pred, gold, timeout=2.0):
-    """True when the answer `pred` equals `gold` (see the rules above). None is never equal."""
+    """True when the answer `pred` equals `gold` (see the rules above). None is never equal.
+    Decisions for the ambiguous cases:
+    - decimal vs exact: equal to relative 1e-6 (against a fraction, also to half a unit of the last
+      digit written): 0.5 = 1/2, 0.3333333 = 1/3, but 0.333 != 1/3, 1.414 != \\sqrt{2}. MATH asks for
+      exact answers; rounding is the question's to ask for.
+    - unreduced vs reduced fraction: equal (\\frac{411}{333} = \\frac{137}{111}): the value is the answer.
+    - percentage: 50\\% equals 50 (answer fields drop the sign of a whole or decimal number) and 0.5;
+      without a % sign, 50 and 0.5 differ.
+    - C = (C) = \\text{(C)}; a point is not a set: (1,2) != 1,2; a value listed twice is one value.
+    - commas: 45,135 is 45135 or the list 45, 135, and 2,74 the list or 2.74 (equal under any reading
+      is equal); '32, 349', with a space, is a list. A base subscript is part of the number: 204_5 != 54.
+    """
     if pred is None or gold is None:
         return False
     if max(len(str(pred)), len(str(gold))) > MAX_ANSWER_CHARS:  # no real answer is this long: exact text only

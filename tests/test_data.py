@@ -266,13 +266,13 @@ MATH_DISAGREEMENTS = {
     "math/test/prealgebra/1124.json": "box '12\\text{ and }13'; field kept only '12'",
     "math/test/precalculus/870.json": "box '7, -2, \\text{ and } -5'; field '7,-2,' lost the -5",
     "math/test/prealgebra/177.json": "box '12'; field is a sentence of the solution ('thecorrectansweraswenormallydo,...')",
-    # two boxes joined by 'and' are one list answer (as a model's '\boxed{-2} and \boxed{1}'); the field kept one
+    # two boxes joined by 'and' are one list answer (a model's '\boxed{-2} and \boxed{1}'); the field kept one
     "math/test/algebra/1878.json": "'the answers are $\\boxed{-2}$ and $\\boxed{1}$'; field '1'",
-    "math/test/precalculus/679.json": "'$\\boxed{\\frac{\\pi}{4}}$ and $\\boxed{\\frac{5\\pi}{4}}$'; field kept the second",
+    "math/test/precalculus/679.json": "'\\boxed{\\frac{\\pi}{4}}$ and $\\boxed{\\frac{5\\pi}{4}}'",
     "math/test/precalculus/1227.json": "'$a = \\boxed{-1}$ and $a = \\boxed{2}$'; field '2'",
-    "math/test/intermediate_algebra/1855.json": "'$x =\\boxed{ -\\tfrac32}$ and $x = \\boxed{-\\tfrac34}$'; field kept the second",
-    "math/test/intermediate_algebra/25.json": "foci '$\\boxed{(10, 0)}$ and $\\boxed{(0,0)}$' ('Either point is acceptable'); field '(0,0)'",
-    "math/test/intermediate_algebra/702.json": "vertices '\\boxed{..} \\text{ and } \\boxed{..}' ('Either point'); field kept the second",
+    "math/test/intermediate_algebra/1855.json": "'\\boxed{ -\\tfrac32}$ and $x = \\boxed{-\\tfrac34}'",
+    "math/test/intermediate_algebra/25.json": "'\\boxed{(10, 0)}$ and $\\boxed{(0,0)}' (either); field: one",
+    "math/test/intermediate_algebra/702.json": "'\\boxed{..} \\text{ and } \\boxed{..}' (either); field: one",
 }
 
 

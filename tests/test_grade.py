@@ -235,6 +235,9 @@ def test_answer_kinds_not_equal(pred, gold):
 # test_mixed_number_extraction.py and test_failed_latex_span.py (commits 05aa3a6, 056ad62; the pinned
 # 0.9.0 fails most of them itself). A prediction is graded as extract_answer then is_equiv against the
 # gold's extracted answer; a value-only gold ('40/9') is the answer itself.
+# test_timeout.py and test_raise_on_error.py mock Math-Verify's internals; what they guarantee (bounded
+# time, a failing comparison is 'not equal') is test_data.py's test_sympy_work_is_bounded and
+# test_model_text_is_never_evaluated. test_evaluate_model_outputs.py tests a script of theirs, not grading.
 # ----------------------------------------------------------------------------------------------
 SUM = "\\sum_{k=0}^n\\bigl(k\\bigr)"
 HAND = [
