@@ -42,7 +42,8 @@ from model import gather_rows, print0
 
 
 def grade(rec, completion):
-    """One prediction row: the record's fields, the completion, the extracted answer and correctness."""
+    """One prediction row: the record's fields, the completion, the extracted answer ('pred', None when the
+    completion states none: data.extract_answer) and correctness (data.is_equiv against the gold)."""
     pred = data.extract_answer(completion)
     row = {"id": rec["id"], "question": rec["question"], "gold": rec["gold"], "completion": completion,
            "pred": pred, "correct": bool(data.is_equiv(pred, rec["gold"]))}
@@ -346,6 +347,8 @@ def main(argv=None):
             print(format_report(accuracy_report(rows)))
             c, n = accuracy_report(rows)["all"]
             print(f"accuracy {100 * c / max(n, 1):.2f}% ({c}/{n}) on {args.data} | {time.time() - t0:.0f}s")
+            missing = sum(r["pred"] is None for r in rows)   # counted wrong; 'pred' in --out shows every answer read
+            print(f"no extractable answer: {missing}/{n} predictions")
     else:
         ref = modeling.Transformer.from_pretrained(args.ref, dtype=dtype, device=device).eval()
         ex = load_processbench(args.processbench, args.limit)

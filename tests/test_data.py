@@ -115,9 +115,9 @@ def test_unknown_set():
     # MetaMath's ending
     ("Janet makes 9 * $2 = $18.\nThe answer is: 18", "18"),
     ("The answer is $\\frac{1}{2}$.", "\\frac{1}{2}"),
-    # word problems without a marker: the last number (commas dropped)
+    # word problems without a marker: the last number (a lone $ is money, not math)
     ("She makes 9 * 2 = $<<9*2=18>>18 every day at the farmer's market.", "18"),
-    ("The total cost is $1,250.50 in all.", "1250.50"),
+    ("The total cost is $1,250.50 in all.", "1,250.50"),
     ("It drops to -5 degrees.", "-5"),
     ("No numbers here.", None),
 ])
@@ -275,6 +275,13 @@ MATH_DISAGREEMENTS = {
     "math/test/prealgebra/1124.json": "box '12\\text{ and }13'; field kept only '12'",
     "math/test/precalculus/870.json": "box '7, -2, \\text{ and } -5'; field '7,-2,' lost the -5",
     "math/test/prealgebra/177.json": "box '12'; field is a sentence of the solution ('thecorrectansweraswenormallydo,...')",
+    # two boxes joined by 'and' are one list answer (a model's '\boxed{-2} and \boxed{1}'); the field kept one
+    "math/test/algebra/1878.json": "'the answers are $\\boxed{-2}$ and $\\boxed{1}$'; field '1'",
+    "math/test/precalculus/679.json": "'\\boxed{\\frac{\\pi}{4}}$ and $\\boxed{\\frac{5\\pi}{4}}'",
+    "math/test/precalculus/1227.json": "'$a = \\boxed{-1}$ and $a = \\boxed{2}$'; field '2'",
+    "math/test/intermediate_algebra/1855.json": "'\\boxed{ -\\tfrac32}$ and $x = \\boxed{-\\tfrac34}'",
+    "math/test/intermediate_algebra/25.json": "'\\boxed{(10, 0)}$ and $\\boxed{(0,0)}' (either); field: one",
+    "math/test/intermediate_algebra/702.json": "'\\boxed{..} \\text{ and } \\boxed{..}' (either); field: one",
 }
 
 
@@ -283,7 +290,7 @@ def test_math_gold_solutions(math_test):
     assert len(math_test) == 5000   # a loader that drops records must not make the rate look better
     disagree = {r["id"] for r in math_test if not is_equiv(extract_answer(r["solution"]), r["gold"])}
     assert disagree == set(MATH_DISAGREEMENTS)
-    assert 1 - len(disagree) / len(math_test) >= 0.995      # 4992 / 5000 = 99.84%
+    assert 1 - len(disagree) / len(math_test) >= 0.995      # 4986 / 5000 = 99.72%
     assert time.time() - t < 60
 
 
