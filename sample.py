@@ -36,27 +36,29 @@ import data
 # ----------------------------------------------------------------------------------------------
 # Code sandbox: one persistent interpreter per solution (notebook-kernel-like state across blocks)
 # ----------------------------------------------------------------------------------------------
-# The policy, stated once (README "The code sandbox" says which layer enforces each part). The kernel gets it
-# as JSON with "dir", the sandbox directory: the one place it may write.
+# The policy, stated once (README "The code sandbox" says which layer enforces each part). The kernel
+# gets it as JSON, with "dir": the sandbox directory, the one place it may write.
 SANDBOX = {
     "timeout": 6.0,   # s per block (SIGALRM in the worker); the sampler kills the kernel at timeout + 2 s
     "mem_mb": 1024, "file_mb": 16, "nofile": 64, "cpu_s": 600,   # RLIMIT_AS, _FSIZE, _NOFILE, _CPU
-    "disk_mb": 64, "max_output": 1000,   # all of the sandbox directory; characters kept of a block's output
-    "read": ["/usr", "/lib", "/lib64", "/dev/null", "/dev/zero", "/dev/urandom"],   # and Python's own dirs
-    # audit events refused ("x." a family); imports refused (as ImportError, so optional ones fall back);
+    "disk_mb": 64,        # all of the sandbox directory
+    "max_output": 1000,   # characters kept of a block's output
+    "read": ["/usr", "/lib", "/lib64", "/dev/null", "/dev/zero", "/dev/urandom"],   # + Python's own dirs
+    # audit events refused ("x." a family); imports refused (ImportError: optional imports fall back);
     # functions that raise no audit event, replaced by refusals
     "events": ["os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn", "os.system", "pty.spawn",
-               "subprocess.Popen", "os.killpg", "os.link", "os.symlink", "os.chown", "os.chflags", "os.setxattr",
-               "os.removexattr", "shutil.chown", "resource.setrlimit", "resource.prlimit", "sys.addaudithook",
-               "sys.settrace", "sys.setprofile", "gc.get_objects", "gc.get_referrers", "gc.get_referents",
-               "code.__new__", "sqlite3.connect", "ctypes.", "socket.", "syslog.", "webbrowser."],
-    "imports": ["ctypes", "_ctypes", "_sqlite3", "_dbm", "_gdbm", "_multiprocessing", "_posixshmem", "readline",
-                "_xxsubinterpreters", "_testcapi", "_testinternalcapi", "_curses"],
-    "removed": ["os.mkfifo", "os.mknod", "os.pidfd_open", "signal.pidfd_send_signal", "os.setsid", "os.setpgid",
-                "os.setpgrp", "_posixsubprocess.fork_exec", "time.clock_settime", "time.clock_settime_ns",
-                "_imp.create_builtin"],
-    # seccomp, as (x86_64, aarch64) numbers: "deny", "self" unless aimed at the worker itself, "thread" unless
-    # it makes a thread, "enosys" answered ENOSYS (so that glibc falls back to clone)
+               "subprocess.Popen", "os.killpg", "os.link", "os.symlink", "os.chown", "os.chflags",
+               "os.setxattr", "os.removexattr", "shutil.chown", "resource.setrlimit", "resource.prlimit",
+               "sys.addaudithook", "sys.settrace", "sys.setprofile", "gc.get_objects", "gc.get_referrers",
+               "gc.get_referents", "code.__new__", "sqlite3.connect", "ctypes.", "socket.", "syslog.",
+               "webbrowser."],
+    "imports": ["ctypes", "_ctypes", "_sqlite3", "_dbm", "_gdbm", "_multiprocessing", "_posixshmem",
+                "readline", "_xxsubinterpreters", "_testcapi", "_testinternalcapi", "_curses"],
+    "removed": ["os.mkfifo", "os.mknod", "os.pidfd_open", "signal.pidfd_send_signal", "os.setsid",
+                "os.setpgid", "os.setpgrp", "_posixsubprocess.fork_exec", "time.clock_settime",
+                "time.clock_settime_ns", "_imp.create_builtin"],
+    # seccomp, (x86_64, aarch64) numbers: "deny"; "self" unless aimed at the worker itself; "thread" unless
+    # it makes a thread; "enosys" answered ENOSYS (glibc then falls back to clone)
     "syscalls": {
         "deny": {"fork": (57, None), "vfork": (58, None), "execve": (59, 221), "execveat": (322, 281),
                  "ptrace": (101, 117), "process_vm_readv": (310, 270), "process_vm_writev": (311, 271),
@@ -66,77 +68,41 @@ SANDBOX = {
                  "mount": (165, 40), "chroot": (161, 51), "socket": (41, 198), "socketpair": (53, 199),
                  "io_uring_setup": (425, 425), "bpf": (321, 280), "perf_event_open": (298, 241),
                  "userfaultfd": (323, 282), "keyctl": (250, 219), "add_key": (248, 217)},
-        "self": {"kill": (62, 129), "tkill": (200, 130), "tgkill": (234, 131), "rt_sigqueueinfo": (129, 138),
-                 "rt_tgsigqueueinfo": (297, 240)},
+        "self": {"kill": (62, 129), "tkill": (200, 130), "tgkill": (234, 131),
+                 "rt_sigqueueinfo": (129, 138), "rt_tgsigqueueinfo": (297, 240)},
         "thread": {"clone": (56, 220)}, "enosys": {"clone3": (435, 435)}},
 }
 
 
-# The kernel program: the _kernel_* functions, shipped as their own source to `python -I -B -c`.
+# The kernel program: the _kernel_* functions, shipped as their own source to `python -I -B -c`. It reads
+# requests on fd 0 and writes the code's output on fds 1 and 2 and, on policy["ctl"], an end-of-block line:
+# that block's nonce from the sampler, which takes the output up to it. So whatever the code writes, to any
+# fd, is output, never a reply.
 def _kernel_main():
-    """The kernel process: makes the namespaces, forks the worker (which runs the code; with namespaces, as
-    the first process of the new PID namespace) and relays between it and the sampler, whose pipes the code
-    so never holds. A block's answer is the worker's output up to an end-of-block line with that block's
-    nonce, at most max_output characters."""
     policy, ns = json.loads(sys.argv[1]), False
     if policy["isolate"]:
         import ctypes
         uid, gid = os.getuid(), os.getgid()
         ns = ctypes.CDLL(None).unshare(0x7C000000) == 0   # CLONE_NEWUSER | NEWPID | NEWNET | NEWIPC | NEWUTS
-        for f, s in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
-            if ns:
-                with open(f"/proc/self/{f}", "w") as fh:
-                    fh.write(s)
-    req, out, ctl = os.pipe(), os.pipe(), os.pipe()   # code in; output (fds 1, 2); end-of-block lines (fd 4)
-    if os.fork() == 0:
-        try:
-            for i, fd in enumerate((os.open(os.devnull, os.O_RDWR), out[1], out[1], req[0], ctl[1])):
-                os.dup2(fd, 200 + i)
-            for i in range(5):
-                os.dup2(200 + i, i)
-            os.closerange(5, 1 << 20)
-            _kernel_worker(policy, ns)
-        finally:
+        maps = ("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")
+        for f, s in maps if ns else ():
+            with open(f"/proc/self/{f}", "w") as fh:
+                fh.write(s)
+        if ns and os.fork():   # the worker is the new PID namespace's first process; this one holds no fd
+            os.closerange(0, 1 << 20)
+            os.wait()
             os._exit(0)
-    for fd in (req[0], out[1], ctl[1]):
-        os.close(fd)
-    req, out, ctl, cap, tail = os.fdopen(req[1], "wb"), out[0], ctl[0], 4 * policy["max_output"] + 4, b""
-
-    def read(fd):
-        b = os.read(fd, 1 << 16)
-        if not b:
-            os._exit(0)   # the worker is gone: the sampler sees the kernel die
-        return b
-
-    def answer(msg):
-        sys.stdout.buffer.write(json.dumps(msg).encode() + b"\n")
-        sys.stdout.buffer.flush()
-    while b"\n" not in tail:   # the worker's hello, sent before any code ran: the layers it set up
-        tail += read(ctl)
-    answer({"ready": True, **json.loads(tail.split(b"\n")[0])})
-    for line in sys.stdin.buffer:
-        nonce = os.urandom(16).hex()
-        req.write(json.dumps({"code": json.loads(line)["code"], "nonce": nonce}).encode() + b"\n")
-        req.flush()
-        got, tail, end = b"", b"", nonce.encode() + b"\n"
-        while end not in tail:
-            for fd in select.select([out, ctl], [], [])[0]:
-                b = read(fd)
-                got, tail = (got + b[:cap - len(got)], tail) if fd == out else (got, tail[-len(end):] + b)
-        while select.select([out], [], [], 0)[0]:   # what the worker wrote before its end-of-block line
-            got += read(out)[:cap - len(got)]
-        text = got.decode("utf-8", "replace")
-        if len(text) > policy["max_output"] or len(got) == cap:
-            text = text[:policy["max_output"]] + "\n...(output truncated)"
-        answer({"out": text})
+    _kernel_worker(policy, ns)
 
 
 def _kernel_worker(policy, ns):
-    """Sets up the OS layers, the limits and the audit hook (last), says which layers ran, then runs one block
-    per request in globals kept across blocks, showing a trailing expression's value like a notebook."""
+    """Sets up the OS layers, the limits and the audit hook (last), says which layers ran, then runs one
+    block per request in globals kept across blocks, showing a trailing expression's value (a notebook)."""
     import ast
     import resource as R
     import traceback
+    requests, ctl = open(os.dup(0), "rb"), policy["ctl"]
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
     roots = sys.path + [sys.prefix, sys.base_prefix, sys.exec_prefix]
     policy["read"] += [os.path.realpath(p) for p in roots if os.path.exists(p)]
     layers = _kernel_contain(policy, ns) if policy["isolate"] else []
@@ -146,14 +112,14 @@ def _kernel_worker(policy, ns):
                    (R.RLIMIT_NPROC, 0)):
         hard = R.getrlimit(lim)[1]
         R.setrlimit(lim, (v, v) if hard == R.RLIM_INFINITY else (min(v, hard),) * 2)
-    stdout, requests = open(1, "w", 1 << 16, "utf-8", "backslashreplace", closefd=False), open(3, "rb")
+    stdout = open(1, "w", 1 << 16, "utf-8", "backslashreplace", closefd=False)
     _kernel_hook(policy)
 
     def on_alarm(*a):
         raise TimeoutError(f"code execution exceeded {policy['timeout']:g} s")
     signal.signal(signal.SIGALRM, on_alarm)
     env = {"__name__": "__main__"}
-    os.write(4, json.dumps({"layers": layers + ["rlimits", "audit hook"]}).encode() + b"\n")
+    os.write(ctl, json.dumps({"layers": layers + ["rlimits", "audit hook"]}).encode() + b"\n")
     for line in requests:
         msg = json.loads(line)
         sys.stdout = sys.stderr = stdout
@@ -175,14 +141,14 @@ def _kernel_worker(policy, ns):
             stdout.flush()
         except (OSError, ValueError):   # the code closed fd 1: its output is lost, not the kernel
             pass
-        os.write(4, msg["nonce"].encode() + b"\n")
+        os.write(ctl, msg["nonce"].encode() + b"\n")
 
 
 def _kernel_contain(policy, ns):
-    """The OS layers; returns the names of those that ran. In the namespaces: a private mount namespace whose
-    root is a tmpfs of disk_mb holding the readable paths (bound read-only where they are), the sandbox
-    directory (the one writable mount) and a /proc of this PID namespace. Then no capabilities, no new
-    privileges, and a seccomp filter (classic BPF over seccomp_data: nr at 0, arch at 4, args[0] at 16)."""
+    """The OS layers; returns the names of those that ran. In the namespaces, a mount namespace whose root
+    is a tmpfs of disk_mb holding the readable paths (bound read-only where they are), the sandbox directory
+    (the one writable mount) and a /proc of this PID namespace. Then no capabilities, no new privileges and
+    a seccomp filter (classic BPF over seccomp_data: nr at offset 0, arch at 4, args[0] at 16)."""
     import ctypes
     import struct
     libc, layers, d, safe = ctypes.CDLL(None, use_errno=True), [], policy["dir"], 0xE   # nosuid|nodev|noexec
@@ -191,7 +157,7 @@ def _kernel_contain(policy, ns):
         a = [s if s is None else os.fsencode(s) for s in (src, dst, fs, data)]
         if libc.mount(a[0], a[1], a[2], ctypes.c_ulong(flags), a[3]) != 0:
             raise OSError(ctypes.get_errno(), f"mount {dst}")
-    libc.prctl(1, 9)   # PR_SET_PDEATHSIG, SIGKILL: die with the kernel process, whatever the code does
+    libc.prctl(1, 9)   # PR_SET_PDEATHSIG, SIGKILL: die with the parent, whatever the code does
     try:
         if not ns or libc.unshare(0x20000) != 0:   # CLONE_NEWNS
             raise OSError("no namespaces")
@@ -204,7 +170,7 @@ def _kernel_contain(policy, ns):
                 os.symlink(os.readlink(p), new)
             elif os.path.exists(p):
                 os.makedirs(new, exist_ok=True) if os.path.isdir(p) else open(new, "w").close()
-                mount(new if p == d else p, new, None, 0x1000)   # MS_BIND (the sandbox directory onto itself)
+                mount(new if p == d else p, new, None, 0x1000)   # MS_BIND (the sandbox directory on itself)
                 f = os.statvfs(p).f_flag   # read-only, keeping the flags a user namespace may not drop
                 atime = 0x400 if f & 0x400 else 0x200000 if f & 0x1000 else 0x1000000
                 if p != d:
@@ -218,7 +184,7 @@ def _kernel_contain(policy, ns):
         mount(None, "/", None, 0x1021 | safe)
         layers.append("namespaces")
     except OSError:
-        if ns:   # the PID, network, IPC and UTS namespaces stay; the host's files, as the audit hook allows
+        if ns:   # the PID, network, IPC and UTS namespaces stay, with the host's files
             libc.umount2(os.fsencode(d), 2)
             layers.append("namespaces without their own root")
     libc.capset(struct.pack("II", 0x20080522, 0), bytes(24))   # empty capability sets (header v3)
@@ -230,8 +196,7 @@ def _kernel_contain(policy, ns):
             (0x35, "deny", 0, 0x40000000)] + [   # another ABI (x32) is refused; then the calls by rule
         (0x15, rule, 0, nr[arch[1]]) for rule, calls in policy["syscalls"].items()
         for nr in calls.values() if nr[arch[1]] is not None] + [(6, 0, 0, ret["allow"])]
-    at = {"thread": len(prog), "self": len(prog) + 2, "allow": len(prog) + 4, "deny": len(prog) + 5,
-          "enosys": len(prog) + 6}
+    at = dict(zip(["thread", "self", "allow", "deny", "enosys"], [len(prog) + i for i in (0, 2, 4, 5, 6)]))
     prog += [(0x20, 0, 0, 16), (0x45, "allow", "deny", 0x10000),   # args[0] & CLONE_THREAD
              (0x20, 0, 0, 16), (0x15, "allow", "deny", os.getpid())] + [(6, 0, 0, r) for r in ret.values()]
     jump = lambda j, i: at[j] - i - 1 if isinstance(j, str) else j
@@ -243,14 +208,15 @@ def _kernel_contain(policy, ns):
 
 
 def _kernel_hook(policy):
-    """Takes away what the audit hook (PEP 578; it cannot be removed) would not see, then installs it. The hook
-    uses only C functions and immutable values bound here and keeps no mutable state a frame could show, so
-    code can neither change its lists nor monkeypatch what it calls (gc, which could reach it, is refused)."""
+    """Takes away what the audit hook (PEP 578; it cannot be removed) would not see, then installs it. The
+    hook uses only C functions and immutable values bound here and keeps no mutable state a frame could
+    show, so code can neither change its lists nor monkeypatch what it calls (gc, which could reach it, is
+    refused)."""
     import gc
     import importlib
     import posix
     import struct
-    import subprocess   # noqa: F401  (loads _posixsubprocess, whose fork_exec is removed)
+    import subprocess   # noqa: F401  (loads _posixsubprocess, whose fork_exec goes)
     import types
     from builtins import ImportError, OSError, PermissionError, bytes, int, max, range, str, tuple, type
     for name in sys.builtin_module_names:   # all of them, so that `_imp.create_builtin` can go
@@ -271,7 +237,8 @@ def _kernel_hook(policy):
     stub.sizeof = {stub.c_long: struct.calcsize("l")}.__getitem__
     gc.collect()
 
-    lstat, stat, readlink, getcwd, listdir = posix.lstat, posix.stat, posix.readlink, posix.getcwd, posix.listdir
+    lstat, stat, readlink, getcwd, listdir = (posix.lstat, posix.stat, posix.readlink, posix.getcwd,
+                                              posix.listdir)
     split, starts, decode, join = str.split, str.startswith, bytes.decode, "/".join
     root, pid, fsize, disk = policy["dir"], posix.getpid(), policy["file_mb"] << 20, policy["disk_mb"] << 20
     code = tuple(sorted({os.path.realpath(p) for p in policy["read"]}))   # extension modules load from here
@@ -279,7 +246,7 @@ def _kernel_hook(policy):
     events = frozenset(e for e in policy["events"] if not e.endswith("."))
     families, imports = tuple(e for e in policy["events"] if e.endswith(".")), frozenset(policy["imports"])
     wflags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-    # (kind, ((path arg, its dir_fd arg), ...)); kind indexes `allowed` below: read, write, quota'd, chdir
+    # event: (kind, ((path arg, its dir_fd arg), ...)); kind indexes `allowed`: read, write, quota, chdir
     paths = types.MappingProxyType({
         "os.remove": (1, ((0, 1),)), "os.rmdir": (1, ((0, 1),)), "os.mkdir": (2, ((0, 2),)),
         "os.rename": (1, ((0, 2), (1, 3))), "os.chmod": (1, ((0, 2),)), "os.utime": (1, ((0, 3),)),
@@ -305,7 +272,7 @@ def _kernel_hook(policy):
         while todo:
             c, todo = todo[0], todo[1:]
             try:
-                link = c not in ("", ".", "..") and lstat("/" + join(out + (c,))).st_mode & 0o170000 == 0o120000
+                link = c not in ("", ".", "..") and lstat("/" + join(out + (c,))).st_mode >> 12 == 10
             except OSError:
                 link = False
             if link and hops < 40:   # past 40 the kernel gives ELOOP
@@ -317,30 +284,28 @@ def _kernel_hook(policy):
                 out += (c,)
         return "/" + join(out)
 
-    def fd_path(fd):
-        try:
-            return readlink("/proc/self/fd/" + str(fd))
-        except OSError:
-            return ""
+    def target(p, dir_fd=None):   # the path an event names, p an fd or relative to dir_fd or the cwd
+        if type(p) is int or p is None:
+            try:
+                return getcwd() if p is None else readlink("/proc/self/fd/" + str(p))
+            except OSError:
+                return ""
+        return real(p, getcwd() if dir_fd is None or dir_fd == -1 else target(dir_fd))
 
-    def target(p, dir_fd):
-        base = getcwd() if dir_fd is None or dir_fd == -1 else fd_path(dir_fd)
-        return fd_path(p) if type(p) is int else base if p is None else real(p, base)
-
-    def quota(what):   # the sandbox's files, plus file_mb for each file open in it (it may still grow)
-        used, todo, fds = 0, (root,), 1
+    def quota(what):   # the sandbox's files, and file_mb more for each file open in it (it may still grow)
+        used, todo, files = 0, (root,), 1
         while todo:
             d, todo = todo[0], todo[1:]
             for n in tuple(listdir(d)):
                 st = lstat(d + "/" + n)
                 used, todo = used + max(st.st_size, 4096), todo + (d + "/" + n,) * (st.st_mode >> 12 == 4)
         for fd in range(nofile):
-            p = fd_path(fd)
+            p = target(fd)
             try:
-                fds += under(p, (root,)) and lstat(p).st_mode >> 12 == 8
+                files += under(p, (root,)) and lstat(p).st_mode >> 12 == 8
             except OSError:   # deleted while open: it holds its blocks still
-                fds += 1
-        if used + fds * fsize > disk:
+                files += 1
+        if used + files * fsize > disk:
             refuse(f"{what}: past the disk quota of {disk >> 20} MiB")
 
     def hook(event, args):
@@ -350,8 +315,8 @@ def _kernel_hook(policy):
             w, r = args[2] & wflags, real(args[0], getcwd())
             if not under(r, write if w else read):
                 refuse(f"open {args[0]!r} outside the sandbox")
-            try:   # no directory fd outside the sandbox, so that relative paths under any dir_fd stay inside
-                if not under(r, write) and stat(r).st_mode & 0o170000 == 0o040000:
+            try:   # no directory fd outside the sandbox, so that relative paths under a dir_fd stay inside
+                if not under(r, write) and stat(r).st_mode >> 12 == 4:
                     refuse(f"open {args[0]!r}: a directory outside the sandbox")
             except FileNotFoundError:
                 pass
@@ -366,19 +331,20 @@ def _kernel_hook(policy):
                 quota(event)
         elif event == "os.kill" and args[0] != pid:
             refuse("os.kill of another process")
-        elif event == "import":
+        elif event == "import":   # a refused module, or an extension module from outside Python's dirs
             name = args[0] if type(args[0]) is str else str.__str__(args[0])
-            if split(name, ".")[0] in imports or args[1] is not None and not under(real(args[1], getcwd()), code):
+            ext = args[1] is not None and not under(real(args[1], getcwd()), code)
+            if split(name, ".")[0] in imports or ext:
                 raise ImportError(f"blocked in the sandbox: import {name}")
     sys.addaudithook(hook)
 
 
 def _kernel_source():
     global _KERNEL_SOURCE
-    if _KERNEL_SOURCE is None:   # built once: the _kernel_* functions and a call of _kernel_main
+    if _KERNEL_SOURCE is None:   # built once (~10 ms): the _kernel_* functions and a call of _kernel_main
         import inspect
         fns = (_kernel_main, _kernel_worker, _kernel_contain, _kernel_hook)
-        _KERNEL_SOURCE = "\n\n".join(["import json, os, select, signal, sys"] + [inspect.getsource(f) for f in fns]
+        _KERNEL_SOURCE = "\n\n".join(["import json, os, signal, sys"] + [inspect.getsource(f) for f in fns]
                                      + ["_kernel_main()\n"])
     return _KERNEL_SOURCE
 
@@ -387,10 +353,10 @@ _KERNEL_SOURCE = None
 
 
 class Kernel:
-    """One solution's interpreter: a separate process whose globals persist across run() calls, held to SANDBOX
-    (README "The code sandbox": its layers, and what is not enforced). After the first result, `layers` names
-    the layers that ran. isolate=False (or SCDPO_SANDBOX_ISOLATE=0) leaves out the OS layers (namespaces,
-    seccomp), so that the audit hook can be tested alone; other keywords override SANDBOX's entries."""
+    """One solution's interpreter: a separate process whose globals persist across run() calls, held to
+    SANDBOX (README "The code sandbox": its layers, and what is not enforced). After the first result,
+    `layers` names the layers that ran. isolate=False (or SCDPO_SANDBOX_ISOLATE=0) leaves out the OS layers
+    (namespaces, seccomp), so that the audit hook can be tested alone; other keywords override SANDBOX."""
 
     def __init__(self, timeout=SANDBOX["timeout"], mem_mb=SANDBOX["mem_mb"], max_output=SANDBOX["max_output"],
                  isolate=None, **policy):
@@ -402,13 +368,16 @@ class Kernel:
 
     def start(self):
         self.dir = os.path.realpath(tempfile.mkdtemp(prefix="scdpo-kernel-"))
+        self._ctl, ctl = os.pipe()
         env = {"PATH": "/usr/bin:/bin", "HOME": self.dir, "TMPDIR": self.dir, "OPENBLAS_NUM_THREADS": "1",
                "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "LANG": "C.UTF-8"}
+        policy = json.dumps({**self.policy, "dir": self.dir, "ctl": ctl})
         self.proc = subprocess.Popen(
-            [sys.executable, "-I", "-B", "-c", _kernel_source(), json.dumps({**self.policy, "dir": self.dir})],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=self.dir,
+            [sys.executable, "-I", "-B", "-c", _kernel_source(), policy], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, pass_fds=(ctl,), env=env, cwd=self.dir,
             start_new_session=True)
-        self._buf, self._ready = b"", False   # the kernel's hello is read with the first result
+        os.close(ctl)
+        self._ready, self._tail = False, b""   # the kernel's hello is read with the first result
 
     def _alive(self):   # without reaping it: until then its pid, its process group's id, is nobody else's
         try:
@@ -416,51 +385,56 @@ class Kernel:
         except ChildProcessError:
             return False
 
-    def _read(self, deadline):
-        """One JSON line from the kernel, or None when it died, garbled its reply or ran past deadline."""
-        fd = self.proc.stdout.fileno()
-        while b"\n" not in self._buf:
+    def _collect(self, end, deadline, output=True):
+        """The kernel's output (its first 4 * max_output + 4 bytes) and what its end-of-block pipe held before
+        `end`, once `end` shows there (what follows waits for the next call); None if it died or timed out."""
+        out, cap, got = self.proc.stdout.fileno(), 4 * self.max_output + 4, b""
+        while end not in self._tail:
             left = deadline - time.monotonic()
-            if left <= 0 or len(self._buf) > 1 << 20 or not select.select([fd], [], [], left)[0]:
-                return None
-            chunk = os.read(fd, 1 << 16)
-            if not chunk:
-                return None
-            self._buf += chunk
-        line, self._buf = self._buf.split(b"\n", 1)
-        try:
-            return json.loads(line)
-        except ValueError:
-            return None
+            for fd in select.select([out, self._ctl][not output:], [], [], left)[0] if left > 0 else [None]:
+                b = os.read(fd, 1 << 16) if fd is not None else b""
+                if not b:
+                    return None
+                if fd == out:
+                    got += b[:cap - len(got)]
+                else:
+                    self._tail = (self._tail + b)[-8192:]
+        while output and select.select([out], [], [], 0)[0] and (b := os.read(out, 1 << 16)):   # before `end`
+            got += b[:cap - len(got)]
+        before, _, self._tail = self._tail.partition(end)
+        return got, before
 
     def submit(self, code):
         """Send one block; collect its output with result(). Lets many kernels run at once."""
         if self.proc is None or not self._alive():
             self.close()
             self.start()
-        self._deadline = time.monotonic() + self.timeout + 2
+        self._nonce, self._deadline = os.urandom(16).hex(), time.monotonic() + self.timeout + 2
         try:
-            self.proc.stdin.write(json.dumps({"code": code}).encode() + b"\n")
+            self.proc.stdin.write(json.dumps({"code": code, "nonce": self._nonce}).encode() + b"\n")
             self.proc.stdin.flush()
         except BrokenPipeError:  # died since the check above; result() reports it
             self._deadline = 0
 
     def result(self):
         if not self._ready:   # started by submit() without waiting, so that many kernels start at once
-            hello = self._read(time.monotonic() + 60)
-            if hello is None or not hello.get("ready"):
+            hello = self._collect(b"\n", time.monotonic() + 60, output=False)
+            if hello is None:
                 self.close()
                 return "RuntimeError: the sandbox kernel failed to start"
-            self._ready, self.layers = True, hello["layers"]
+            self._ready, self.layers = True, json.loads(hello[1])["layers"]
             self._deadline = time.monotonic() + self.timeout + 2
-        reply = self._read(self._deadline)
-        if reply is None:  # hard timeout, crash (segfault, OOM kill) or garbage: restart on next submit
+        got = self._collect(self._nonce.encode() + b"\n", self._deadline)
+        if got is None:  # hard timeout or crash (segfault, OOM kill): restart on next submit
             died = time.monotonic() < self._deadline
             self.close()
             return ("RuntimeError: the kernel died; it was restarted and its state is lost" if died else
                     f"TimeoutError: code execution exceeded {self.timeout:g} s; the kernel was restarted "
                     "and its state is lost")
-        return reply["out"]
+        text = got[0].decode("utf-8", "replace")
+        if len(text) > self.max_output or len(got[0]) == 4 * self.max_output + 4:
+            text = text[:self.max_output] + "\n...(output truncated)"
+        return text
 
     def run(self, code):
         self.submit(code)
@@ -474,9 +448,9 @@ class Kernel:
                 except (ProcessLookupError, PermissionError):
                     pass
             self.proc.wait()
-            for f in (self.proc.stdin, self.proc.stdout):
+            for close in (self.proc.stdin.close, self.proc.stdout.close, lambda: os.close(self._ctl)):
                 try:
-                    f.close()
+                    close()
                 except OSError:
                     pass
             self.proc = None
