@@ -44,8 +44,9 @@ SANDBOX = {
     "disk_mb": 64,        # all of the sandbox directory
     "max_output": 1000,   # characters kept of a block's output
     "read": ["/usr", "/lib", "/lib64", "/dev/null", "/dev/zero", "/dev/urandom"],   # + Python's own dirs
-    # audit events refused ("x." a family); imports refused (ImportError: optional imports fall back);
-    # functions that raise no audit event, replaced by refusals
+    # audit events refused ("x." a family); imports refused (ImportError: optional imports fall back),
+    # _posixsubprocess's anew (its cached copy has fork_exec); functions that raise no audit event,
+    # replaced by refusals
     "events": ["os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn", "os.system", "pty.spawn",
                "subprocess.Popen", "os.killpg", "os.link", "os.symlink", "os.chown", "os.chflags",
                "os.setxattr", "os.removexattr", "shutil.chown", "resource.setrlimit", "resource.prlimit",
@@ -53,7 +54,8 @@ SANDBOX = {
                "gc.get_referents", "code.__new__", "sqlite3.connect", "ctypes.", "socket.", "syslog.",
                "webbrowser."],
     "imports": ["ctypes", "_ctypes", "_sqlite3", "_dbm", "_gdbm", "_multiprocessing", "_posixshmem",
-                "readline", "_xxsubinterpreters", "_testcapi", "_testinternalcapi", "_curses"],
+                "readline", "_xxsubinterpreters", "_testcapi", "_testinternalcapi", "_curses",
+                "_posixsubprocess"],
     "removed": ["os.mkfifo", "os.mknod", "os.pidfd_open", "signal.pidfd_send_signal", "os.setsid",
                 "os.setpgid", "os.setpgrp", "_posixsubprocess.fork_exec", "time.clock_settime",
                 "time.clock_settime_ns", "_imp.create_builtin"],
@@ -216,11 +218,10 @@ def _kernel_hook(policy):
     import importlib
     import posix
     import struct
-    import subprocess   # noqa: F401  (loads _posixsubprocess, whose fork_exec goes)
     import types
     from builtins import ImportError, OSError, PermissionError, bytes, int, max, range, str, tuple, type
-    for name in sys.builtin_module_names:   # all of them, so that `_imp.create_builtin` can go
-        importlib.import_module(name)
+    for name in sys.builtin_module_names + ("subprocess",):   # all builtins, so `_imp.create_builtin` can go;
+        importlib.import_module(name)                        # subprocess loads _posixsubprocess
     for spec in policy["removed"]:   # wherever a loaded module holds the function
         mod, _, name = spec.rpartition(".")
         f = getattr(sys.modules[mod], name, None)
