@@ -44,9 +44,9 @@ SANDBOX = {
     "disk_mb": 64,        # all of the sandbox directory
     "max_output": 1000,   # characters kept of a block's output
     "read": ["/usr", "/lib", "/lib64", "/dev/null", "/dev/zero", "/dev/urandom"],   # + Python's own dirs
-    # audit events refused ("x." a family); imports refused (ImportError: optional imports fall back),
-    # _posixsubprocess's anew (its cached copy has fork_exec); functions that raise no audit event,
-    # replaced by refusals
+    # audit events refused ("x." a family); imports refused (ImportError: optional imports fall back;
+    # _posixsubprocess only anew, as a fresh copy brings fork_exec back); functions that raise no audit
+    # event, replaced by refusals
     "events": ["os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn", "os.system", "pty.spawn",
                "subprocess.Popen", "os.killpg", "os.link", "os.symlink", "os.chown", "os.chflags",
                "os.setxattr", "os.removexattr", "shutil.chown", "resource.setrlimit", "resource.prlimit",
