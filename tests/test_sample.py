@@ -1,9 +1,9 @@
 # python -m pytest -q tests/test_sample.py
 """The sampler against independent references (a full forward per token, float64 probabilities,
-chi-square on sampled counts), the temperature ramp on a scripted model, and the code sandbox."""
+chi-square on sampled counts), the temperature ramp and code blocks on a scripted model (the sandbox
+itself: tests/test_sandbox.py)."""
 import json
 import os
-import time
 
 import numpy as np
 import pytest
@@ -14,7 +14,7 @@ from tokenizers import decoders, models, pre_tokenizers
 import data
 from model import ModelArgs, Tokenizer, Transformer
 from conftest import byte_tokenizer
-from sample import Kernel, Sampling, generate, logits_to_probs, sample, sample_solutions
+from sample import Sampling, generate, logits_to_probs, sample, sample_solutions
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -224,103 +224,6 @@ def test_code_blocks_run_in_one_kernel_per_row_and_outputs_are_appended(btok):
     assert data.split_steps(want, "code")[2] == f"{OS}42\n{OE}"
 
 
-# ---------------------------------------------------------------------------------------------
-# The sandbox
-# ---------------------------------------------------------------------------------------------
-@pytest.fixture()
-def kernel():
-    k = Kernel(timeout=1.0, mem_mb=512)
-    yield k
-    k.close()
-
-
-def timed(k, code):
-    t = time.time()
-    out = k.run(code)
-    return out, time.time() - t
-
-
-def test_state_persists_and_output_is_bounded(kernel):
-    assert kernel.run("x = 6 * 7\nprint('hi')") == "hi\n"
-    assert kernel.run("x + 1") == "43\n"   # notebook-like: a trailing expression is shown
-    assert kernel.run("1/0").strip().endswith("ZeroDivisionError: division by zero")
-    assert kernel.run("import sympy\nsympy.Rational(1, 3) + x") == "127/3\n"
-    out = kernel.run("for i in range(10**6): print(i)")
-    assert len(out) < kernel.max_output + 40 and out.endswith("(output truncated)")
-    assert os.path.realpath(kernel.run("import os\nprint(os.getcwd())").strip()) == os.path.realpath(kernel.dir)
-
-
-def test_infinite_loop(kernel):
-    kernel.run("y = 5")
-    out, dt = timed(kernel, "while True:\n    pass")
-    assert "TimeoutError" in out and dt < kernel.timeout + 1
-    assert kernel.run("y") == "5\n"            # interrupted like a notebook: state kept
-    out, dt = timed(kernel, "import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\nwhile True: pass")
-    assert "TimeoutError" in out and "restarted" in out and dt < kernel.timeout + 3   # killed by the parent
-    assert "NameError" in kernel.run("y") and kernel.run("2 + 2") == "4\n"
-
-
-def test_fork_bomb(kernel):
-    for code in ["import os\nwhile True:\n    os.fork()", "import subprocess\nsubprocess.run(['sh', '-c', ':(){ :|:& };:'])",
-                 "import os\nos.system('echo hi')", "import multiprocessing as m\nm.Process(target=print).start()",
-                 "import _posixsubprocess\n_posixsubprocess.fork_exec()", "import os\nos.execv('/bin/sh', ['sh'])"]:
-        out, dt = timed(kernel, code)
-        assert "PermissionError" in out and "blocked" in out, (code, out)
-        assert dt < kernel.timeout + 1
-    assert kernel.run("print('alive')") == "alive\n"
-
-
-def test_memory_bomb():
-    kernel = Kernel(timeout=4.0, mem_mb=512)   # filling 512 MB can take over a second on a busy machine
-    try:
-        for code in ["x = 'a' * (8 << 30)", "l = []\nwhile True:\n    l.append(bytearray(50 << 20))"]:
-            out, dt = timed(kernel, code)
-            assert "MemoryError" in out and dt < kernel.timeout + 1, out
-        assert kernel.run("print('alive')") == "alive\n"
-    finally:
-        kernel.close()
-
-
-def test_files_outside_the_sandbox_survive(kernel, tmp_path):
-    canary = tmp_path / "canary.txt"
-    canary.write_text("alive")
-    attempts = [f"import os\nos.remove({str(canary)!r})", f"import shutil\nshutil.rmtree({str(tmp_path)!r})",
-                f"open({str(canary)!r}, 'w').write('x')", f"import os\nos.rename({str(canary)!r}, 'stolen')",
-                f"import pathlib\npathlib.Path({str(canary)!r}).unlink()", f"import os\nos.chmod({str(canary)!r}, 0)",
-                f"import os\nos.symlink({str(canary)!r}, 'link')\nopen('link', 'w').write('x')",
-                f"import os\nos.truncate({str(canary)!r}, 0)", f"print(open({str(canary)!r}).read())",
-                "import ctypes\nctypes.CDLL(None).unlink(b'/etc/hostname')"]
-    for code in attempts:
-        out = kernel.run(code)
-        assert "PermissionError" in out, (code, out)
-    assert canary.read_text() == "alive"
-    assert kernel.run("open('mine.txt', 'w').write('ok')\nimport os\nos.remove('mine.txt')\nprint('ok')") == "ok\n"
-
-
-def test_no_network(kernel):
-    for code in ["import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=1)",
-                 "import socket\ns = socket.socket()", "import urllib.request\nurllib.request.urlopen('http://example.com', timeout=1)"]:
-        out, dt = timed(kernel, code)
-        assert ("PermissionError" in out or "URLError" in out) and "blocked" in out, (code, out)
-        assert dt < kernel.timeout + 1
-
-
-def test_parent_environment_is_not_visible(kernel, monkeypatch):
-    monkeypatch.setenv("SCDPO_TEST_SECRET", "hunter2")
-    kernel.close()   # the next run starts a fresh kernel, after the secret was set
-    assert "hunter2" not in kernel.run("import os\nprint(dict(os.environ))")
-    for code in ["import os\nprint(open(f'/proc/{os.getppid()}/environ').read())",
-                 "import os\nprint(open('/proc/1/environ').read())"]:
-        out = kernel.run(code)
-        assert "hunter2" not in out and "PermissionError" in out, out
-
-
-def test_kernel_crash_is_reported_and_restarted(kernel):
-    out = kernel.run("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
-    assert "died" in out or "restarted" in out
-    assert kernel.run("print(1)") == "1\n"
-
-
 def test_incremental_detokenization_matches_decoding_in_context():
     """SentencePiece (Mistral's real tokenizer): leading spaces, byte-fallback pieces of multi-byte
     characters. The text the sampler sees (for boundaries and stop strings) must be the text in context."""
@@ -339,29 +242,3 @@ def test_incremental_detokenization_matches_decoding_in_context():
             got += row.detok(tok)
         want = tok.decode(ctx[-6:] + gen)[len(tok.decode(ctx[-6:])):]
         assert want.startswith(got) and len(want) - len(got) <= 4   # at most a held-back partial character
-
-
-def test_hostile_code_inside_generate_leaves_the_sampler_running(btok, tmp_path):
-    """The sandbox through the sampler: a solution whose code blocks loop forever, fork, exhaust memory and
-    delete a file outside the sandbox gets an error text for each, its later blocks still run, the other
-    rows go on, and the file survives."""
-    canary = tmp_path / "canary.txt"
-    canary.write_text("alive")
-    blocks = ["while True:\n    pass", "import os\nwhile True:\n    os.fork()", "x = 'a' * (8 << 30)",
-              f"import os\nos.remove({str(canary)!r})", "print('still here')"]
-    sandbox = lambda: Kernel(timeout=1.0, mem_mb=512)
-    k = sandbox()   # the outputs, run once beforehand, so that the script can hold them where they go
-    outs = [k.run(b) for b in blocks]
-    k.close()
-    assert [o.split("\n")[-2].split(":")[0] for o in outs[:4]] == ["TimeoutError", "PermissionError", "MemoryError",
-                                                                    "PermissionError"] and outs[4] == "still here\n"
-    S, E, OS, OE = data.CODE_START, data.CODE_END, data.OUTPUT_START, data.OUTPUT_END
-    text = "".join(f"Try.\n{S}{b}\n{E}{OS}{o}{OE}" for b, o in zip(blocks, outs)) + "The answer is 1."
-    prompt_text = "<s>Question: go\n\nAnswer:\n"
-    model = Scripted(btok.encode(prompt_text + text) + [btok.eos_id], btok.vocab_size)
-    t = time.time()
-    rows = generate(model, [btok.encode(prompt_text)] * 2, Sampling(2000, fmt="code"), tok=btok, sandbox=sandbox)
-    assert time.time() - t < 2 * len(blocks) + 10                  # the rows' blocks run side by side
-    for r in rows:
-        assert btok.decode(r.ids) == text and r.finish == "eos"
-    assert canary.read_text() == "alive"
