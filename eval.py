@@ -366,4 +366,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    modeling.run_main(main)
