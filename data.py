@@ -123,11 +123,17 @@ def load_records(spec, limit=None, root=None):
 
 
 def read_jsonl(path, check=None):
-    """Rows of a JSONL file (blank lines skipped). A line that is not a JSON object is a ValueError naming
-    file and line; `check(row, "file:line")` may check fields (see check_pair) and return the row."""
+    """Rows of a JSONL file (blank lines skipped). A line that is not UTF-8 or not a JSON object is a
+    ValueError naming file and line; `check(row, "file:line")` may check fields (see check_pair) and
+    return the row."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:   # bytes, decoded line by line, so that a bad byte's line can be named
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte "
+                                 f"{e.start + 1} of the line)") from None
             if not line.strip():
                 continue
             try:
@@ -925,8 +931,8 @@ def make_pair(record, chosen, rejected, prefix="", k=-1, fmt="cot", sampling=Non
 
 def check_pair(pair, where="pair"):
     """The pair itself, after checking every field of PAIR_FIELDS (and the optional `prompt`: the exact
-    text before the continuations, for pairs read from TRL's format); else ValueError naming `where`
-    and the field."""
+    text before the continuations, for pairs read from TRL's format) and that the pair can be trained
+    on; else ValueError naming `where` and the field."""
     for name, kind in PAIR_FIELDS.items():
         if name not in pair:
             raise ValueError(f"{where}: missing field {name!r}")
@@ -938,6 +944,17 @@ def check_pair(pair, where="pair"):
                          f"(k=-1) or 'sc' (k>=0)")
     if not isinstance(pair.get("prompt", ""), str):
         raise ValueError(f"{where}: field 'prompt' is {type(pair['prompt']).__name__}, expected str")
+    # pairs that would train on nothing, or on the wrong thing: a step-controlled pair without its shared
+    # steps, a naive one with some, nothing to prefer, or the same text on both sides (margin always 0).
+    # An empty rejected is allowed: a continuation that stops at once is a real wrong answer.
+    if (pair["kind"] == "sc") != bool(pair["prefix"]):
+        raise ValueError(f"{where}: field 'prefix' is {'empty' if not pair['prefix'] else 'not empty'} in a "
+                         f"{pair['kind']} pair (k={pair['k']}): a step-controlled pair's prefix is the "
+                         f"shared steps t_0..t_k, a naive pair has none")
+    if not pair["chosen"].strip():
+        raise ValueError(f"{where}: field 'chosen' is empty")
+    if pair["chosen"] == pair["rejected"]:
+        raise ValueError(f"{where}: fields 'chosen' and 'rejected' are the same text")
     return pair
 
 
@@ -1083,14 +1100,28 @@ def tokenize_pair(pair, tok, max_len=1024, max_prompt_len=512):
             "rejected_truncated": cut_r, "id": pair["id"], "kind": pair["kind"]}
 
 
-def tokenize_pairs(pairs, tok, max_len=1024, max_prompt_len=512, log=print):
-    """tokenize_pair over a list, with a one-line summary of what was kept, dropped and truncated."""
+def tokenize_pairs(pairs, tok, max_len=1024, max_prompt_len=512, log=print, warn=None):
+    """tokenize_pair over a list, with a one-line summary of what was kept, dropped and truncated, and a
+    warning (through `warn`, default `log`) when most pairs were dropped or truncated."""
     rows = [tokenize_pair(p, tok, max_len, max_prompt_len) for p in pairs]
     kept = [r for r in rows if r is not None]
     log(f"tokenize_pairs: kept {len(kept)}/{len(pairs)} pairs | dropped {len(pairs) - len(kept)} (prompt > "
         f"{max_prompt_len} tokens) | truncated to {max_len} tokens: chosen {sum(r['chosen_truncated'] for r in kept)}, "
         f"rejected {sum(r['rejected_truncated'] for r in kept)}")
+    cut = sum(r["chosen_truncated"] or r["rejected_truncated"] for r in kept)
+    for msg in (most_lost(len(pairs) - len(kept), len(pairs), f"pairs have a prompt over {max_prompt_len} "
+                          f"tokens and were dropped", "--max-prompt"),
+                most_lost(cut, len(kept), f"kept pairs have a continuation cut at {max_len} tokens (prompt "
+                          f"included)", "--max-len")):
+        if msg:
+            (warn or log)(msg)
     return kept
+
+
+def most_lost(n, total, what, flag):
+    """A loud warning when more than half of `total` items were cut short or dropped (else None): a budget
+    too small for the data ends a run with next to nothing to train on."""
+    return f"WARNING: {n} of {total} {what}; raise {flag}" if total and 2 * n > total else None
 
 
 def tokenize_sft(question, solution, tok, max_len=2048):

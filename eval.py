@@ -369,4 +369,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    modeling.run_main(main)

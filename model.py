@@ -11,11 +11,13 @@ models), RoPE scaling (Llama 3.1+), an explicit head_dim, a sliding window (Mist
 checkpoint names its tensors (InternLM2 packs q, k, v into one `wqkv`). Here q, k, v are one projection
 (`wqkv`) and W1, W3 another (`w13`), so that a layer runs four GEMMs instead of seven.
 """
+import errno
 import json
 import math
 import os
 import shutil
 import struct
+import sys
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -67,6 +69,7 @@ class ModelArgs:
     def from_hf_config(cls, c: dict) -> "ModelArgs":
         """Read a hub config.json dict: the classic keys (`rope_theta`, `rope_scaling` at the top level)
         and the newer `rope_parameters` form are both accepted."""
+        _check_config_types(c)
         mt = c.get("model_type")
         if mt not in SUPPORTED:
             raise ValueError(f"unsupported model_type {mt!r} in config.json; supported: {', '.join(SUPPORTED)}")
@@ -129,6 +132,45 @@ class ModelArgs:
         if mt == "qwen2":
             c["use_sliding_window"] = False
         return c
+
+
+# The JSON types of the config.json fields we read (null: the field's default, except for required
+# ones). A string where a number belongs would otherwise fail far from the file, e.g. in n_heads % n_kv_heads.
+CONFIG_TYPES = {**dict.fromkeys(("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                 "intermediate_size"), "a positive integer"),
+                **dict.fromkeys(("num_key_value_heads", "head_dim", "max_position_embeddings",
+                                 "sliding_window", "bos_token_id"), "an integer"),
+                **dict.fromkeys(("rms_norm_eps", "rope_theta"), "a number"),
+                **dict.fromkeys(("attention_bias", "bias", "tie_word_embeddings", "use_sliding_window"),
+                                "true or false"),
+                **dict.fromkeys(("rope_scaling", "rope_parameters"), "an object"),
+                "model_type": "a string", "eos_token_id": "an integer or a list of integers"}
+ROPE_TYPES = {**dict.fromkeys(("factor", "low_freq_factor", "high_freq_factor", "rope_theta"), "a number"),
+              "original_max_position_embeddings": "an integer", "rope_type": "a string", "type": "a string"}
+
+
+def _has_type(v, want):
+    if v is None:
+        return want not in ("a positive integer", "a string")
+    is_int = isinstance(v, int) and not isinstance(v, bool)
+    return {"a positive integer": is_int and v > 0, "an integer": is_int,
+            "a number": is_int or isinstance(v, float), "true or false": isinstance(v, bool),
+            "an object": isinstance(v, dict), "a string": isinstance(v, str),
+            "an integer or a list of integers": is_int or (isinstance(v, list) and all(
+                isinstance(x, int) and not isinstance(x, bool) for x in v))}[want]
+
+
+def _check_config_types(c):
+    """ValueError naming the first field of config dict `c` whose value has the wrong JSON type."""
+    if not isinstance(c, dict):
+        raise ValueError(f"expected a JSON object, got {type(c).__name__}")
+    fields = [(k, c[k], want) for k, want in CONFIG_TYPES.items() if k in c]
+    for key in ("rope_scaling", "rope_parameters"):
+        if isinstance(c.get(key), dict):
+            fields += [(f"{key}.{k}", c[key][k], want) for k, want in ROPE_TYPES.items() if k in c[key]]
+    for name, v, want in fields:
+        if not _has_type(v, want):
+            raise ValueError(f"field {name!r} is {json.dumps(v)}, expected {want}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -457,13 +499,32 @@ class Transformer(nn.Module):
 
     def save_pretrained(self, path, max_shard_size: int = 5 * 2**30):
         """Write config.json and safetensors shards (+ index) that transformers loads; written into a
-        temporary folder first and renamed, so a crash never leaves half a checkpoint."""
-        from safetensors.torch import save_file
+        temporary folder first and renamed, so a crash never leaves half a checkpoint. A full disk is a
+        DiskFull naming `path`, with the partial files removed."""
         params = dict(self.named_parameters())
         state = {hub: params[ours].detach()[self.rows(part)] for hub, (ours, part) in self.hub_names().items()}
         dtype = self.tok_embeddings.weight.dtype
         tmp = str(path).rstrip("/") + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            self._write_pretrained(tmp, state, dtype, max_shard_size)
+        except Exception as e:
+            shutil.rmtree(tmp, ignore_errors=True)   # frees what the partial files took
+            if is_disk_full(e):
+                raise DiskFull(f"disk full at {path}: {e}") from e
+            raise
+        if os.path.isdir(path):   # keep files others put there (tokenizer), replace ours
+            for fname in os.listdir(path):
+                if fname.endswith(".safetensors") or fname in ("config.json", "model.safetensors.index.json"):
+                    os.remove(os.path.join(path, fname))
+            for fname in os.listdir(tmp):
+                os.replace(os.path.join(tmp, fname), os.path.join(path, fname))
+            os.rmdir(tmp)
+        else:
+            os.replace(tmp, path)
+
+    def _write_pretrained(self, tmp, state, dtype, max_shard_size):
+        from safetensors.torch import save_file
         os.makedirs(tmp)
         shards, cur, size = [], {}, 0
         for hf, t in state.items():
@@ -486,15 +547,33 @@ class Transformer(nn.Module):
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(self.args.to_hf_config(dtype), f, indent=2)
-        if os.path.isdir(path):   # keep files others put there (tokenizer), replace ours
-            for fname in os.listdir(path):
-                if fname.endswith(".safetensors") or fname in ("config.json", "model.safetensors.index.json"):
-                    os.remove(os.path.join(path, fname))
-            for fname in os.listdir(tmp):
-                os.replace(os.path.join(tmp, fname), os.path.join(path, fname))
-            os.rmdir(tmp)
-        else:
-            os.replace(tmp, path)
+        # safetensors creates its files with mode 0600 whatever the umask; give them the mode open() gives
+        # (0644 under the usual umask), so that others on a shared cluster can read the model
+        mask = os.umask(0)
+        os.umask(mask)
+        for fname in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, fname), 0o666 & ~mask)
+
+
+# A write that runs out of room surfaces differently per writer: OSError ENOSPC or EDQUOT, EFBIG past a
+# file size limit (RLIMIT_FSIZE; Python ignores SIGXFSZ), "(os error 28)" from safetensors, and "unexpected
+# pos" from torch's zip writer (torch.save, torch.distributed.checkpoint), a short write whose errno is lost.
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+FULL_TEXTS = ("No space left", "Disk quota", "File too large", "unexpected pos", "os error 28", "os error 27",
+              "os error 122")
+
+
+class DiskFull(OSError):
+    """A save ran out of room (a full disk, a quota, a file size limit); the message names the path."""
+
+
+def is_disk_full(e):
+    """Whether exception `e` (or one it was raised from) is a write that ran out of room."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in FULL_ERRNOS or any(t in str(e) for t in FULL_TEXTS):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def read_config(path):
@@ -662,11 +741,15 @@ def _token_content(value):
 
 
 def _read_json(file):
-    with open(file, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:   # says line and column
-            raise ValueError(f"{file}: not valid JSON: {e}") from None
+    with open(file, "rb") as f:
+        raw = f.read()
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"{file}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
+    except json.JSONDecodeError as e:   # says line and column
+        raise ValueError(f"{file}: not valid JSON: {e}") from None
 
 
 class Tokenizer:
@@ -854,6 +937,24 @@ def print0(*a, **k):
     """print on rank 0 only."""
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*a, **k, flush=True)
+
+
+# The errors a user can fix (bad input, a missing path, a full disk) are printed once, as "error: ...",
+# instead of the traceback that torch's process-group excepthook prints with every line prefixed
+# "[rank0]:". Any other exception keeps its traceback, and SCDPO_TRACEBACK=1 keeps it for these too.
+EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError)
+
+
+def run_main(main, argv=None):
+    """A script's entry point: main(argv), an expected error printed on stderr with exit status 1."""
+    try:
+        main(argv)
+    except EXPECTED_ERRORS as e:
+        if os.environ.get("SCDPO_TRACEBACK") == "1":
+            raise
+        many = dist.is_initialized() and dist.get_world_size() > 1
+        print(f"{f'[rank {dist.get_rank()}] ' if many else ''}error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def gather_rows(rows):

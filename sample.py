@@ -10,7 +10,8 @@ and a dispreferred solution or --k-max samples (the naive pair); then cut the pr
 each eligible step (--cut all) or one (--cut random), continue from each cut --tries times with the
 ramp T_j = min(start + j * inc, max), and keep the first wrong, clean continuation (the step-controlled
 pair), at most --sc-per-question per question. Grading, steps, filters and the pair record are data.py's.
-Progress is kept in <out>.parts/: kill the run at any time and rerun the same command to go on.
+Progress is kept in <out>.parts/: kill the run at any time and rerun the same command to go on. It
+records the settings and the model's hashes, and a rerun with others is refused (--restart starts over).
 When it finishes, <out>.meta.json records the model's and tokenizer's hashes (data.write_pairs_meta), so
 scdpo.py refuses to train a different model on these pairs.
 In Python: generate() (token ids), sample_solutions() (text), make_pairs() (the pipeline).
@@ -28,7 +29,7 @@ import tempfile
 import time
 import zlib
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from tqdm import tqdm
@@ -925,14 +926,60 @@ def _read_parts(folder):
     return done
 
 
-def make_pairs(model, tok, records, out_path, s=PairSettings(), chunk=16, rank=0, world=1, progress=True):
+# A progress folder holds the samples of one model under one set of settings: <out>.parts/settings.json
+# records them (the PairSettings and the caller's `provenance`, e.g. data.model_fingerprint), and a rerun
+# with others is refused, since it would mix its pairs with the old ones under the new model's hashes.
+def progress_record(s, provenance=None):
+    """What settings.json records of a run, as JSON values (tuples become lists)."""
+    return json.loads(json.dumps({"settings": asdict(s), **(provenance or {})}))
+
+
+def progress_mismatch(folder, record):
+    """Why the progress in `folder` cannot be continued by a run with `record`; None when it can (it
+    matches, or there is no progress yet)."""
+    path = os.path.join(folder, "settings.json")
+    if not os.path.exists(path):
+        parts = [n for n in os.listdir(folder) if n.startswith("rank")] if os.path.isdir(folder) else []
+        return f"holds progress ({', '.join(sorted(parts))}) but no record of its settings" if parts else None
+    with open(path, encoding="utf-8") as f:
+        try:
+            old = json.load(f)
+        except ValueError as e:
+            return f"has an unreadable {path} ({e})"
+    def flat(r):
+        return {**r.get("settings", {}), **{k: v for k, v in r.items() if k != "settings"}}
+    was, now = flat(old), flat(record)
+    diff = [f"{k} {json.dumps(was.get(k))} (now {json.dumps(now.get(k))})"
+            for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+    return f"was sampled with other settings: {', '.join(diff)}" if diff else None
+
+
+def make_pairs(model, tok, records, out_path, s=PairSettings(), chunk=16, rank=0, world=1, progress=True,
+               provenance=None, restart=False):
     """The whole pipeline, resumable. Questions are sharded by rank (record i goes to rank i % world) and
     sampled `chunk` at a time; each finished chunk's questions are appended at once (one line per
     question, its pairs and counts) to `<out>.parts/rank<r>.jsonl`. A rerun skips the questions found
-    there, so a killed run resumes without duplicates. At the end rank 0 writes every pair to out_path in
-    record order and returns the summary counts (call it on every rank; it barriers when distributed)."""
+    there, so a killed run resumes without duplicates; a rerun with other settings or provenance (see
+    progress_record) is a ValueError, unless `restart`, which first removes the progress, out_path and its
+    meta file. At the end rank 0 writes every pair to out_path in record order and returns the summary
+    counts (call it on every rank; it barriers when distributed)."""
     folder = out_path + ".parts"
+    record = progress_record(s, provenance)
+    if restart:
+        if rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+            for old in (out_path, data.pairs_meta_path(out_path)):
+                if os.path.exists(old):
+                    os.remove(old)
+        if world > 1:
+            torch.distributed.barrier()
+    why = progress_mismatch(folder, record)
+    if why:
+        raise ValueError(f"{folder} {why}: these pairs cannot be continued; start over with `sample.py pairs "
+                         f"--restart` (scdpo.py: --overwrite), or rerun with the recorded settings")
     os.makedirs(folder, exist_ok=True)
+    if rank == 0 and not os.path.exists(os.path.join(folder, "settings.json")):
+        data.write_json(os.path.join(folder, "settings.json"), record)   # before any progress
     part = os.path.join(folder, f"rank{rank}.jsonl")
     done = _read_parts(folder)
     if os.path.exists(part):   # rewrite our own file without a torn last line before appending to it
@@ -966,6 +1013,16 @@ def make_pairs(model, tok, records, out_path, s=PairSettings(), chunk=16, rank=0
         summary = {"questions": len(rows), **dict(sorted(stats.items()))}
         print(" | ".join(f"{k} {v}" for k, v in summary.items()))
     return summary
+
+
+def truncation_warnings(summary, flag):
+    """Loud warnings when most samples, or most continuations, ran into max_new_tokens (and so were never
+    graded): `flag` says what to raise."""
+    n = summary.get
+    what = "hit max_new_tokens and were dropped ungraded"
+    return [m for m in (data.most_lost(n("samples_truncated", 0), n("samples", 0), f"samples {what}", flag),
+                        data.most_lost(n("samples_sc_truncated", 0), n("samples_sc", 0),
+                                       f"step-controlled continuations {what}", flag)) if m]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1012,15 +1069,21 @@ def main(argv=None):
     a.add_argument("--dtype", default=None, help="e.g. bfloat16; default: the checkpoint's")
     a.add_argument("--seed", type=int, default=0, help="every sample's noise derives from it")
     a.add_argument("--chunk", type=int, default=16, help="questions sampled (and committed) together")
+    a.add_argument("--restart", action="store_true", help="discard the progress in <out>.parts/ (and <out>) "
+                   "and start over; without it a rerun with other settings or another model is refused")
     add_pair_flags(a)
     args = p.parse_args(argv)
     rank, world, _, device = modeling.compute_init()
     modeling.print0(json.dumps(vars(args)))
     model, tok = modeling.load(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None, device=device)
     model.eval()
+    provenance = {**data.model_fingerprint(args.model), "dtype": str(model.tok_embeddings.weight.dtype)}
     summary = make_pairs(model, tok, data.load_records(args.data, args.limit), args.out,
-                         pair_settings(args, args.max_new_tokens), chunk=args.chunk, rank=rank, world=world)
+                         pair_settings(args, args.max_new_tokens), chunk=args.chunk, rank=rank, world=world,
+                         provenance=provenance, restart=args.restart)
     if rank == 0:
+        for warning in truncation_warnings(summary, "--max-new-tokens"):
+            print(warning, file=sys.stderr, flush=True)
         if args.format == "trl":
             data.write_jsonl(args.out, [data.to_trl(p, tok) for p in data.read_pairs(args.out)])
         data.write_pairs_meta(args.out, args.model, summary)   # last, atomically: scdpo.check_pairs_match
@@ -1032,8 +1095,9 @@ PAIRS_HELP = """Sample naive and step-controlled pairs from an SFT model (METHOD
 Per question: samples at temperature 1 until one is preferred and one dispreferred, or --k-max (the
 naive pair); then the preferred solution is cut after an eligible step and continued --tries times
 with the temperature ramp, keeping the first wrong, clean continuation (a step-controlled pair), at
-most --sc-per-question per question. Kill it at any time; rerun the same command to go on."""
+most --sc-per-question per question. Kill it at any time; rerun the same command to go on (a rerun
+with other settings or another model is refused: --restart starts over)."""
 
 
 if __name__ == "__main__":
-    main()
+    modeling.run_main(main)

@@ -22,6 +22,7 @@ import os
 import random
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import CheckpointException
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -44,6 +46,11 @@ import model as modeling
 import sample
 from kernels import token_logprobs
 from model import print0
+
+
+def warn(msg):
+    """What the user must see, even with --quiet: on stderr, from rank 0."""
+    print0(msg, file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,7 +127,9 @@ def get_parser():
     p.add_argument("--global-batch", type=int, default=64, help="pairs (sft: examples) per optimizer step")
     p.add_argument("--micro-batch", type=int, default=4, help="pairs per forward on one rank")
     p.add_argument("--max-len", type=int, default=None, help="tokens per sequence: prompt + one "
-                   "continuation (dpo 1024, sft 2048)")
+                   "continuation (dpo 1024, sft 2048); without --pairs, the pairs are sampled with a budget "
+                   "of --max-len minus --max-prompt new tokens per solution or continuation (default 512), "
+                   "and a sample that runs out of it is dropped")
     p.add_argument("--max-prompt", type=int, default=512, help="longest prompt; longer pairs are dropped")
     p.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warmup fraction, then cosine")
     p.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine floor as a fraction of --lr")
@@ -225,20 +234,32 @@ def check_pairs_match(pairs_path, rows, tok, margs, model_dir):
 
 def sample_pairs(args, rank, world, device, log):
     """Stage 1 when --pairs is not given: sample.make_pairs from --model over --data into --out. The
-    stage is skipped when its output is complete; a killed run resumes question by question."""
+    stage is skipped when its output is complete; a killed run resumes question by question. Pairs of
+    other sampling settings or another model are refused, or with --overwrite sampled again."""
     path = os.path.join(args.out, "pairs.jsonl")
-    if os.path.exists(data.pairs_meta_path(path)):
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    s = sample.pair_settings(args, max_new_tokens=args.max_len - args.max_prompt)
+    provenance = {**data.model_fingerprint(args.model), "dtype": str(dtype)}
+    stale = sample.progress_mismatch(path + ".parts", sample.progress_record(s, provenance))
+    if stale and not args.overwrite:
+        raise ValueError(f"{path}.parts {stale}: pass --overwrite to sample the pairs again, or rerun with "
+                         f"the recorded settings")
+    if stale:
+        log(f"pairs: {path}.parts {stale}; --overwrite: sampling them again")
+    elif os.path.exists(data.pairs_meta_path(path)):
         log(f"pairs: reusing {path}")
         return path
     if not args.data:
         raise ValueError("--objective dpo needs --pairs, or --data with the questions to sample pairs for")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     gen_model, tok = modeling.load(args.model, dtype=dtype, device=device)
-    s = sample.pair_settings(args, max_new_tokens=args.max_len - args.max_prompt)
-    summary = sample.make_pairs(gen_model, tok, data.load_records(args.data), path, s, rank=rank, world=world)
+    summary = sample.make_pairs(gen_model, tok, data.load_records(args.data), path, s, rank=rank, world=world,
+                                provenance=provenance, restart=bool(stale))
     del gen_model
     if rank == 0:
         log(f"pairs: {json.dumps(summary)}")
+        for w in sample.truncation_warnings(summary, f"--max-len (each sample may have --max-len minus "
+                                                     f"--max-prompt = {s.max_new_tokens} new tokens)"):
+            warn(w)
         data.write_pairs_meta(path, args.model, summary)   # written last: marks the stage complete
     dist.barrier()
     return path
@@ -314,45 +335,101 @@ def reference_logprobs(net, rows, collate, args, device, rank, world):
 # function of the step too, so no scheduler object needs saving.
 # ----------------------------------------------------------------------------------------------
 def save_checkpoint(out, net, opt, step, args, rank):
+    """The checkpoint of `step` (its path), or None when the disk is full: then the partial files are
+    removed, the last good checkpoint is kept, and training goes on (the weights are still in memory)."""
     ckdir = os.path.join(out, "checkpoints")
     path, tmp = os.path.join(ckdir, f"step-{step:06d}"), os.path.join(ckdir, f"step-{step:06d}.tmp")
-    if rank == 0:
+
+    def prepare():
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    dist.barrier()
-    dcp.save({"model": get_model_state_dict(net), "optim": get_optimizer_state_dict(net, opt)}, checkpoint_id=tmp)
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    torch.save(rng, os.path.join(tmp, f"rng-rank{rank}.pt"))
-    dist.barrier()
-    if rank == 0:
+
+    def write():
+        state = {"model": get_model_state_dict(net), "optim": get_optimizer_state_dict(net, opt)}
+        dcp.save(state, checkpoint_id=tmp)
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+               "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+        torch.save(rng, os.path.join(tmp, f"rng-rank{rank}.pt"))
+
+    def commit():
         with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump({"step": step, "world": dist.get_world_size(), "args": vars(args)}, f, indent=1, default=str)
+            json.dump({"step": step, "world": dist.get_world_size(), "args": vars(args),
+                       "inputs": run_inputs(args)}, f, indent=1, default=str)
         os.replace(tmp, path)
         for old in glob.glob(os.path.join(ckdir, "step-*")):
             if old != path:
                 shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+
+    for fn in (prepare if rank == 0 else None, write, commit if rank == 0 else None):
+        full = failures_on_ranks(fn)
+        if full:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)   # frees what the partial files took
+                warn(f"WARNING: disk full at {tmp}: the checkpoint of step {step} is not written ({full}); "
+                     f"training goes on; last good checkpoint: {latest_checkpoint(out) or 'none'}")
+            dist.barrier()
+            return None
     return path
 
 
-RESUME_MUST_MATCH = ("objective", "model", "pairs", "pairs_kind", "global_batch", "epochs", "max_steps", "seed", "lr", "max_len")
+def failures_on_ranks(fn):
+    """fn() on this rank (None: nothing to do here), then every rank learns what failed: a failure on one
+    rank must stop every rank alike, or the next collective hangs. A full disk anywhere is returned (as
+    text; "" when none failed); any other failure is raised on every rank."""
+    err = None
+    try:
+        if fn is not None:
+            fn()
+    except (Exception, CheckpointException) as e:
+        err = e
+    mine = None
+    if err is not None:
+        inner = err.failures.values() if isinstance(err, CheckpointException) else [(err,)]
+        text = "; ".join(str(f[0]) for f in inner)
+        mine = (dist.get_rank(), text.strip(), modeling.is_disk_full(err))
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    every = [f for f in every if f is not None]
+    if any(not full for _, _, full in every):
+        if err is not None and not modeling.is_disk_full(err):
+            raise err
+        r, text, _ = next(f for f in every if not f[2])
+        raise RuntimeError(f"rank {r} failed: {text}")
+    return "; ".join(f"rank {r}: {text}" if len(every) > 1 else text for r, text, _ in every)
+
+
+# Settings that change the result: a resumed run must have the same ones as the checkpoint's (the
+# others, e.g. --micro-batch, --packed, --checkpointing, change only rounding or speed).
+RESUME_MUST_MATCH = ("objective", "model", "pairs", "data", "pairs_kind", "global_batch", "epochs",
+                     "max_steps", "seed", "lr", "min_lr_ratio", "warmup_ratio", "weight_decay", "adam_betas",
+                     "grad_clip", "max_len", "max_prompt", "loss", "beta", "label_smoothing", "nll_weight")
+
+
+def run_inputs(args):
+    """Hashes of the files a run trains from: a resume notices a model or pairs file changed in place."""
+    return {"model": data.model_fingerprint(args.model)["model"],
+            "pairs": data.sha256_file(args.pairs) if args.objective == "dpo" and args.pairs else None}
 
 
 def load_checkpoint(path, net, opt, rank, args):
     """Restore a checkpoint in place; returns its step. Refuses one written with other settings that
-    decide the data order or the schedule (RESUME_MUST_MATCH), or by another number of processes (each
-    rank's RNG state is its own file)."""
+    change the result (RESUME_MUST_MATCH, and the hashes of the model and pairs), or by another number
+    of processes (each rank's RNG state is its own file)."""
     with open(os.path.join(path, "meta.json")) as f:
         meta = json.load(f)
     world = dist.get_world_size()
     if meta.get("world", world) != world:
         raise ValueError(f"--resume: {path} was written by {meta['world']} processes, this run has {world}; "
                          f"resume with the same world size (torchrun --nproc_per_node={meta['world']})")
-    diff = {k: (meta["args"].get(k), getattr(args, k)) for k in RESUME_MUST_MATCH if meta["args"].get(k) != getattr(args, k)}
+    now = json.loads(json.dumps({k: getattr(args, k) for k in RESUME_MUST_MATCH}, default=str))   # as saved
+    diff = {f"--{k.replace('_', '-')}": (meta["args"].get(k), v) for k, v in now.items()
+            if meta["args"].get(k) != v}
+    inputs = run_inputs(args)
+    diff.update({f"{k} hash": (v, inputs.get(k)) for k, v in meta.get("inputs", {}).items()
+                 if v != inputs.get(k)})
     if diff:
         raise ValueError(f"--resume: {path} was written with other settings: " +
-                         ", ".join(f"--{k.replace('_', '-')} {a} (now {b})" for k, (a, b) in diff.items()))
+                         ", ".join(f"{k} {a} (now {b})" for k, (a, b) in diff.items()))
     state = {"model": get_model_state_dict(net), "optim": get_optimizer_state_dict(net, opt)}
     dcp.load(state, checkpoint_id=path)
     set_model_state_dict(net, state["model"])
@@ -374,17 +451,49 @@ def latest_checkpoint(out):
 
 def export(net, margs, tok, path, dtype, rank):
     """The hub-format model (save_pretrained + tokenizer files): the full state dict is gathered to
-    rank 0's CPU, loaded into a plain Transformer and written there."""
+    rank 0's CPU, loaded into a plain Transformer and written there. On a full disk the trained model is
+    written into a fresh folder under the temporary directory ($TMPDIR) instead, and a DiskFull on every
+    rank names both paths."""
     sd = get_model_state_dict(net.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    err = [None]
     if rank == 0:
         with torch.device("meta"):
             plain = modeling.Transformer(margs)
         plain.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, assign=True)
         if margs.tie_embeddings:
             plain.output.weight = plain.tok_embeddings.weight
-        plain.save_pretrained(path)
-        tok.save_pretrained(path)
-    dist.barrier()
+        err = [save_model(plain, tok, path)]
+    dist.broadcast_object_list(err, src=0)
+    if err[0]:
+        raise modeling.DiskFull(err[0])
+
+
+def save_model(plain, tok, path):
+    """Write model and tokenizer to `path`, or on a full disk to a spare folder: None, or what happened."""
+    def save(where):
+        try:
+            plain.save_pretrained(where)
+            tok.save_pretrained(where)
+            return None
+        except Exception as e:
+            if not modeling.is_disk_full(e):
+                raise
+            shutil.rmtree(where, ignore_errors=True)
+            return str(e) if isinstance(e, modeling.DiskFull) else f"disk full at {where}: {e}"
+    first = save(path)
+    if first is None:
+        return None
+    try:
+        spare = os.path.join(tempfile.mkdtemp(prefix="scdpo-final-"), os.path.basename(path))
+    except OSError as e:
+        return f"{first}; and no spare folder for it ({e}): the trained weights are lost"
+    warn(f"WARNING: {first}; writing the trained model to {spare} instead")
+    second = save(spare)
+    if second:
+        shutil.rmtree(os.path.dirname(spare), ignore_errors=True)
+        return f"{first}; and {second}: the trained weights are lost"
+    open(os.path.join(spare, "DONE"), "w").close()   # the whole final model: moved, a --resume sees it done
+    return f"{first}. The trained model is in {spare} instead: free space and move it to {path}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -428,7 +537,7 @@ def dpo_rows(args, tok, margs, rank, world, device, log):
         args.pairs = sample_pairs(args, rank, world, device, log)
     pairs, fmt = data.read_pairs(args.pairs, with_format=True)
     log(f"pairs: {len(pairs)} in {fmt} format from {args.pairs}")
-    rows = data.tokenize_pairs(pairs, tok, args.max_len, args.max_prompt, log=log)
+    rows = data.tokenize_pairs(pairs, tok, args.max_len, args.max_prompt, log=log, warn=warn)
     check_pairs_match(args.pairs, rows, tok, margs, args.model)
     items = select_kind(rows, args.pairs_kind, args.seed)
     kinds = {k: sum(rows[i]["kind"] == k for i in items) for k in ("naive", "sc")}
@@ -462,15 +571,21 @@ def dpo_objective(args, net, rows, collate, rank, world, device, log):
         key = hashlib.sha256(json.dumps([data.model_fingerprint(args.model), data.sha256_file(args.pairs),
                                          args.max_len, args.max_prompt, str(device.type == "cuda")]).encode())
         cache = f"{args.pairs}.ref-{key.hexdigest()[:16]}.pt"
-        if os.path.exists(cache):
-            ref = torch.load(cache)
-            log(f"reference log-probs: {cache}")
+        # beside the pairs, so that the three --pairs-kind runs share it; where that folder is not
+        # writable, in --out (decided before computing, so the work is not lost to a failed write)
+        spare = os.path.join(args.out, os.path.basename(cache))
+        found = next((c for c in (cache, spare) if os.path.exists(c)), None)
+        if found:
+            ref = torch.load(found)
+            log(f"reference log-probs: {found}")
         else:
+            if rank == 0 and (why := not_writable(os.path.dirname(cache))):
+                warn(f"reference log-probs: cannot write beside the pairs ({os.path.dirname(cache) or '.'}: "
+                     f"{why}); caching them in {spare}")
+                cache = spare
             ref = reference_logprobs(net, rows, collate, args, device, rank, world)
             if rank == 0:
-                torch.save(ref, cache + ".tmp")
-                os.replace(cache + ".tmp", cache)
-                log(f"reference log-probs written to {cache}")
+                save_reference(ref, cache, log)
     else:
         ref_model = modeling.Transformer.from_pretrained(args.model, dtype=torch.float32).requires_grad_(False)
         ref_net = shard(SeqLogprobs(ref_model), device).eval()
@@ -493,6 +608,32 @@ def dpo_objective(args, net, rows, collate, rank, world, device, log):
     return loss
 
 
+def not_writable(folder):
+    """None when a file can be created in `folder`, else why not, in the OS's words (a read-only file
+    system, no permission, a path that is no folder)."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder or ".", prefix=".write-probe-")
+        os.close(fd)
+        os.remove(probe)
+        return None
+    except OSError as e:
+        return e.strerror or str(e)
+
+
+def save_reference(ref, cache, log):
+    """Write the reference cache atomically; a failed write (a full disk) costs the cache, not the run."""
+    try:
+        torch.save(ref, cache + ".tmp")
+        os.replace(cache + ".tmp", cache)
+        log(f"reference log-probs written to {cache}")
+    except (OSError, RuntimeError) as e:
+        if os.path.exists(cache + ".tmp"):
+            os.remove(cache + ".tmp")
+        full = "disk full: " if modeling.is_disk_full(e) else ""
+        warn(f"WARNING: reference log-probs not cached at {cache} ({full}{e}); training goes on with them in "
+             f"memory, and a rerun computes them again")
+
+
 def sft_objective(args, net, rows, collate, rank, world, device, log):
     """The micro-batch loss of SFT: the summed NLL of the response tokens over the global batch's count."""
     def loss(batch, ids, step_ids):
@@ -511,6 +652,9 @@ def check_settings(args, world):
     if args.global_batch < 1 or args.micro_batch < 1 or args.global_batch % (world * args.micro_batch):
         raise ValueError(f"--global-batch {args.global_batch} must be a positive multiple of world size x "
                          f"--micro-batch ({world} x {args.micro_batch})")
+    if args.objective == "dpo" and not 0 < args.max_prompt < args.max_len:
+        raise ValueError(f"--max-prompt {args.max_prompt} must be positive and less than --max-len "
+                         f"{args.max_len} (each continuation gets --max-len minus --max-prompt tokens)")
 
 
 RUN_FILES = ("log.jsonl", "checkpoints", "final")
@@ -622,8 +766,7 @@ def train(args):
         if peak:
             rec["mfu"] = flops / dt / peak   # this rank's FLOPs over its own peak
         if rank == 0:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            append_log(log_path, rec)
             log(log_line(rec, total))
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
             save_checkpoint(args.out, net, opt, step + 1, args, rank)
@@ -646,6 +789,21 @@ def train(args):
             data.write_jsonl(os.path.join(args.out, "eval.jsonl"), preds)
             log(evaluation.format_report(evaluation.accuracy_report(preds)))
     return trained
+
+
+def append_log(path, rec):
+    """One line of log.jsonl. On a full disk the line is lost (and said), not the run; the file is cut
+    back to whole lines, so that the next line does not continue a torn one."""
+    size = os.path.getsize(path) if os.path.exists(path) else 0
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+    except OSError as e:
+        if not modeling.is_disk_full(e):
+            raise
+        if os.path.exists(path):
+            os.truncate(path, size)
+        warn(f"WARNING: disk full at {path}: step {rec['step']} is not logged ({e})")
 
 
 def row_tokens(row, args):
@@ -677,4 +835,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    modeling.run_main(main)

@@ -458,7 +458,8 @@ def test_tokenize_pairs_truncation_and_drops(tok):
     naive, sc = _pairs()
     long_q = dict(naive, question="How many? " * 300)
     msgs = []
-    rows = data.tokenize_pairs([naive, sc, long_q], tok, max_len=70, max_prompt_len=55, log=msgs.append)
+    rows = data.tokenize_pairs([naive, sc, long_q], tok, max_len=70, max_prompt_len=55, log=msgs.append,
+                               warn=lambda m: None)
     assert len(rows) == 2 and len(msgs) == 1
     assert "kept 2/3" in msgs[0] and "dropped 1 (prompt > 55 tokens)" in msgs[0]
     n_trunc = {side: sum(r[side + "_truncated"] for r in rows) for side in ("chosen", "rejected")}

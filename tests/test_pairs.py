@@ -22,7 +22,7 @@ import torch
 import data
 from conftest import byte_tokenizer
 from model import ModelArgs, Transformer
-from sample import PairSettings, make_pairs, pairs_for_chunk
+from sample import PairSettings, make_pairs, pairs_for_chunk, progress_record
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -144,6 +144,7 @@ def test_a_kill_while_rewriting_a_progress_file_loses_nothing(setup, tmp_path, m
     d, model, tok, records = setup
     out = str(tmp_path / "out.jsonl")
     os.makedirs(out + ".parts")
+    data.write_json(out + ".parts/settings.json", progress_record(SETTINGS))   # what make_pairs records first
     part = out + ".parts/rank0.jsonl"
     before = "".join(_part_line(r["id"]) for r in records[:6]) + '{"id": "gsm8k/6", "pai'
     with open(part, "w") as f:
