@@ -39,7 +39,8 @@ import warnings
 
 import sympy
 import torch
-from sympy.parsing.sympy_parser import parse_expr, standard_transformations, implicit_multiplication_application
+from sympy.parsing.sympy_parser import (implicit_multiplication_application, parse_expr,
+                                        standard_transformations)
 
 CODE_START, CODE_END = "```python\n", "```\n"
 OUTPUT_START, OUTPUT_END = "```output\n", "```\n"
@@ -74,7 +75,8 @@ def parse_record(row, where, source):
         if key is None:
             return None
         if not isinstance(row[key], (str, int, float)) or isinstance(row[key], bool):
-            raise ValueError(f"{where}: field {key!r} is {type(row[key]).__name__}, expected text or a number")
+            raise ValueError(f"{where}: field {key!r} is {type(row[key]).__name__}, expected text or a "
+                             f"number")
         return str(row[key])
     rec = {"id": get("id"), "source": source, "question": get("question")}
     if rec["question"] is None:
@@ -86,7 +88,8 @@ def parse_record(row, where, source):
     if gold is None:
         gold = _hash_answer(rec.get("solution") or "")
         if gold is None:
-            raise ValueError(f"{where}: missing field 'gold' or 'answer' (or a solution with a '#### N' line)")
+            raise ValueError(f"{where}: missing field 'gold' or 'answer' (or a solution with a '#### N' "
+                             f"line)")
         gold = gold.replace(",", "")
     rec["gold"] = gold
     return rec
@@ -112,7 +115,8 @@ def load_records(spec, limit=None, root=None):
             raise FileNotFoundError(f"{path}: not found (data set {part!r})")
         recs = read_jsonl(path, lambda row, where: parse_record(row, where, source))
         if not recs:
-            raise ValueError(f"{path}: no records (empty file); expected JSON lines with a question and a gold answer")
+            raise ValueError(f"{path}: no records (empty file); expected JSON lines with a question and a "
+                             f"gold answer")
         for i, rec in enumerate(recs):
             rec["id"] = f"{source}/{rec['id']}" if rec["id"] else f"{tag.replace(':', '/')}/{i}"
         empty = [r["id"] for r in recs if not r["gold"].strip()]
@@ -823,7 +827,8 @@ def split_steps(solution, fmt="cot", delim="\n\n"):
                 m = _FENCE_CLOSE.search(solution, solution.index("\n", i) + 1)
                 i = m.end() if m else len(solution)
             else:  # text runs to the next opening fence
-                i = min([j for j in (solution.find(CODE_START, i), solution.find(OUTPUT_START, i)) if j >= 0] or [len(solution)])
+                nxt = [j for j in (solution.find(CODE_START, i), solution.find(OUTPUT_START, i)) if j >= 0]
+                i = min(nxt or [len(solution)])
             cuts.append(i)
     else:
         raise ValueError(f"unknown solution format {fmt!r}: expected 'cot' or 'code'")
@@ -921,12 +926,14 @@ def make_pair(record, chosen, rejected, prefix="", k=-1, fmt="cot", sampling=Non
     whole solutions (prefix + continuation); `sampling`: the settings that produced it (temperature,
     ramp, tries, seed ...)."""
     if bool(prefix) != (k >= 0):
-        raise ValueError(f"a step-controlled pair has a prefix and k >= 0, a naive one neither (k={k}, prefix={prefix[:40]!r})")
+        raise ValueError(f"a step-controlled pair has a prefix and k >= 0, a naive one neither (k={k}, "
+                         f"prefix={prefix[:40]!r})")
     fallback = fmt == "cot"
     return {"id": record["id"], "source": record["source"], "question": record["question"], "prefix": prefix,
             "chosen": chosen, "rejected": rejected, "kind": "sc" if k >= 0 else "naive", "k": k,
             "gold": record["gold"], "chosen_answer": extract_answer(prefix + chosen, fallback),
-            "rejected_answer": extract_answer(prefix + rejected, fallback), "fmt": fmt, "sampling": dict(sampling or {})}
+            "rejected_answer": extract_answer(prefix + rejected, fallback), "fmt": fmt,
+            "sampling": dict(sampling or {})}
 
 
 def check_pair(pair, where="pair"):
@@ -991,11 +998,14 @@ def sha256_file(path, sample=None):
 
 
 def model_fingerprint(path):
-    """{'model': .., 'tokenizer': ..}: hashes of a hub folder's config + weights and of its tokenizer files."""
+    """{'model': .., 'tokenizer': ..}: hashes of a hub folder's config + weights and of its tokenizer
+    files."""
     def digest(files, sample=None):
-        return hashlib.sha256("".join(sha256_file(f, sample) for f in sorted(files)).encode()).hexdigest()[:16]
+        joined = "".join(sha256_file(f, sample) for f in sorted(files))
+        return hashlib.sha256(joined.encode()).hexdigest()[:16]
     weights = glob.glob(os.path.join(path, "*.safetensors")) + [os.path.join(path, "config.json")]
-    toks = [os.path.join(path, f) for f in ("tokenizer.json", "tokenizer_config.json") if os.path.exists(os.path.join(path, f))]
+    toks = [f for f in (os.path.join(path, "tokenizer.json"), os.path.join(path, "tokenizer_config.json"))
+            if os.path.exists(f)]
     return {"model": digest(weights, sample=1 << 20), "tokenizer": digest(toks)}
 
 
@@ -1058,7 +1068,8 @@ def from_trl(row, where="TRL row"):
     (chosen,), (rejected,) = (texts(row[side], (["assistant"],)) for side in ("chosen", "rejected"))
     record = {"id": str(row.get("id", where)), "source": row.get("source", "trl"), "question": question,
               "gold": str(row.get("gold", ""))}
-    pair = make_pair(record, chosen, rejected, prefix=prefix, k=len(split_steps(prefix)) - 1 if prefix else -1)
+    k = len(split_steps(prefix)) - 1 if prefix else -1
+    pair = make_pair(record, chosen, rejected, prefix=prefix, k=k)
     if isinstance(row["prompt"], str):
         pair["prompt"] = row["prompt"]
     return check_pair(pair, where)
@@ -1086,8 +1097,8 @@ def tokenize_pair(pair, tok, max_len=1024, max_prompt_len=512):
     if not 0 < max_prompt_len < max_len:
         raise ValueError(f"need 0 < max_prompt_len ({max_prompt_len}) < max_len ({max_len})")
     text = pair["prompt"] if "prompt" in pair else tok.render_prompt(pair["question"], pair["prefix"])
-    (ids_c, n_c), (ids_r, n_r) = (tok.encode_prompt_response(text, pair[side]) for side in ("chosen", "rejected"))
-    n = 0  # both encodings share the prompt's ids; a token straddling the boundary belongs to the continuation
+    (ids_c, n_c), (ids_r, n_r) = (tok.encode_prompt_response(text, pair[s]) for s in ("chosen", "rejected"))
+    n = 0  # both encodings share the prompt's ids; a token straddling the boundary is the continuation's
     while n < min(n_c, n_r) and ids_c[n] == ids_r[n]:
         n += 1
     if n == 0:  # the first continuation token is predicted by the last prompt token: there must be one
@@ -1106,7 +1117,8 @@ def tokenize_pairs(pairs, tok, max_len=1024, max_prompt_len=512, log=print, warn
     rows = [tokenize_pair(p, tok, max_len, max_prompt_len) for p in pairs]
     kept = [r for r in rows if r is not None]
     log(f"tokenize_pairs: kept {len(kept)}/{len(pairs)} pairs | dropped {len(pairs) - len(kept)} (prompt > "
-        f"{max_prompt_len} tokens) | truncated to {max_len} tokens: chosen {sum(r['chosen_truncated'] for r in kept)}, "
+        f"{max_prompt_len} tokens) | truncated to {max_len} tokens: chosen "
+        f"{sum(r['chosen_truncated'] for r in kept)}, "
         f"rejected {sum(r['rejected_truncated'] for r in kept)}")
     cut = sum(r["chosen_truncated"] or r["rejected_truncated"] for r in kept)
     for msg in (most_lost(len(pairs) - len(kept), len(pairs), f"pairs have a prompt over {max_prompt_len} "
@@ -1184,8 +1196,9 @@ def collate_pairs(rows, packed=True, pad_id=0):
             tgt += r[side]
             seg += [2 * p + s] * n
     lengths = torch.tensor([len(r[side]) for r in rows for side in ("chosen", "rejected")], dtype=torch.long)
-    return {"input_ids": input_ids, "positions": positions, "mask": mask, "idx": torch.tensor(idx, dtype=torch.long),
-            "tgt": torch.tensor(tgt, dtype=torch.long), "seg": torch.tensor(seg, dtype=torch.long), "lengths": lengths}
+    as_long = lambda x: torch.tensor(x, dtype=torch.long)
+    return {"input_ids": input_ids, "positions": positions, "mask": mask, "idx": as_long(idx),
+            "tgt": as_long(tgt), "seg": as_long(seg), "lengths": lengths}
 
 
 def collate_sft(rows, pad_id=0):
