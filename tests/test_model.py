@@ -12,8 +12,12 @@ import struct
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import data
+import sample
+import scdpo
 from conftest import DATA
 from model import Transformer, load
 
@@ -303,6 +307,36 @@ def test_activation_checkpointing_same_gradients(ckpts):
         torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()).backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(*grads))
+
+
+def test_every_attention_call_chooses_its_kernels_and_never_cudnn(ckpts, monkeypatch):
+    # On H100/H200 SDPA prefers cuDNN for masked calls, whose backward can return NaN (model.MASKED_BACKENDS).
+    # Record, for every SDPA call of a packed and an unpacked DPO forward + backward, a sampler prefill and a
+    # cached forward, which kernels were enabled: masked calls memory-efficient, unmasked ones flash,
+    # cuDNN and math never.
+    calls, sdpa = [], F.scaled_dot_product_attention
+    cuda = torch.backends.cuda
+
+    def recorded(q, k, v, attn_mask=None, is_causal=False, **kw):
+        calls.append((attn_mask is not None, cuda.cudnn_sdp_enabled(), cuda.math_sdp_enabled(),
+                      cuda.mem_efficient_sdp_enabled(), cuda.flash_sdp_enabled()))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recorded)
+    model = Transformer.from_pretrained(ckpts["qwen2"][0])
+    pairs = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in
+             [([5, 6, 7], [8, 9], [10, 11, 12]), ([5] * 9, [3], [4, 4])]]
+    for packed in (True, False):
+        batch = data.collate_pairs(pairs, packed=packed)
+        scdpo.run_logprobs(scdpo.SeqLogprobs(model), batch, torch.device("cpu")).sum().backward()
+    sample.generate(model, [[1, 2, 3], [4, 5, 6, 7, 8]], sample.Sampling(3), eos_id=[])
+    with torch.no_grad():
+        model(_ids(1), cache=model.make_cache(2, T))
+    assert sum(m for m, *_ in calls) == 3 * model.args.n_layers     # packed, prefill, cached: masked
+    assert sum(not m for m, *_ in calls) == model.args.n_layers     # unpacked: causal, no mask
+    for masked, cudnn, math, efficient, flash in calls:
+        assert not cudnn and not math and (efficient if masked else flash)
+    assert cuda.cudnn_sdp_enabled() and cuda.math_sdp_enabled()     # the choice ends with the call
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
