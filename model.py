@@ -387,8 +387,9 @@ class Transformer(nn.Module):
                 cache.batch_size, T, -1)
         if mask is not None:
             mask = mask[:, None]                                         # (B, 1, T, S)
-            if cache is not None and T == 1 and dev.type == "cpu":
-                # Attention.decode_attention adds the mask: made additive here, once for all layers
+            if cache is not None and T == 1:
+                # made additive here, once for all layers: decode_attention adds it (CPU), and SDPA would
+                # otherwise turn a bool mask into this in every layer of every decode step (GPU)
                 mask = torch.where(mask, 0.0, float("-inf")).to(self.tok_embeddings.weight.dtype)
         x = self.tok_embeddings(input_ids)
         cos, sin = rope if rope is not None else rope_tables(positions, self.inv_freq, x.dtype)

@@ -279,6 +279,30 @@ def test_kv_cache_default_mask_equals_full_forward(ckpts):
     assert _rel(torch.cat(parts, 1), full) < 1e-5
 
 
+def test_cache_rows_decode_some_rows_in_place_then_compact(ckpts):
+    # Three rows prefilled together; then only rows 0 and 2 take 3 tokens (KVCache.rows), only row 2 one
+    # more, and after compacting the cache to row 2 alone, one more again. Each step's logits must equal a
+    # full forward of that row's whole sequence (transformers-checked above), with row 1 left untouched.
+    path, hf = ckpts["qwen2"]
+    model = Transformer.from_pretrained(path)
+    seqs = [_ids(10 + b, B=1, n=12)[0].tolist() for b in range(3)]
+    cache = model.make_cache(3, 16)
+    with torch.no_grad():
+        model(torch.tensor([s[:6] for s in seqs]), cache=cache)
+        cache.rows = torch.tensor([0, 2])
+        out = model(torch.tensor([seqs[0][6:9], seqs[2][6:9]]), cache=cache, cache_pos=6)
+        for b, o in zip((0, 2), out):
+            assert _rel(o, _hf_logits(hf, torch.tensor([seqs[b][:9]]))[0, 6:]) < 1e-5
+        cache.rows = torch.tensor([2])
+        out = model(torch.tensor([seqs[2][9:10]]), positions=torch.tensor([[9]]), cache=cache, cache_pos=9)
+        assert _rel(out[0], _hf_logits(hf, torch.tensor([seqs[2][:10]]))[0, 9:]) < 1e-5
+        row2 = [t[2].clone() for t in cache.k + cache.v]
+        cache = cache.compact(torch.tensor([2]))
+        assert cache.batch_size == 1 and all(torch.equal(t[0], r) for t, r in zip(cache.k + cache.v, row2))
+        out = model(torch.tensor([seqs[2][10:11]]), positions=torch.tensor([[10]]), cache=cache, cache_pos=10)
+        assert _rel(out[0], _hf_logits(hf, torch.tensor([seqs[2][:11]]))[0, 10:]) < 1e-5
+
+
 def test_packed_prompt_chosen_rejected_row(ckpts):
     # One row [prompt | chosen | rejected]: rejected sees the prompt but not chosen, its positions restart
     # after the prompt. Each half must equal transformers on [prompt | chosen] and [prompt | rejected].
