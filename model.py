@@ -252,6 +252,11 @@ CAUSAL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 def attend(q, k, v, mask=None, causal=False):
     """softmax(q k^T / sqrt(hd) + mask) v by SDPA on the kernels above. q (B, nh, T, hd); k, v (B, nkv, S, hd)
     with nh a multiple of nkv (grouped-query); mask (B, 1, T, S) bool (True: may attend) or None."""
+    g = q.shape[1] // k.shape[1]
+    if q.is_cuda and g > 1 and (mask is not None or q.dtype == torch.float32):
+        # CUDA's memory-efficient kernel takes grouped-query heads only in recent torch (pytorch PR 191085):
+        # each kv head repeated for its g query heads, as Llama's repeat_kv does
+        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
     with sdpa_kernel(MASKED_BACKENDS if mask is not None else CAUSAL_BACKENDS):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                               enable_gqa=q.shape[1] != k.shape[1])
@@ -281,21 +286,23 @@ class Attention(nn.Module):
             k, v = cache.update(layer, cache_pos, k, v)                 # (Bc, nkv, S, hd): every cache row
         if rows is not None:   # the input is some of the cache's rows: its queries go to theirs
             q = q.new_zeros(cache.batch_size, *q.shape[1:]).index_copy_(0, rows, q)
-        if cache is not None and T == 1 and x.device.type == "cpu":
+        if cache is not None and T == 1:
             y = self.decode_attention(q, k, v, mask)                    # (Bc, nkv, g, hd)
             y = (y if rows is None else y[rows]).view(B, 1, self.nh * self.hd)
-        else:   # no mask: causal over T new tokens, or one new token that sees every cached slot
+        else:   # no mask: causal over the T new tokens
             y = attend(q, k, v, mask, causal=mask is None and T > 1)   # (Bc, nh, T, hd)
             y = (y if rows is None else y[rows]).transpose(1, 2).reshape(B, T, self.nh * self.hd)
         return F.linear(y, self.wo.weight, self.wo.bias)
 
     def decode_attention(self, q, k, v, bias):
         """Attention of one new query per row over the cache, softmax(q k^T / sqrt(hd) + bias) v, written
-        out. For a single query SDPA's CPU kernels cost more to set up than this computation (~75 us against
-        ~55 us a call at batch 16), so the CPU decode step uses two matmuls; SDPA keeps the GPU, the prefill
-        and training. The g = nh / nkv query heads that share a kv head are stacked as that kv head's g
-        queries (GQA without repeating k, v). bias (B, 1, 1, S): additive, 0 or -inf, made once per step
-        for all layers; or None (all slots). Returns (B, nkv, g, hd): the heads in their order, contiguous."""
+        out, as transformers' eager attention writes it (scores in the model's dtype, an fp32 softmax). For a
+        single query SDPA's CPU kernels cost more to set up than this computation (~75 us against ~55 us a
+        call at batch 16), and on a GPU the step reads the cache once either way, with no kernel choice to
+        get wrong; so the decode step uses two batched matmuls on every device, and SDPA the prefill and
+        training. The g = nh / nkv query heads that share a kv head are stacked as that kv head's g queries
+        (GQA without repeating k, v). bias (B, 1, 1, S): additive, 0 or -inf, made once per step for all
+        layers; or None (all slots). Returns (B, nkv, g, hd): the heads in their order, contiguous."""
         B, g = q.shape[0], self.nh // self.nkv
         s = (q.view(B, self.nkv, g, self.hd) * self.hd ** -0.5) @ k.transpose(-1, -2)   # (B, nkv, g, S)
         if bias is not None:
@@ -388,8 +395,7 @@ class Transformer(nn.Module):
         if mask is not None:
             mask = mask[:, None]                                         # (B, 1, T, S)
             if cache is not None and T == 1:
-                # made additive here, once for all layers: decode_attention adds it (CPU), and SDPA would
-                # otherwise turn a bool mask into this in every layer of every decode step (GPU)
+                # Attention.decode_attention adds the mask: made additive here, once for all layers
                 mask = torch.where(mask, 0.0, float("-inf")).to(self.tok_embeddings.weight.dtype)
         x = self.tok_embeddings(input_ids)
         cos, sin = rope if rope is not None else rope_tables(positions, self.inv_freq, x.dtype)

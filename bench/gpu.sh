@@ -34,7 +34,7 @@ part() {   # part NAME SECONDS COMMAND...: run it with a time limit, say how it 
     local rc=$?
     local dt=$(( $(date +%s) - t0 ))
     if [ $rc -eq 0 ]; then echo "=== $name: ok (${dt}s)"
-    elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then echo "=== $name: TIMEOUT after ${dt}s (output above is partial)"
+    elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then echo "=== $name: TIMEOUT after ${dt}s (output is partial)"
     else echo "=== $name: FAILED with exit code $rc (${dt}s)"; fi
 }
 

@@ -39,7 +39,8 @@ parser.add_argument("--vocab", type=int, default=32000, help="vocabulary size")
 # files
 parser.add_argument("--shard-mb", type=int, default=500, help="shard size in MB, as the hub's max_shard_size")
 parser.add_argument("--dir", default=None, help="write the checkpoint here and keep it (default: a temp dir, removed)")
-parser.add_argument("--max-ratio", type=float, default=1.3, help="exit 1 if peak RSS / file size is above this")
+parser.add_argument("--max-ratio", type=float, default=1.3,
+                    help="exit 1 if peak RSS / file size is above this")
 parser.add_argument("--max-rank-ratio", type=float, default=0.75,
                     help="exit 1 if a training rank's peak RSS / fp32 model size is above this")
 parser.add_argument("--old", action="store_true", help="also time the old training load (needs ~2.2x the "
@@ -181,10 +182,12 @@ def main():
             assert x["params"] == n_params, (x["params"], n_params)
             rr = x["peak_rss"] / fp32
             worst = max(worst, rr) if kind == "sharded" else worst
-            print(f"{'training' if kind == 'sharded' else 'old training'} rank {rank}/2 | load {x['seconds']:.1f}s | "
-                  f"peak RSS {x['peak_rss'] / 2**30:.2f} GiB | peak RSS / fp32 model {rr:.3f}"
-                  f"{f' (target <= {args.max_rank_ratio})' if kind == 'sharded' else ''} | without the runtime "
-                  f"{(x['peak_rss'] - x['base_rss']) / fp32:.3f} | read {x['read'] / size:.2f} of the files",
+            what = "training" if kind == "sharded" else "old training"
+            target = f" (target <= {args.max_rank_ratio})" if kind == "sharded" else ""
+            print(f"{what} rank {rank}/2 | load {x['seconds']:.1f}s | peak RSS "
+                  f"{x['peak_rss'] / 2**30:.2f} GiB | peak RSS / fp32 model {rr:.3f}{target} | without the "
+                  f"runtime {(x['peak_rss'] - x['base_rss']) / fp32:.3f} | read {x['read'] / size:.2f} of "
+                  f"the files",
                   flush=True)
     if tmp is not None:
         tmp.cleanup()

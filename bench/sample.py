@@ -1,9 +1,9 @@
 """Tokens/s of sample.generate against transformers' generate (same random checkpoint, same prompts),
 and the sampler's peak cache memory against the size of one cache.
 
-    python bench/sample.py --threads 2             # CPU: a 19M-parameter Llama, vocab 32000, batch 16 (>= 2x)
-    python bench/sample.py --size tiny             # CPU: the miniature's size (0.2M parameters)
-    python bench/sample.py --device cuda           # GPU: Qwen2.5-0.5B-shaped, batch 64, bf16 (target: 3x)
+    python bench/sample.py --threads 2       # CPU: a 19M-parameter Llama, vocab 32000, batch 16 (>= 2x)
+    python bench/sample.py --size tiny       # CPU: the miniature's size (0.2M parameters)
+    python bench/sample.py --device cuda     # GPU: Qwen2.5-0.5B-shaped, batch 64, bf16 (target: 3x)
 
 Speed: both decode greedily with no EOS (every row makes exactly --new tokens) from ragged prompts
 (left-padded for transformers), so both do the same work; one warm-up run each, then --reps timed runs
@@ -13,8 +13,9 @@ On the CPU both run on --threads threads (default 1): for matrices this small mo
 each other, and on a machine shared with other jobs they spin against them.
 
 Memory: rows that end at random steps (sampling, n=4 samples of each of 64 short prompts, a few EOS ids),
-so that rows finish all along and the sampler skips and compacts them. Peak memory during generate() above what was in
-use before it, over the bytes of one KV cache of all rows: a second cache alive at once would show as 2.
+so that rows finish all along and the sampler skips and compacts them. Peak memory during generate()
+above what was in use before it, over the bytes of one KV cache of all rows: a second cache alive at once
+would show as 2.
 CPU: in a fresh process, the kernel's peak-RSS mark reset before the call (/proc/self/clear_refs);
 GPU: torch.cuda.max_memory_allocated().
 """
@@ -38,7 +39,8 @@ p.add_argument("--batch", type=int, default=None, help="default: 16 on CPU, 64 o
 p.add_argument("--new", type=int, default=128, help="new tokens per row")
 p.add_argument("--prompt", default="32,96", help="prompt lengths drawn uniformly from lo,hi")
 p.add_argument("--reps", type=int, default=10, help="timed runs of each, alternating")
-p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on CPU, torch's on GPU)")
+p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on CPU, torch's "
+               "on GPU)")
 p.add_argument("--size", default="small", choices=["tiny", "small", "qwen2.5-0.5b"],
                help="the model: tiny (0.2M), small (19M), qwen2.5-0.5b (default on a GPU)")
 p.add_argument("--memory-child", action="store_true", help="internal: the memory measurement, as JSON")
@@ -48,10 +50,12 @@ B = args.batch or (64 if gpu else 16)
 if args.threads or not gpu:
     torch.set_num_threads(args.threads or 1)
 SHAPES = {   # random weights in real shapes: a decode step costs the same whatever the values
-    "qwen2.5-0.5b": dict(vocab_size=151936, dim=896, n_layers=24, n_heads=14, n_kv_heads=2, intermediate_size=4864,
-                         norm_eps=1e-6, rope_theta=1e6, max_seq_len=32768, qkv_bias=True, tie_embeddings=True,
-                         model_type="qwen2", bos_token_id=None, eos_token_id=151643),
-    "tiny": dict(vocab_size=1024, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=192, max_seq_len=2048),
+    "qwen2.5-0.5b": dict(vocab_size=151936, dim=896, n_layers=24, n_heads=14, n_kv_heads=2,
+                         intermediate_size=4864, norm_eps=1e-6, rope_theta=1e6, max_seq_len=32768,
+                         qkv_bias=True, tie_embeddings=True, model_type="qwen2", bos_token_id=None,
+                         eos_token_id=151643),
+    "tiny": dict(vocab_size=1024, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=192,
+                 max_seq_len=2048),
     "small": dict(vocab_size=32000, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, intermediate_size=688,
                   max_seq_len=2048),
 }
@@ -71,11 +75,14 @@ def peak_cache_memory():
     model = Transformer(margs).to(args.device, dtype).eval()
     g = torch.Generator().manual_seed(2)
     # short prompts and long samples, so that the prefill's activations are small beside the cache
-    prompts = [torch.randint(8, 512, (int(n),), generator=g).tolist() for n in torch.randint(8, 25, (64,), generator=g)]
-    cfg, n, eos = Sampling(max_new_tokens=768, temperature=1.0), 4, [1, 2, 3, 4, 5]   # ~1% a step: rows end all along
-    generate(model, prompts[:2], Sampling(max_new_tokens=4, temperature=1.0), n=2, seed=0, eos_id=eos)  # warm-up
+    prompts = [torch.randint(8, 512, (n,), generator=g).tolist()
+               for n in torch.randint(8, 25, (64,), generator=g).tolist()]
+    eos = [1, 2, 3, 4, 5]   # ~1% a step: rows end all along
+    cfg, n = Sampling(max_new_tokens=768, temperature=1.0), 4
+    generate(model, prompts[:2], Sampling(max_new_tokens=4, temperature=1.0), n=2, seed=0, eos_id=eos)
     max_len = max(map(len, prompts)) + cfg.max_new_tokens + 1
-    cache = 2 * margs.n_layers * len(prompts) * n * margs.n_kv_heads * max_len * margs.head_dim * dtype.itemsize
+    rows_bytes = len(prompts) * n * margs.n_kv_heads * max_len * margs.head_dim * dtype.itemsize
+    cache = 2 * margs.n_layers * rows_bytes                                  # k and v of every layer
     if gpu:
         sync()
         torch.cuda.reset_peak_memory_stats()
@@ -155,14 +162,16 @@ for _ in range(args.reps):
         t, outs[k] = timed(fn)
         best[k] = min(best[k], t)
 n_tok = B * args.new
-print(f"device {args.device} ({torch.cuda.get_device_name() if gpu else f'{torch.get_num_threads()} threads'}) | "
+where = torch.cuda.get_device_name() if gpu else f"{torch.get_num_threads()} threads"
+print(f"device {args.device} ({where}) | "
       f"model {size}, {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M params, {dtype} | batch {B} | "
       f"prompts {lo}-{hi} tokens | {args.new} new tokens/row", flush=True)
 print(f"sample.generate : {n_tok / best['ours']:9.1f} tok/s ({best['ours']:.2f} s)", flush=True)
 if hf is not None:
     same = sum(a == b for a, b in zip(outs["ours"], outs["hf"]))
     print(f"transformers    : {n_tok / best['hf']:9.1f} tok/s ({best['hf']:.2f} s)")
-    print(f"ratio {best['hf'] / best['ours']:.2f}x | greedy rows identical to transformers: {same}/{B}", flush=True)
+    print(f"ratio {best['hf'] / best['ours']:.2f}x | greedy rows identical to transformers: {same}/{B}",
+          flush=True)
 else:
     print(f"transformers    : not importable ({why}); no ratio", flush=True)
 

@@ -146,8 +146,8 @@ def bench(shape):
     return res
 
 
-print0(f"device {device} x {world} | prompt {P} tokens, continuations ~{C} | micro-batch {MB} pairs x {args.accum} "
-             f"accumulation | fastest of {args.steps} steps | torch threads {torch.get_num_threads()}")
+print0(f"device {device} x {world} | prompt {P} tokens, continuations ~{C} | micro-batch {MB} pairs x "
+       f"{args.accum} accumulation | fastest of {args.steps} steps | torch threads {torch.get_num_threads()}")
 for shape in shapes:
     res = bench(shape)
     for (packed, ref_mode), r in res.items():

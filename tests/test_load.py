@@ -74,8 +74,9 @@ def test_sharded_load_equals_a_plain_load_and_reads_only_its_rows(tmp_path):
                write_internlm2(str(tmp_path / "llama-for-internlm2"), str(tmp_path / "internlm2"))]
     assert len(modeling._safetensors_files(folders[1])) > 2
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.abspath(__file__), *folders], env=env, capture_output=True, text=True, timeout=300)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    r = subprocess.run(launch + [os.path.abspath(__file__), *folders], env=env, capture_output=True,
+                       text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     lines = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert sorted((x["path"], x["rank"]) for x in lines) == sorted((f, k) for f in folders for k in (0, 1))

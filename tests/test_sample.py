@@ -73,7 +73,8 @@ def test_rows_ending_at_different_steps_equal_their_full_forward_references():
     # live rows fall to half and below while others still run); every row must equal its own reference.
     model = tiny(seed=3)
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 64, (int(n),), generator=g).tolist() for n in torch.randint(1, 12, (12,), generator=g)]
+    lengths = torch.randint(1, 12, (12,), generator=g).tolist()
+    prompts = [torch.randint(0, 64, (n,), generator=g).tolist() for n in lengths]
     ref = [full_forward_greedy(model, p, 24) for p in prompts]
     eos = sorted({r[k] for r, k in zip(ref, [2, 5, 9, 13, 17, 20])})
     ends = sorted(next((k + 1 for k, t in enumerate(r) if t in eos), 24) for r in ref)
