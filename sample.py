@@ -457,7 +457,7 @@ def generate(model, prompts, cfg=GREEDY, n=1, seed=None, tok=None, eos_id=None, 
             noise[r] = torch.rand(max_new_tokens, generator=g)
         noise = noise.to(dev)
     rid = torch.arange(B, device=dev)           # the row id of each live row
-    temperature = torch.full((B,), float(cfg.temperature), device=dev)   # without the ramp, every row's
+    temperature = torch.full((B,), float(cfg.temperature), device=dev)   # each row's, when no ramp
     active, done, ntok, t0 = list(rows), 0, 0, time.time()
     bar = tqdm(total=len(rows), disable=not progress, desc="generate", unit="row")
     step = 0   # every active row samples one token per iteration, so this is each one's count of draws
