@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.distributed.tensor import DTensor, Shard
 from torch.utils.checkpoint import checkpoint
 
 SUPPORTED = ("llama", "mistral", "qwen2", "internlm2")
@@ -233,10 +235,14 @@ class RMSNorm(nn.Module):
 
 class KVCache:
     """Preallocated keys and values, one (B, n_kv_heads, max_len, head_dim) pair per layer. Every row writes
-    slot `cache_pos + t` for its t-th new token; ragged rows are left-padded and masked by the caller."""
+    slot `cache_pos + t` for its t-th new token; ragged rows are left-padded and masked by the caller.
+    `rows`: which of the cache's rows the model's input rows are, ascending (None: all of them). A sampler
+    whose rows finish goes on with the others where they are, so that no cache row moves when one ends;
+    the finished rows stay until the next compact(). Attention then runs over every row of the cache and
+    the projections over the input's rows only."""
 
-    def __init__(self, k: list, v: list):
-        self.k, self.v = k, v
+    def __init__(self, k: list, v: list, rows: torch.Tensor | None = None):
+        self.k, self.v, self.rows = k, v, rows
 
     @property
     def batch_size(self):
@@ -246,13 +252,56 @@ class KVCache:
     def max_len(self):
         return self.k[0].shape[2]
 
-    def select(self, rows: torch.Tensor) -> "KVCache":
-        """Keep only `rows` (finished rows stop costing work)."""
-        return KVCache([k[rows] for k in self.k], [v[rows] for v in self.v])
+    def update(self, layer, pos, k, v):
+        """Write k, v (len(rows), nkv, T, hd) into slots pos..pos+T of `rows`; returns the layer's keys and
+        values of every row up to slot pos + T, (B, nkv, pos + T, hd)."""
+        rows, T = slice(None) if self.rows is None else self.rows, k.shape[2]
+        self.k[layer][rows, :, pos:pos + T] = k
+        self.v[layer][rows, :, pos:pos + T] = v
+        return self.k[layer][:, :, :pos + T], self.v[layer][:, :, :pos + T]
 
-    def expand(self, n: int) -> "KVCache":
-        """Repeat each row n times (one prefilled prompt shared by n samples)."""
-        return KVCache([k.repeat_interleave(n, 0) for k in self.k], [v.repeat_interleave(n, 0) for v in self.v])
+    def compact(self, keep: torch.Tensor) -> "KVCache":
+        """Only the rows `keep` (ascending), moved to the front of the same memory: the cache of those rows.
+        Moved a sixteenth of the batch at a time, so that the copy in flight is a sixteenth of one layer's
+        keys, never a second cache. In place is safe: keep[i] >= i, so no chunk reads a row that an earlier
+        chunk wrote."""
+        n, step = len(keep), max(1, self.batch_size // 16)
+        for t in self.k + self.v:
+            for i in range(0, n, step):
+                chunk = keep[i:i + step]
+                t[i:i + len(chunk)] = t[chunk]
+        return KVCache([k[:n] for k in self.k], [v[:n] for v in self.v])
+
+    def spread(self, n: int, length: int):
+        """Rows g*n hold a prefill of `length` slots; copy it into rows g*n+1 .. g*n+n-1 (one prompt's n
+        samples), in place."""
+        for t in self.k + self.v:
+            groups = t.view(-1, n, *t.shape[1:])                   # (B/n, n, nkv, max_len, hd)
+            groups[:, 1:, :, :length] = groups[:, :1, :, :length]
+
+
+# SDPA's kernels, chosen here for every call of ours. With a mask, recent torch on H100/H200 prefers cuDNN,
+# whose backward returns NaN in dQ when the row length % 128 == 64 and a row's log-sum-exp is below -88.7
+# (pytorch issue 196678), which Qwen2.5's "massive activation" heads produce: DPO on packed rows, which are
+# always masked, goes NaN within a few steps. So a masked call runs the memory-efficient kernel, and an
+# unmasked causal one flash (memory-efficient where flash cannot: fp32, odd head sizes). FLASH in the
+# masked list is for CPUs, whose flash kernel takes a mask; CUDA's refuses one. Neither cuDNN nor the
+# math kernel (a (T, S) matrix per head) is ever chosen: a call that fits neither kernel fails loudly.
+MASKED_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION]
+CAUSAL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+
+
+def attend(q, k, v, mask=None, causal=False):
+    """softmax(q k^T / sqrt(hd) + mask) v by SDPA on the kernels above. q (B, nh, T, hd); k, v (B, nkv, S, hd)
+    with nh a multiple of nkv (grouped-query); mask (B, 1, T, S) bool (True: may attend) or None."""
+    g = q.shape[1] // k.shape[1]
+    if q.is_cuda and g > 1 and (mask is not None or q.dtype == torch.float32):
+        # CUDA's memory-efficient kernel takes grouped-query heads only in recent torch (pytorch PR 191085):
+        # each kv head repeated for its g query heads, as Llama's repeat_kv does
+        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    with sdpa_kernel(MASKED_BACKENDS if mask is not None else CAUSAL_BACKENDS):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                              enable_gqa=q.shape[1] != k.shape[1])
 
 
 class Attention(nn.Module):
@@ -274,26 +323,28 @@ class Attention(nn.Module):
         q = qk[:, :, :self.nh].transpose(1, 2)                          # (B, nh, T, hd)
         k = qk[:, :, self.nh:].transpose(1, 2)                          # (B, nkv, T, hd)
         v = qkv[:, :, self.nh + self.nkv:].transpose(1, 2)
+        rows = cache.rows if cache is not None else None
         if cache is not None:
-            cache.k[layer][:, :, cache_pos:cache_pos + T] = k
-            cache.v[layer][:, :, cache_pos:cache_pos + T] = v
-            k = cache.k[layer][:, :, :cache_pos + T]                     # (B, nkv, S, hd)
-            v = cache.v[layer][:, :, :cache_pos + T]
-        if cache is not None and T == 1 and x.device.type == "cpu":
-            y = self.decode_attention(q, k, v, mask).view(B, 1, self.nh * self.hd)
-        else:   # no mask: causal over T new tokens, or one new token that sees every cached slot
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                               enable_gqa=self.nkv != self.nh)
-            y = y.transpose(1, 2).reshape(B, T, self.nh * self.hd)
+            k, v = cache.update(layer, cache_pos, k, v)                 # (Bc, nkv, S, hd): every cache row
+        if rows is not None:   # the input is some of the cache's rows: its queries go to theirs
+            q = q.new_zeros(cache.batch_size, *q.shape[1:]).index_copy_(0, rows, q)
+        if cache is not None and T == 1:
+            y = self.decode_attention(q, k, v, mask)                    # (Bc, nkv, g, hd)
+            y = (y if rows is None else y[rows]).view(B, 1, self.nh * self.hd)
+        else:   # no mask: causal over the T new tokens
+            y = attend(q, k, v, mask, causal=mask is None and T > 1)   # (Bc, nh, T, hd)
+            y = (y if rows is None else y[rows]).transpose(1, 2).reshape(B, T, self.nh * self.hd)
         return F.linear(y, self.wo.weight, self.wo.bias)
 
     def decode_attention(self, q, k, v, bias):
         """Attention of one new query per row over the cache, softmax(q k^T / sqrt(hd) + bias) v, written
-        out. For a single query SDPA's CPU kernels cost more to set up than this computation (~75 us against
-        ~55 us a call at batch 16), so the CPU decode step uses two matmuls; SDPA keeps the GPU, the prefill
-        and training. The g = nh / nkv query heads that share a kv head are stacked as that kv head's g
-        queries (GQA without repeating k, v). bias (B, 1, 1, S): additive, 0 or -inf, made once per step
-        for all layers; or None (all slots). Returns (B, nkv, g, hd): the heads in their order, contiguous."""
+        out, as transformers' eager attention writes it (scores in the model's dtype, an fp32 softmax). For a
+        single query SDPA's CPU kernels cost more to set up than this computation (~75 us against ~55 us a
+        call at batch 16), and on a GPU the step reads the cache once either way, with no kernel choice to
+        get wrong; so the decode step uses two batched matmuls on every device, and SDPA the prefill and
+        training. The g = nh / nkv query heads that share a kv head are stacked as that kv head's g queries
+        (GQA without repeating k, v). bias (B, 1, 1, S): additive, 0 or -inf, made once per step for all
+        layers; or None (all slots). Returns (B, nkv, g, hd): the heads in their order, contiguous."""
         B, g = q.shape[0], self.nh // self.nkv
         s = (q.view(B, self.nkv, g, self.hd) * self.hd ** -0.5) @ k.transpose(-1, -2)   # (B, nkv, g, S)
         if bias is not None:
@@ -358,7 +409,8 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids, positions=None, mask=None, cache=None, cache_pos=0, return_hidden=False, rope=None):
         """input_ids (B, T). positions (B, T), default arange(T) + cache_pos. mask (B, T, S) bool, True where a
-        query may attend a key; S = T without a cache, cache_pos + T with one; default causal.
+        query may attend a key; S = T without a cache, cache_pos + T with one; default causal. With a cache
+        whose `rows` are set, the input is those rows and the mask covers every row of the cache.
         rope: the (cos, sin) of rope_tables for `positions`, from a caller that keeps a table (the sampler).
         Returns logits (B, T, V), or the final normed hidden states (B, T, D) with return_hidden=True."""
         B, T = input_ids.shape
@@ -366,8 +418,10 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(cache_pos, cache_pos + T, device=dev).expand(B, T)
         a = self.args
-        if a.sliding_window is not None or a.rope_scaling is not None:   # (a host sync, so only when needed)
-            longest = max(cache_pos + T, int(positions.max()) + 1)
+        if a.sliding_window is not None or a.rope_scaling is not None:
+            # with a cache a position never passes its slot, so the slots bound it with no host sync (a
+            # decode step's only one is the sampler's); without, positions.max() is one
+            longest = cache_pos + T if cache is not None else max(T, int(positions.max()) + 1)
         if a.sliding_window is not None and longest > a.sliding_window:
             raise ValueError(f"sequence of {longest} tokens is longer than this model's sliding window "
                              f"({a.sliding_window}); sliding-window attention is not implemented, so "
@@ -378,10 +432,11 @@ class Transformer(nn.Module):
             # causal in slot space: the query in slot cache_pos + i sees slots <= cache_pos + i
             # (a single new token sees every slot, so the decode step needs no mask)
             slots = torch.arange(cache_pos + T, device=dev)
-            mask = (slots[None, :] <= (cache_pos + torch.arange(T, device=dev))[:, None]).expand(B, T, -1)
+            mask = (slots[None, :] <= (cache_pos + torch.arange(T, device=dev))[:, None]).expand(
+                cache.batch_size, T, -1)
         if mask is not None:
             mask = mask[:, None]                                         # (B, 1, T, S)
-            if cache is not None and T == 1 and dev.type == "cpu":
+            if cache is not None and T == 1:
                 # Attention.decode_attention adds the mask: made additive here, once for all layers
                 mask = torch.where(mask, 0.0, float("-inf")).to(self.tok_embeddings.weight.dtype)
         x = self.tok_embeddings(input_ids)
@@ -450,51 +505,18 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None) -> "Transformer":
-        """Load a hub-format folder (config.json + model.safetensors, or shards with an index). Tensors are
-        read one at a time from the files straight into the parameters, already in the target dtype and on
-        the target device, so peak memory is the model plus its largest tensor."""
+        """Load a hub-format folder (config.json + model.safetensors, or shards with an index). Built on the
+        meta device, then each tensor read from the files straight into its parameter (load_weights), already
+        in the target dtype and on the target device, so peak memory is the model plus its largest tensor."""
         cfg, args = read_config(path)
-        inv_freq = rope_inv_freq(args)
-        files = _safetensors_files(path)
         if dtype is None:
             dtype = getattr(torch, cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
-        device = torch.device(device or "cpu")
         with torch.device("meta"):
             model = cls(args)
-        model = model.to(dtype).to_empty(device=device)
+        model = model.to(dtype).to_empty(device=torch.device(device or "cpu"))
         if args.tie_embeddings:
             model.output.weight = model.tok_embeddings.weight   # to_empty unties shared parameters
-        model.inv_freq = inv_freq.to(device)
-        params = dict(model.named_parameters())
-        names = model.hub_names(internlm2=args.model_type == "internlm2")
-        seen, unexpected, mismatched = set(), [], []
-        for file in files:
-            for name, (file_dtype, shape, start, end) in _safetensors_header(file).items():
-                if name.endswith("rotary_emb.inv_freq") or (name in ("lm_head.weight", "output.weight") and args.tie_embeddings):
-                    continue   # a buffer some old conversions saved (recomputed), a tied head's copy
-                if name not in names:
-                    unexpected.append(name)
-                    continue
-                ours, part = names[name]
-                dst = params[ours].data[model.rows(part)]               # rows of a contiguous tensor: contiguous
-                if tuple(shape) != tuple(dst.shape):
-                    mismatched.append(f"{name}: checkpoint {tuple(shape)} vs model {tuple(dst.shape)}")
-                elif part == "internlm2":
-                    dst.copy_(torch.cat(unpack_wqkv(_read_tensor(file, file_dtype, shape, start, end), args)))
-                    seen.add(name)
-                else:
-                    _read_tensor(file, file_dtype, shape, start, end, out=dst)
-                    seen.add(name)
-        missing = sorted(set(names) - seen)
-        problems = []
-        if mismatched:
-            problems.append("shape mismatch: " + "; ".join(mismatched))
-        if missing:
-            problems.append("missing tensors: " + ", ".join(missing))
-        if unexpected:
-            problems.append("unexpected tensors: " + ", ".join(unexpected))
-        if problems:
-            raise ValueError(f"{path}: checkpoint does not match the config ({args.model_type}): " + " | ".join(problems))
+        load_weights(model, path)
         return model
 
     def save_pretrained(self, path, max_shard_size: int = 5 * 2**30):
@@ -590,6 +612,73 @@ def read_config(path):
     return cfg, args
 
 
+def _held_rows(p):
+    """(the part of parameter p this process holds, the index of its first row in the whole). A plain tensor
+    is all of itself; FSDP2 (fully_shard) cuts dim 0 into world-size chunks of ceil(rows / world), as
+    torch.chunk does: checked against the local shard, so that a different layout fails here."""
+    if not isinstance(p, DTensor):
+        return p.data, 0
+    local, mesh = p.to_local().detach(), p.device_mesh   # detached: written in place
+    chunk = -(-p.shape[0] // mesh.size())
+    first = min(mesh.get_local_rank() * chunk, p.shape[0])
+    if p.placements != (Shard(0),) or local.shape[0] != min(chunk, p.shape[0] - first):
+        raise ValueError(f"parameter sharded as {p.placements} with local shape {tuple(local.shape)}: "
+                         f"load_weights expects FSDP2's Shard(0) chunks")
+    return local, first
+
+
+@torch.no_grad()
+def load_weights(model, path):
+    """Fill `model`'s parameters, in place, from the safetensors files of the hub folder `path`, and set its
+    RoPE buffer. A parameter is a plain tensor or a DTensor sharded on dim 0 by fully_shard: a process then
+    reads from the files only the rows it holds, straight into its shard (scdpo.load_sharded), so no process
+    ever holds more than its shards plus the rows of one tensor in flight. Errors name the file and the
+    tensors: shape mismatches, missing and unexpected tensors."""
+    args = model.args
+    model.inv_freq = rope_inv_freq(args).to(model.inv_freq.device)   # non-persistent: not in the files
+    params = dict(model.named_parameters())
+    held = {name: _held_rows(p) for name, p in params.items()}
+    names = model.hub_names(internlm2=args.model_type == "internlm2")
+    seen, unexpected, mismatched = set(), [], []
+    for file in _safetensors_files(path):
+        for name, (file_dtype, shape, start, end) in _safetensors_header(file).items():
+            tied_copy = name in ("lm_head.weight", "output.weight") and args.tie_embeddings
+            if name.endswith("rotary_emb.inv_freq") or tied_copy:
+                continue   # a buffer some old conversions saved (recomputed), a tied head's copy
+            if name not in names:
+                unexpected.append(name)
+                continue
+            ours, part = names[name]
+            whole = params[ours].shape
+            r0, r1, _ = model.rows(part).indices(whole[0])               # this tensor's rows of ours
+            if tuple(shape) != (r1 - r0, *whole[1:]):
+                mismatched.append(f"{name}: checkpoint {tuple(shape)} vs model {(r1 - r0, *whole[1:])}")
+                continue
+            seen.add(name)
+            dst, first = held[ours]
+            a, b = max(r0, first), min(r1, first + dst.shape[0])          # the rows of it held here
+            if a >= b:
+                continue
+            if part == "internlm2":   # q, k, v interleaved per kv group: unpacked whole, then cut
+                t = torch.cat(unpack_wqkv(_read_tensor(file, file_dtype, shape, start, end), args))
+                dst[a - first:b - first].copy_(t[a - r0:b - r0])
+            else:   # rows of a row-major tensor are contiguous bytes
+                row = (end - start) // shape[0]
+                _read_tensor(file, file_dtype, (b - a, *shape[1:]), start + (a - r0) * row,
+                             start + (b - r0) * row, out=dst[a - first:b - first])
+    missing = sorted(set(names) - seen)
+    problems = []
+    if mismatched:
+        problems.append("shape mismatch: " + "; ".join(mismatched))
+    if missing:
+        problems.append("missing tensors: " + ", ".join(missing))
+    if unexpected:
+        problems.append("unexpected tensors: " + ", ".join(unexpected))
+    if problems:
+        raise ValueError(f"{path}: checkpoint does not match the config ({args.model_type}): "
+                         + " | ".join(problems))
+
+
 def unpack_wqkv(w: torch.Tensor, a: ModelArgs):
     """InternLM2's packed projection. Its modelling code views the output of `wqkv` as
     (..., n_kv_heads, n_rep + 2, head_dim): for each kv group, its n_rep = n_heads / n_kv_heads query heads,
@@ -628,7 +717,7 @@ def _safetensors_header(file) -> dict:
     """{name: (dtype, shape, start, end)}, byte offsets from the file's start, checked against the file's
     size, so that a truncated or corrupt file fails here, naming the tensor, instead of loading garbage."""
     size = os.path.getsize(file)
-    with open(file, "rb") as f:
+    with open(file, "rb", buffering=0) as f:   # unbuffered: exactly the bytes asked for
         n = struct.unpack("<Q", f.read(8))[0] if size >= 8 else None
         if n is None or n > size - 8:
             raise ValueError(f"{file}: truncated or not safetensors: {size} bytes, header length {n}")
@@ -659,10 +748,14 @@ def _read_tensor(file, dtype, shape, start, end, out=None) -> torch.Tensor:
     """Read one tensor's bytes. With `out` on the CPU in the same dtype, the bytes land in out's memory."""
     direct = out is not None and out.device.type == "cpu" and out.dtype == dtype and out.is_contiguous()
     buf = out if direct else torch.empty(shape, dtype=dtype)
-    with open(file, "rb") as f:
+    view, got = memoryview(buf.view(-1).view(torch.uint8).numpy()) if buf.numel() else b"", 0
+    with open(file, "rb", buffering=0) as f:   # unbuffered: only these bytes are read
         f.seek(start)
-        if buf.numel() and f.readinto(memoryview(buf.view(-1).view(torch.uint8).numpy())) != end - start:
-            raise ValueError(f"{file}: could not read bytes {start}..{end} (file truncated?)")
+        while got < end - start:   # one read() returns at most ~2 GiB
+            n = f.readinto(view[got:])
+            if not n:
+                raise ValueError(f"{file}: could not read bytes {start}..{end} (file truncated?)")
+            got += n
     if out is not None and not direct:
         out.copy_(buf)
         return out

@@ -503,9 +503,7 @@ def sample(logits, temperature, u, top_k=0, top_p=1.0):
     uniform u (B,). One uniform per (row, step), drawn from that row's own generator, makes a row's
     samples independent of which other rows share its batch."""
     greedy = logits.argmax(-1)
-    hot = temperature > 0
-    if not hot.any():
-        return greedy
+    hot = temperature > 0   # (no early return when no row is hot: `hot.any()` would be a host sync)
     probs = logits_to_probs(logits, temperature.clamp_min(1e-6), top_k, top_p)
     cdf = probs.cumsum(-1)
     idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
@@ -513,55 +511,75 @@ def sample(logits, temperature, u, top_k=0, top_p=1.0):
 
 
 def forward_step(model, cache, state, seqs):
-    """Append each row's new tokens (a list per row, lengths may differ) and return the logits after
-    each row's last token, (B, V). Every row writes the same T cache slots; a shorter row is right-
-    aligned and its leading slots are holes (`state.valid` False) that no query attends. So one function
-    does the ragged prefill (left padding), the one-token decode step, and appending execution output."""
-    dev, T, B = state.valid.device, max(len(s) for s in seqs), len(seqs)
-    c0 = state.cache_pos
+    """Append new tokens to the live rows (cache.rows; None: every row) and return the logits after each
+    one's last token, (len(seqs), V). `seqs`: one token list per row (lengths may differ), or, in the
+    decode step, a (rows,) tensor of one token each, already on the device. Every row writes the same T
+    cache slots; a shorter row is right-aligned and its leading slots are holes (`state.valid` False) that
+    no query attends. So one function does the ragged prefill (left padding), the one-token decode step,
+    and appending execution output. Finished rows are left where they are (their slots stay, unused)."""
+    dev, c0 = state.valid.device, state.cache_pos
+    rows = slice(None) if cache.rows is None else cache.rows
+    if torch.is_tensor(seqs):   # the decode step: one real token a row, the mask is the valid slots
+        state.valid[rows, c0] = True
+        pos = state.npos[rows][:, None]                                 # (B, 1)
+        h = model(seqs[:, None], positions=pos, mask=state.valid[:, None, :c0 + 1], cache=cache, cache_pos=c0,
+                  return_hidden=True, rope=(state.rope[0][pos], state.rope[1][pos]))   # (B, 1, 1, hd) each
+        state.npos[rows] += 1
+        state.cache_pos = c0 + 1
+        return model.output(h[:, -1])
+    T, B = max(len(s) for s in seqs), len(seqs)
     if c0 + T > cache.max_len:   # execution output made the rows longer than planned: grow the cache
         n = max(c0 + T, 2 * cache.max_len) - cache.max_len
         grow = lambda t: torch.cat([t, t.new_zeros(*t.shape[:2], n, t.shape[3])], 2)
         cache.k, cache.v = [grow(k) for k in cache.k], [grow(v) for v in cache.v]
-        state.valid = torch.cat([state.valid, state.valid.new_zeros(B, n)], 1)
+        state.valid = torch.cat([state.valid, state.valid.new_zeros(cache.batch_size, n)], 1)
         state.rope = model.rope_table(cache.max_len)   # a row's position never passes its slot
-    if T == 1:   # the decode step: every row appends one real token, the mask is the valid slots
-        ids = torch.tensor(seqs, device=dev)
-        state.valid[:, c0] = True
-        pos = state.npos[:, None]                                       # (B, 1)
-        h = model(ids, positions=pos, mask=state.valid[:, None, :c0 + 1], cache=cache, cache_pos=c0,
-                  return_hidden=True, rope=(state.rope[0][pos], state.rope[1][pos]))   # (B, 1, 1, hd) each
-        state.npos += 1
-        state.cache_pos = c0 + 1
-        return model.output(h[:, -1])
     ids = torch.zeros(B, T, dtype=torch.long)
     real = torch.zeros(B, T, dtype=torch.bool)
     for b, s in enumerate(seqs):
         ids[b, T - len(s):] = torch.tensor(s, dtype=torch.long)
         real[b, T - len(s):] = True
     ids, real = ids.to(dev), real.to(dev)
-    pos = state.npos[:, None] + (real.cumsum(1) - 1).clamp_min(0)   # (B, T) positions restart per row
-    state.valid[:, c0:c0 + T] = real
+    pos = state.npos[rows][:, None] + (real.cumsum(1) - 1).clamp_min(0)   # (B, T) positions restart per row
+    state.valid[rows, c0:c0 + T] = real
     slots = torch.arange(c0 + T, device=dev)
     q = c0 + torch.arange(T, device=dev)
     # a query sees the valid slots up to its own; a hole sees itself only (so its output stays finite)
-    mask = (state.valid[:, None, :c0 + T] & (slots <= q[:, None])) | (slots == q[:, None])   # (B, T, S)
+    mask = (state.valid[:, None, :c0 + T] & (slots <= q[:, None])) | (slots == q[:, None])   # (Bc, T, S)
     h = model(ids, positions=pos, mask=mask, cache=cache, cache_pos=c0, return_hidden=True,
               rope=tuple(t[pos] for t in state.rope))
-    state.npos += real.sum(1)
+    state.npos[rows] += real.sum(1)
     state.cache_pos = c0 + T
     return model.output(h[:, -1])
 
 
 class _State:
+    """The sampler's side of the cache, per cache row: which slots hold real tokens, the next position."""
+
     def __init__(self, B, max_len, device, rope):
         self.valid = torch.zeros(B, max_len, dtype=torch.bool, device=device)
         self.npos = torch.zeros(B, dtype=torch.long, device=device)
         self.cache_pos = 0
         self.rope = rope   # model.rope_table(max_len): positions never exceed slots
 
-    def select(self, keep):
+    def compact(self, keep):
         self.valid, self.npos = self.valid[keep], self.npos[keep]
+
+    def spread(self, n):   # as KVCache.spread
+        valid, npos = self.valid.view(-1, n, self.valid.shape[1]), self.npos.view(-1, n)
+        valid[:, 1:], npos[:, 1:] = valid[:, :1], npos[:, :1]
+
+
+# Finished rows stay in the cache (skipped, not moved) until the live ones are at most this fraction of
+# its rows; then one compaction moves the live rows together. So attention over dead rows costs at most
+# 1 / COMPACT_BELOW times the live ones', and the cache is copied about log2(batch) times, not once a row.
+COMPACT_BELOW = 0.5
+
+
+def _rows_tensor(keep, dev):
+    """A host list of row indices on the device with no host sync (pinned memory, an asynchronous copy)."""
+    t = torch.tensor(keep, dtype=torch.long)
+    return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t
 
 
 class _Row:
@@ -652,23 +670,27 @@ def generate(model, prompts, cfg=GREEDY, n=1, seed=None, tok=None, eos_id=None, 
     if tok is None and (stop or ramp or cfg.fmt == "code"):
         raise ValueError("stop strings, the ramp and code execution need tok")
     sandbox = sandbox or Kernel
-    B0 = len(prompts)
+    B0, B = len(prompts), len(prompts) * n
     max_len = max(len(p) for p in prompts) + max_new_tokens + 1
-    cache = model.make_cache(B0, max_len)
-    state = _State(B0, max_len, dev, model.rope_table(max_len))
-    logits = forward_step(model, cache, state, [list(p) for p in prompts])    # the prefill, once per prompt
+    cache = model.make_cache(B, max_len)   # the one cache of all B rows: never a second alive beside it
+    state = _State(B, max_len, dev, model.rope_table(max_len))
+    if n > 1:   # each prompt is prefilled once, into the first of its n rows, then copied into the others
+        cache.rows = torch.arange(0, B, n, device=dev)
+    logits = forward_step(model, cache, state, [list(p) for p in prompts])
     if n > 1:
-        cache, logits = cache.expand(n), logits.repeat_interleave(n, 0)
-        state.select(torch.arange(B0, device=dev).repeat_interleave(n))
+        cache.spread(n, state.cache_pos)
+        state.spread(n)
+        cache.rows, logits = None, logits.repeat_interleave(n, 0)
     greedy = ramp is None and cfg.temperature == 0
-    rows = [_Row(r, prompts[r // n][-6:]) for r in range(B0 * n)]
+    rows = [_Row(r, prompts[r // n][-6:]) for r in range(B)]
     if not greedy:   # one uniform per (row, step) from the row's own generator; greedy decoding draws none
-        noise = torch.empty(B0 * n, max_new_tokens)
-        for r in range(B0 * n):
+        noise = torch.empty(B, max_new_tokens)
+        for r in range(B):
             g = torch.Generator().manual_seed(seeds[r // n] * 1_000_003 + (r % n if per_prompt else r))
             noise[r] = torch.rand(max_new_tokens, generator=g)
         noise = noise.to(dev)
-    rid = torch.arange(B0 * n, device=dev)           # the row id of each batch row
+    rid = torch.arange(B, device=dev)           # the row id of each live row
+    temperature = torch.full((B,), float(cfg.temperature), device=dev)   # each row's, when no ramp
     active, done, ntok, t0 = list(rows), 0, 0, time.time()
     bar = tqdm(total=len(rows), disable=not progress, desc="generate", unit="row")
     step = 0   # every active row samples one token per iteration, so this is each one's count of draws
@@ -681,10 +703,12 @@ def generate(model, prompts, cfg=GREEDY, n=1, seed=None, tok=None, eos_id=None, 
         else:
             temps = [float(cfg.temperature)] * len(active)
         if greedy:   # max().indices is argmax (the first maximum on ties), ~1.5x faster on the CPU
-            nxt = logits.max(-1).indices.tolist()
+            nxt_t = logits.max(-1).indices
         else:
             u = noise[rid, min(step, max_new_tokens - 1)]
-            nxt = sample(logits, torch.tensor(temps, device=dev), u, cfg.top_k, cfg.top_p).tolist()
+            t = torch.tensor(temps, device=dev) if ramp is not None else temperature[:len(active)]
+            nxt_t = sample(logits, t, u, cfg.top_k, cfg.top_p)
+        nxt = nxt_t.tolist()   # a plain decode step's one host sync
         step += 1
         feed, todo = [], []
         for r, t, i in zip(active, temps, nxt):
@@ -731,11 +755,15 @@ def generate(model, prompts, cfg=GREEDY, n=1, seed=None, tok=None, eos_id=None, 
             keep = [k for k, r in enumerate(active) if not r.finish]
             if not keep:
                 break
-            sel = torch.tensor(keep, device=dev)
-            cache, _ = cache.select(sel), state.select(sel)
-            rid = rid[sel]
+            sel = _rows_tensor(keep, dev)   # the finished rows are skipped from now on, not moved
+            rid, nxt_t = rid[sel], nxt_t[sel]
+            cache.rows = sel if cache.rows is None else cache.rows[sel]
             active, feed = [active[k] for k in keep], [feed[k] for k in keep]
-        logits = forward_step(model, cache, state, feed)
+            if len(keep) <= COMPACT_BELOW * cache.batch_size:   # few are left: move them together
+                state.compact(cache.rows)
+                cache = cache.compact(cache.rows)
+        # the plain step feeds the sampled ids as they are on the device; execution output comes as lists
+        logits = forward_step(model, cache, state, feed if todo else nxt_t)
     bar.close()
     return rows
 

@@ -294,6 +294,19 @@ def run_logprobs(net, batch, device):
     return net(b["input_ids"], b["positions"], b["mask"], b["idx"], b["tgt"], b["seg"], len(b["lengths"]))
 
 
+def load_sharded(path, margs, device, trainable=True, checkpointing=False):
+    """SeqLogprobs of the hub model at `path`, sharded, in fp32, without any rank ever holding the whole
+    model: built on the meta device (no memory), sharded, then each rank's shards read from the safetensors
+    files (model.load_weights: each rank reads only the rows it holds)."""
+    with torch.device("meta"):
+        model = modeling.Transformer(margs)
+    model.checkpointing = checkpointing
+    net = shard(SeqLogprobs(model.requires_grad_(trainable)), device)
+    net.to_empty(device=device)
+    modeling.load_weights(model, path)
+    return net
+
+
 def shard(net, device):
     """torchtitan's apply_fsdp: bf16 compute with fp32 master weights and fp32 gradient reduction on a
     GPU, fp32 throughout on a CPU; fully_shard on each block, then on the root."""
@@ -587,8 +600,8 @@ def dpo_objective(args, net, rows, collate, rank, world, device, log):
             if rank == 0:
                 save_reference(ref, cache, log)
     else:
-        ref_model = modeling.Transformer.from_pretrained(args.model, dtype=torch.float32).requires_grad_(False)
-        ref_net = shard(SeqLogprobs(ref_model), device).eval()
+        margs = modeling.read_config(args.model)[1]
+        ref_net = load_sharded(args.model, margs, device, trainable=False).eval()
 
     def loss(batch, ids, step_ids):
         lp = run_logprobs(net, batch, device)
@@ -706,10 +719,8 @@ def train(args):
         raise ValueError(f"{len(items)} training items is less than one global batch ({args.global_batch})")
 
     # --- model, optimizer, the objective's loss --------------------------------------------------
-    policy = modeling.Transformer.from_pretrained(args.model, dtype=torch.float32)
-    policy.checkpointing = args.checkpointing
-    n_block_params = sum(p.numel() for p in policy.layers.parameters()) + policy.norm.weight.numel()
-    net = shard(SeqLogprobs(policy), device)
+    net = load_sharded(args.model, margs, device, checkpointing=args.checkpointing)   # fp32 master weights
+    n_block_params = sum(p.numel() for p in net.model.layers.parameters()) + net.model.norm.weight.numel()
     # AdamW over the sharded parameters (each rank holds and updates 1/world of every tensor)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=tuple(args.adam_betas),
                             weight_decay=args.weight_decay)

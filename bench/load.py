@@ -1,13 +1,19 @@
-"""Peak memory of Transformer.from_pretrained on a ~1B-parameter bf16 checkpoint.
+"""Peak host memory of loading a ~1B-parameter bf16 checkpoint: one process (Transformer.from_pretrained,
+bf16, as the sampler loads), and the two processes of a training run (scdpo.load_sharded, fp32 shards).
 
     python bench/load.py                 # TinyLlama-1.1B's shape, random weights, in a temp dir
     python bench/load.py --layers 4      # smaller and quicker
+    python bench/load.py --old           # also the old training load: the whole fp32 model on every rank
 
 Writes a random bf16 checkpoint in the hub's format (config.json, sharded model-*.safetensors and
-the index), one shard at a time so the writer never holds more than a shard, then loads it in a fresh
-subprocess and prints that process's peak RSS (VmHWM) divided by the checkpoint's size on disk. The
-loader reads each tensor straight into its parameter, so the peak should be the model plus the Python
-and torch runtime (~0.4 GB): target <= 1.3. The second ratio leaves the runtime out.
+the index), one shard at a time so the writer never holds more than a shard, then loads it in fresh
+processes, each reporting its peak RSS (VmHWM; "without the runtime": minus the RSS of the imported
+runtime before loading) and the bytes it read (/proc/self/io).
+  one process: the loader reads each tensor straight into its parameter, so the peak is the model plus
+      the runtime (~0.4 GB): peak RSS / file size, target <= 1.3.
+  training, 2 processes (torchrun, gloo): the model built on the meta device, sharded, and each rank
+      reading only its rows; peak RSS per rank / the whole fp32 model's size, target <= 0.75 (the old
+      way, the whole fp32 model on every rank before sharding, is ~1.1).
 """
 import argparse
 import json
@@ -33,7 +39,13 @@ parser.add_argument("--vocab", type=int, default=32000, help="vocabulary size")
 # files
 parser.add_argument("--shard-mb", type=int, default=500, help="shard size in MB, as the hub's max_shard_size")
 parser.add_argument("--dir", default=None, help="write the checkpoint here and keep it (default: a temp dir, removed)")
-parser.add_argument("--max-ratio", type=float, default=1.3, help="exit 1 if peak RSS / file size is above this")
+parser.add_argument("--max-ratio", type=float, default=1.3,
+                    help="exit 1 if peak RSS / file size is above this")
+parser.add_argument("--max-rank-ratio", type=float, default=0.75,
+                    help="exit 1 if a training rank's peak RSS / fp32 model size is above this")
+parser.add_argument("--old", action="store_true", help="also time the old training load (needs ~2.2x the "
+                    "fp32 model's size of host memory)")
+parser.add_argument("--child", choices=["plain", "sharded", "old"], help="internal: one measured load")
 args = parser.parse_args()
 
 
@@ -91,28 +103,60 @@ def write_checkpoint(a, path):
     return n_params, size
 
 
-# Runs in a fresh interpreter: its peak RSS (VmHWM) is the loader's and the runtime's, nothing else.
-CHILD = r"""
-import json, sys, time
-sys.path.insert(0, sys.argv[2])
-import torch
-from model import Transformer
-
 def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-# The first `with torch.device("meta")` imports torch's lazy modules (sympy and more: ~150 MB of RSS);
-# do it before measuring the baseline so that the second ratio is the loader's own.
-with torch.device("meta"):
-    torch.nn.Embedding(1, 1)
-base = status("VmRSS")
-t0 = time.time()
-model = Transformer.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
-dt = time.time() - t0
-n = sum(p.numel() for p in model.parameters())
-print(json.dumps({"base_rss": base, "peak_rss": status("VmHWM"), "params": n, "seconds": dt}))
-"""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+
+def bytes_read():
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
+def child():
+    """One measured load in this fresh process (under torchrun for sharded / old): prints JSON."""
+    sys.path.insert(0, ROOT)
+    import torch.distributed as dist
+    import model as modeling
+    import scdpo
+    if args.child != "plain":
+        rank, world, _, device = modeling.compute_init()
+    # The first `with torch.device("meta")` imports torch's lazy modules (sympy and more: ~150 MB of RSS);
+    # do it before measuring the baseline so that "without the runtime" is the loader's own.
+    with torch.device("meta"):
+        torch.nn.Embedding(1, 1)
+    base, read, t0 = status("VmRSS"), bytes_read(), time.time()
+    if args.child == "plain":
+        model = modeling.Transformer.from_pretrained(args.dir, dtype=torch.bfloat16)
+        n = sum(p.numel() for p in model.parameters())
+    else:
+        margs = modeling.read_config(args.dir)[1]
+        if args.child == "sharded":
+            net = scdpo.load_sharded(args.dir, margs, device)
+        else:   # what train() did before: every rank loads the whole fp32 model, then shards it
+            policy = modeling.Transformer.from_pretrained(args.dir, dtype=torch.float32)
+            net = scdpo.shard(scdpo.SeqLogprobs(policy), device)
+        n = sum(p.numel() for p in net.parameters())   # DTensors: the whole model's count
+    r = {"base_rss": base, "peak_rss": status("VmHWM"), "read": bytes_read() - read, "params": n,
+         "seconds": time.time() - t0}
+    if args.child != "plain":
+        rows = [None] * world
+        dist.all_gather_object(rows, r)
+        r = rows if rank == 0 else None
+        dist.destroy_process_group()
+    if r is not None:
+        print(json.dumps(r))
+
+
+def run_child(kind, path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable] if kind == "plain" else [sys.executable, "-m", "torch.distributed.run",
+                                                       "--standalone", "--nproc_per_node=2"]
+    cmd = launch + [os.path.abspath(__file__), "--child", kind, "--dir", path]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode:
+        sys.exit(f"loading ({kind}) failed:\n{out.stderr[-5000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main():
@@ -121,22 +165,34 @@ def main():
     os.makedirs(path, exist_ok=True)
     t0 = time.time()
     n_params, size = write_checkpoint(args, path)
+    fp32 = 4 * n_params
     print(f"wrote {n_params / 1e9:.2f}B parameters, {size / 2**30:.2f} GiB bf16 in "
-          f"{len(os.listdir(path)) - 2} shards to {path} ({time.time() - t0:.0f}s)")
-    out = subprocess.run([sys.executable, "-c", CHILD, path, ROOT], capture_output=True, text=True)
-    if out.returncode:
-        sys.exit(f"loading failed:\n{out.stderr}")
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+          f"{len(os.listdir(path)) - 2} shards to {path} ({time.time() - t0:.0f}s); in fp32 "
+          f"{fp32 / 2**30:.2f} GiB", flush=True)
+    r = run_child("plain", path)
     assert r["params"] == n_params, (r["params"], n_params)
     ratio = r["peak_rss"] / size
-    print(f"load {r['seconds']:.1f}s | peak RSS {r['peak_rss'] / 2**30:.2f} GiB | file size {size / 2**30:.2f} GiB | "
-          f"peak RSS / file size {ratio:.3f} (target <= {args.max_ratio}) | "
-          f"without the runtime ({r['base_rss'] / 2**30:.2f} GiB before loading): "
-          f"{(r['peak_rss'] - r['base_rss']) / size:.3f}")
+    print(f"one process, bf16     | load {r['seconds']:.1f}s | peak RSS {r['peak_rss'] / 2**30:.2f} GiB | "
+          f"peak RSS / file size {ratio:.3f} (target <= {args.max_ratio}) | without the runtime "
+          f"({r['base_rss'] / 2**30:.2f} GiB before loading): {(r['peak_rss'] - r['base_rss']) / size:.3f}",
+          flush=True)
+    worst = 0.0
+    for kind in ["sharded"] + (["old"] if args.old else []):
+        for rank, x in enumerate(run_child(kind, path)):
+            assert x["params"] == n_params, (x["params"], n_params)
+            rr = x["peak_rss"] / fp32
+            worst = max(worst, rr) if kind == "sharded" else worst
+            what = "training" if kind == "sharded" else "old training"
+            target = f" (target <= {args.max_rank_ratio})" if kind == "sharded" else ""
+            print(f"{what} rank {rank}/2 | load {x['seconds']:.1f}s | peak RSS "
+                  f"{x['peak_rss'] / 2**30:.2f} GiB | peak RSS / fp32 model {rr:.3f}{target} | without the "
+                  f"runtime {(x['peak_rss'] - x['base_rss']) / fp32:.3f} | read {x['read'] / size:.2f} of "
+                  f"the files",
+                  flush=True)
     if tmp is not None:
         tmp.cleanup()
-    sys.exit(0 if ratio <= args.max_ratio else 1)
+    sys.exit(0 if ratio <= args.max_ratio and worst <= args.max_rank_ratio else 1)
 
 
 if __name__ == "__main__":
-    main()
+    child() if args.child else main()

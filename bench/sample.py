@@ -1,18 +1,28 @@
-"""Tokens/s of sample.generate against transformers' generate, same random checkpoint, same prompts.
+"""Tokens/s of sample.generate against transformers' generate (same random checkpoint, same prompts),
+and the sampler's peak cache memory against the size of one cache.
 
-    python bench/sample.py                         # CPU: a tiny Llama (0.2M params), batch 16 (target: >= 2x)
-    python bench/sample.py --size small            # CPU: a 19M-parameter Llama, vocab 32000
-    python bench/sample.py --device cuda           # GPU: Qwen2.5-0.5B-shaped, batch 64, bf16 (target: 3x)
+    python bench/sample.py --threads 2       # CPU: a 19M-parameter Llama, vocab 32000, batch 16 (>= 2x)
+    python bench/sample.py --size tiny       # CPU: the miniature's size (0.2M parameters)
+    python bench/sample.py --device cuda     # GPU: Qwen2.5-0.5B-shaped, batch 64, bf16 (target: 3x)
 
-Both decode greedily with no EOS (every row makes exactly --new tokens) from ragged prompts (left-padded
-for transformers), so both do the same work; one warm-up run each, then --reps timed runs of each,
-alternating between the two, and the best of each.
-tokens/s counts new tokens only: batch * new / seconds. On the CPU both run on one thread unless --threads
-says otherwise: for matrices this small more threads only wait on each other, and on a machine shared with
-other jobs they spin against them (the same 2-thread run took anywhere from 1.3 s to 8.9 s here).
+Speed: both decode greedily with no EOS (every row makes exactly --new tokens) from ragged prompts
+(left-padded for transformers), so both do the same work; one warm-up run each, then --reps timed runs
+of each, alternating between the two, and the best of each. tokens/s counts new tokens only: batch * new /
+seconds. Without transformers (a test-only dependency) only ours is timed, and the line says so.
+On the CPU both run on --threads threads (default 1): for matrices this small more threads mostly wait on
+each other, and on a machine shared with other jobs they spin against them.
+
+Memory: rows that end at random steps (sampling, n=4 samples of each of 64 short prompts, a few EOS ids),
+so that rows finish all along and the sampler skips and compacts them. Peak memory during generate()
+above what was in use before it, over the bytes of one KV cache of all rows: a second cache alive at once
+would show as 2.
+CPU: in a fresh process, the kernel's peak-RSS mark reset before the call (/proc/self/clear_refs);
+GPU: torch.cuda.max_memory_allocated().
 """
 import argparse
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -21,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import ModelArgs, Transformer  # noqa: E402
-from sample import generate  # noqa: E402
+from sample import Sampling, generate  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--device", default="cpu")
@@ -29,34 +39,85 @@ p.add_argument("--batch", type=int, default=None, help="default: 16 on CPU, 64 o
 p.add_argument("--new", type=int, default=128, help="new tokens per row")
 p.add_argument("--prompt", default="32,96", help="prompt lengths drawn uniformly from lo,hi")
 p.add_argument("--reps", type=int, default=10, help="timed runs of each, alternating")
-p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on CPU, torch's on GPU)")
-p.add_argument("--size", default="tiny", choices=["tiny", "small"], help="CPU model: tiny (0.2M) or small (19M)")
+p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on CPU, torch's "
+               "on GPU)")
+p.add_argument("--size", default="small", choices=["tiny", "small", "qwen2.5-0.5b"],
+               help="the model: tiny (0.2M), small (19M), qwen2.5-0.5b (default on a GPU)")
+p.add_argument("--memory-child", action="store_true", help="internal: the memory measurement, as JSON")
 args = p.parse_args()
 gpu = args.device.startswith("cuda")
 B = args.batch or (64 if gpu else 16)
 if args.threads or not gpu:
     torch.set_num_threads(args.threads or 1)
-if gpu:   # Qwen2.5-0.5B's shape (random weights)
-    margs = ModelArgs(vocab_size=151936, dim=896, n_layers=24, n_heads=14, n_kv_heads=2, intermediate_size=4864,
-                      norm_eps=1e-6, rope_theta=1e6, max_seq_len=32768, qkv_bias=True, tie_embeddings=True,
-                      model_type="qwen2", bos_token_id=None, eos_token_id=151643)
-    dtype = torch.bfloat16
-elif args.size == "tiny":   # the size of the miniature's models and of the tests' checkpoints
-    margs = ModelArgs(vocab_size=1024, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=192,
-                      max_seq_len=2048)
-    dtype = torch.float32
-else:
-    margs = ModelArgs(vocab_size=32000, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, intermediate_size=688,
-                      max_seq_len=2048)
-    dtype = torch.float32
+SHAPES = {   # random weights in real shapes: a decode step costs the same whatever the values
+    "qwen2.5-0.5b": dict(vocab_size=151936, dim=896, n_layers=24, n_heads=14, n_kv_heads=2,
+                         intermediate_size=4864, norm_eps=1e-6, rope_theta=1e6, max_seq_len=32768,
+                         qkv_bias=True, tie_embeddings=True, model_type="qwen2", bos_token_id=None,
+                         eos_token_id=151643),
+    "tiny": dict(vocab_size=1024, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=192,
+                 max_seq_len=2048),
+    "small": dict(vocab_size=32000, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, intermediate_size=688,
+                  max_seq_len=2048),
+}
+size = "qwen2.5-0.5b" if gpu and "--size" not in sys.argv else args.size
+dtype = torch.bfloat16 if gpu else torch.float32
 
+
+def sync():
+    if gpu:
+        torch.cuda.synchronize()
+
+
+def peak_cache_memory():
+    """{"peak": bytes above the start during generate(), "cache": bytes of one cache of all rows}."""
+    margs = ModelArgs(vocab_size=512, dim=256, n_layers=2, n_heads=4, n_kv_heads=4, intermediate_size=512)
+    torch.manual_seed(0)
+    model = Transformer(margs).to(args.device, dtype).eval()
+    g = torch.Generator().manual_seed(2)
+    # short prompts and long samples, so that the prefill's activations are small beside the cache
+    prompts = [torch.randint(8, 512, (n,), generator=g).tolist()
+               for n in torch.randint(8, 25, (64,), generator=g).tolist()]
+    eos = [1, 2, 3, 4, 5]   # ~1% a step: rows end all along
+    cfg, n = Sampling(max_new_tokens=768, temperature=1.0), 4
+    generate(model, prompts[:2], Sampling(max_new_tokens=4, temperature=1.0), n=2, seed=0, eos_id=eos)
+    max_len = max(map(len, prompts)) + cfg.max_new_tokens + 1
+    rows_bytes = len(prompts) * n * margs.n_kv_heads * max_len * margs.head_dim * dtype.itemsize
+    cache = 2 * margs.n_layers * rows_bytes                                  # k and v of every layer
+    if gpu:
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")                                          # peak RSS := current RSS
+        before = rss("VmHWM")
+    rows = generate(model, prompts, cfg, n=n, seed=0, eos_id=eos)
+    sync()
+    peak = torch.cuda.max_memory_allocated() if gpu else rss("VmHWM")
+    lengths = sorted(len(r.ids) for r in rows)
+    return {"peak": peak - before, "cache": cache, "rows": len(rows), "median_len": lengths[len(rows) // 2],
+            "finished_early": sum(r.finish == "eos" for r in rows)}
+
+
+def rss(field):
+    with open("/proc/self/status") as f:                          # "VmHWM:   123456 kB"
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+if args.memory_child:
+    print(json.dumps(peak_cache_memory()))
+    sys.exit(0)
+
+margs = ModelArgs(**SHAPES[size])
 torch.manual_seed(0)
 ckpt = tempfile.mkdtemp(prefix="scdpo-bench-sample-")
 Transformer(margs).to(dtype).save_pretrained(ckpt)
 ours = Transformer.from_pretrained(ckpt, dtype=dtype, device=args.device).eval()
-
-from transformers import AutoModelForCausalLM  # noqa: E402  (the reference; a test-only dependency)
-hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).to(args.device).eval()
+try:
+    from transformers import AutoModelForCausalLM  # the reference (a test-only dependency)
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).to(args.device).eval()
+except Exception as e:   # ImportError, or a transformers too old for this torch
+    hf, why = None, f"{type(e).__name__}: {e}"
 
 lo, hi = map(int, args.prompt.split(","))
 g = torch.Generator().manual_seed(1)
@@ -71,13 +132,8 @@ for b, pr in enumerate(prompts):   # left padding, as transformers wants for dec
 ids, att = ids.to(args.device), att.to(args.device)
 
 
-def sync():
-    if gpu:
-        torch.cuda.synchronize()
-
-
 def run_ours():
-    return generate(ours, prompts, args.new, eos_id=[])
+    return [r.ids for r in generate(ours, prompts, Sampling(max_new_tokens=args.new), eos_id=[])]
 
 
 @torch.no_grad()
@@ -97,7 +153,7 @@ def timed(fn):
 
 # Alternate the two, so that both see the same machine load (CPUs shared with other jobs drift by 2x
 # within seconds); each keeps its best run.
-fns = {"ours": run_ours, "hf": run_hf}
+fns = {"ours": run_ours, "hf": run_hf} if hf is not None else {"ours": run_ours}
 for fn in fns.values():   # warm-up
     fn()
 best, outs = {k: float("inf") for k in fns}, {}
@@ -105,12 +161,28 @@ for _ in range(args.reps):
     for k, fn in fns.items():
         t, outs[k] = timed(fn)
         best[k] = min(best[k], t)
-(t_ours, out_ours), (t_hf, out_hf) = (best["ours"], outs["ours"]), (best["hf"], outs["hf"])
-same = sum(a == b for a, b in zip(out_ours, out_hf))
 n_tok = B * args.new
-print(f"device {args.device} ({torch.cuda.get_device_name() if gpu else f'{torch.get_num_threads()} threads'}) | "
-      f"model {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M params, {dtype} | batch {B} | "
-      f"prompts {lo}-{hi} tokens | {args.new} new tokens/row")
-print(f"sample.generate : {n_tok / t_ours:9.1f} tok/s ({t_ours:.2f} s)")
-print(f"transformers    : {n_tok / t_hf:9.1f} tok/s ({t_hf:.2f} s)")
-print(f"ratio {t_hf / t_ours:.2f}x | greedy rows identical to transformers: {same}/{B}")
+where = torch.cuda.get_device_name() if gpu else f"{torch.get_num_threads()} threads"
+print(f"device {args.device} ({where}) | "
+      f"model {size}, {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M params, {dtype} | batch {B} | "
+      f"prompts {lo}-{hi} tokens | {args.new} new tokens/row", flush=True)
+print(f"sample.generate : {n_tok / best['ours']:9.1f} tok/s ({best['ours']:.2f} s)", flush=True)
+if hf is not None:
+    same = sum(a == b for a, b in zip(outs["ours"], outs["hf"]))
+    print(f"transformers    : {n_tok / best['hf']:9.1f} tok/s ({best['hf']:.2f} s)")
+    print(f"ratio {best['hf'] / best['ours']:.2f}x | greedy rows identical to transformers: {same}/{B}",
+          flush=True)
+else:
+    print(f"transformers    : not importable ({why}); no ratio", flush=True)
+
+if gpu:
+    m = peak_cache_memory()
+else:   # a fresh process: its peak-RSS mark is this measurement's alone
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", "--device", args.device,
+                        "--threads", str(torch.get_num_threads())], capture_output=True, text=True)
+    if r.returncode:
+        sys.exit(f"memory measurement failed:\n{r.stderr[-3000:]}")
+    m = json.loads(r.stdout.strip().splitlines()[-1])
+print(f"peak memory in generate / one cache: {m['peak'] / m['cache']:.3f} (target <= 1.1) | cache "
+      f"{m['cache'] / 2**20:.0f} MiB, {m['rows']} rows, {m['finished_early']} ended early, median "
+      f"{m['median_len']} of 768 tokens")

@@ -26,8 +26,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data                                     # noqa: E402
+import model as modeling                        # noqa: E402
 import scdpo                                    # noqa: E402
-from model import ModelArgs, Transformer        # noqa: E402
+from model import ModelArgs, Transformer, compute_init, print0   # noqa: E402
 
 SHAPES = {   # the hub configs' sizes (Qwen2.5: tied embeddings, qkv bias, GQA)
     "qwen2.5-0.5b": dict(vocab_size=151936, dim=896, n_layers=24, n_heads=14, n_kv_heads=2, intermediate_size=4864,
@@ -53,8 +54,8 @@ shapes = (args.shapes or ("qwen2.5-0.5b,qwen2.5-1.5b" if cuda else "cpu-small"))
 P = args.prompt_len or (768 if cuda else 384)
 C = args.cont_len or (256 if cuda else 48)
 MB = args.micro_batch
-rank, world, _, device = scdpo.compute_init()
-train_args = scdpo.get_parser().parse_args([])    # the script's loss defaults: sigmoid, beta 0.1
+rank, world, _, device = compute_init()
+train_args = scdpo.settings()                     # the script's loss defaults: sigmoid, beta 0.1
 
 
 def synthetic_pairs(n, vocab, seed=0):
@@ -65,8 +66,24 @@ def synthetic_pairs(n, vocab, seed=0):
     return [{"prompt": ids(P), "chosen": cont(), "rejected": cont(), "kind": "sc"} for _ in range(n)]
 
 
+def random_sharded(margs, trainable=True):
+    """SeqLogprobs of a random model, sharded, built as scdpo.load_sharded builds it (meta device, shard,
+    materialise each rank's shards) with random values in place of the files'."""
+    with torch.device("meta"):
+        model = Transformer(margs)
+    model.checkpointing = args.checkpointing
+    net = scdpo.shard(scdpo.SeqLogprobs(model.requires_grad_(trainable)), device)
+    net.to_empty(device=device)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.to_local().normal_(0, 0.02)
+        model.inv_freq = modeling.rope_inv_freq(margs).to(device)
+    return net
+
+
 def one_step(net, opt, ref_net, margs, n_block, rows, ref_lps, packed, step):
-    """One optimizer step over args.accum micro-batches; (seconds, FLOPs, tokens) of this rank."""
+    """One optimizer step over args.accum micro-batches with train()'s DPO loss; (seconds, FLOPs, tokens)
+    of this rank."""
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -75,9 +92,16 @@ def one_step(net, opt, ref_net, margs, n_block, rows, ref_lps, packed, step):
         first = ((step * args.accum + a) * world + rank) * MB
         ids = list(range(first, first + MB))
         batch = data.collate_pairs([rows[i] for i in ids], packed=packed, pad_id=0)
-        loss, _, _ = scdpo.pair_losses(net, batch, ref_lps[ids], ref_net, train_args, device)
-        loss.mean().backward()
-        n = sum(len(rows[i]["prompt"]) * (1 if packed else 2) + len(rows[i]["chosen"]) + len(rows[i]["rejected"]) for i in ids)
+        lp = scdpo.run_logprobs(net, batch, device)
+        if ref_net is not None:
+            with torch.no_grad():
+                ref = scdpo.run_logprobs(ref_net, batch, device).view(-1, 2)
+            ref_net.reshard()
+        else:
+            ref = ref_lps[ids].to(device)
+        loss, _, _ = scdpo.dpo_loss(lp[0::2], lp[1::2], *ref.unbind(1), train_args.beta)
+        (loss.sum() / (MB * args.accum)).backward()
+        n = sum(scdpo.row_tokens(rows[i], argparse.Namespace(packed=packed)) for i in ids)
         tokens += n
         flops += scdpo.step_flops(margs, n_block, n, len(batch["tgt"]), batch["input_ids"].shape[1])
     torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -94,12 +118,10 @@ def bench(shape):
     configuration the fastest step after a warm-up counts."""
     torch.manual_seed(0)
     margs = ModelArgs(**SHAPES[shape])
-    policy = Transformer(margs)
-    policy.checkpointing = args.checkpointing
-    n_block = sum(p.numel() for p in policy.layers.parameters()) + policy.norm.weight.numel()
-    net = scdpo.shard(scdpo.SeqLogprobs(policy), device, cuda)
+    net = random_sharded(margs)
+    n_block = sum(p.numel() for p in net.model.layers.parameters()) + net.model.norm.weight.numel()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-7)
-    live = scdpo.shard(scdpo.SeqLogprobs(Transformer(margs).requires_grad_(False)), device, cuda).eval()
+    live = random_sharded(margs, trainable=False).eval()
     rows = synthetic_pairs(MB * world * args.accum * (args.steps + 1), margs.vocab_size)
     ref_lps = torch.randn(len(rows), 2) - 50.0      # what the precomputed cache would hold
     configs = [(packed, ref) for packed in (True, False) for ref in ("precompute", "live")]
@@ -118,14 +140,14 @@ def bench(shape):
                     "tok/s/gpu": tokens / dt, "s/step": dt}
         if peak:
             res[cfg].update(mfu=flops / dt / peak, peak_mem_gb=peak_mem[cfg])
-    del net, live, opt, policy
+    del net, live, opt
     if cuda:
         torch.cuda.empty_cache()
     return res
 
 
-scdpo.print0(f"device {device} x {world} | prompt {P} tokens, continuations ~{C} | micro-batch {MB} pairs x {args.accum} "
-             f"accumulation | fastest of {args.steps} steps | torch threads {torch.get_num_threads()}")
+print0(f"device {device} x {world} | prompt {P} tokens, continuations ~{C} | micro-batch {MB} pairs x "
+       f"{args.accum} accumulation | fastest of {args.steps} steps | torch threads {torch.get_num_threads()}")
 for shape in shapes:
     res = bench(shape)
     for (packed, ref_mode), r in res.items():
@@ -133,12 +155,12 @@ for shape in shapes:
                 f"{r['tok/s/gpu']:10,.0f} tok/s/{'gpu' if cuda else 'proc'} | {r['s/step']:7.3f} s/step")
         if "mfu" in r:
             line += f" | mfu {100 * r['mfu']:5.1f}% | peak {r['peak_mem_gb']:.1f} GiB"
-        scdpo.print0(line)
+        print0(line)
     for ref_mode in ("precompute", "live"):
-        scdpo.print0(f"{shape}: packing speed-up (pairs/s packed / unpacked), ref {ref_mode}: "
+        print0(f"{shape}: packing speed-up (pairs/s packed / unpacked), ref {ref_mode}: "
                      f"{res[(True, ref_mode)]['pairs/s'] / res[(False, ref_mode)]['pairs/s']:.2f}x")
     for packed in (True, False):
-        scdpo.print0(f"{shape}: precomputed reference speed-up over live, {'packed' if packed else 'unpacked'}: "
+        print0(f"{shape}: precomputed reference speed-up over live, {'packed' if packed else 'unpacked'}: "
                      f"{res[(packed, 'precompute')]['pairs/s'] / res[(packed, 'live')]['pairs/s']:.2f}x")
     if rank == 0:
         print(json.dumps({f"{'packed' if k[0] else 'unpacked'}/{k[1]}": v for k, v in res.items()}))

@@ -12,8 +12,12 @@ import struct
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import data
+import sample
+import scdpo
 from conftest import DATA
 from model import Transformer, load
 
@@ -275,6 +279,30 @@ def test_kv_cache_default_mask_equals_full_forward(ckpts):
     assert _rel(torch.cat(parts, 1), full) < 1e-5
 
 
+def test_cache_rows_decode_some_rows_in_place_then_compact(ckpts):
+    # Three rows prefilled together; then only rows 0 and 2 take 3 tokens (KVCache.rows), only row 2 one
+    # more, and after compacting the cache to row 2 alone, one more again. Each step's logits must equal a
+    # full forward of that row's whole sequence (transformers-checked above), with row 1 left untouched.
+    path, hf = ckpts["qwen2"]
+    model = Transformer.from_pretrained(path)
+    seqs = [_ids(10 + b, B=1, n=12)[0].tolist() for b in range(3)]
+    cache = model.make_cache(3, 16)
+    with torch.no_grad():
+        model(torch.tensor([s[:6] for s in seqs]), cache=cache)
+        cache.rows = torch.tensor([0, 2])
+        out = model(torch.tensor([seqs[0][6:9], seqs[2][6:9]]), cache=cache, cache_pos=6)
+        for b, o in zip((0, 2), out):
+            assert _rel(o, _hf_logits(hf, torch.tensor([seqs[b][:9]]))[0, 6:]) < 1e-5
+        cache.rows = torch.tensor([2])
+        out = model(torch.tensor([seqs[2][9:10]]), positions=torch.tensor([[9]]), cache=cache, cache_pos=9)
+        assert _rel(out[0], _hf_logits(hf, torch.tensor([seqs[2][:10]]))[0, 9:]) < 1e-5
+        row2 = [t[2].clone() for t in cache.k + cache.v]
+        cache = cache.compact(torch.tensor([2]))
+        assert cache.batch_size == 1 and all(torch.equal(t[0], r) for t, r in zip(cache.k + cache.v, row2))
+        out = model(torch.tensor([seqs[2][10:11]]), positions=torch.tensor([[10]]), cache=cache, cache_pos=10)
+        assert _rel(out[0], _hf_logits(hf, torch.tensor([seqs[2][:11]]))[0, 10:]) < 1e-5
+
+
 def test_packed_prompt_chosen_rejected_row(ckpts):
     # One row [prompt | chosen | rejected]: rejected sees the prompt but not chosen, its positions restart
     # after the prompt. Each half must equal transformers on [prompt | chosen] and [prompt | rejected].
@@ -303,6 +331,36 @@ def test_activation_checkpointing_same_gradients(ckpts):
         torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()).backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(*grads))
+
+
+def test_every_attention_call_chooses_its_kernels_and_never_cudnn(ckpts, monkeypatch):
+    # On H100/H200 SDPA prefers cuDNN for masked calls, whose backward can return NaN (model.MASKED_BACKENDS).
+    # Record, for every SDPA call of a packed and an unpacked DPO forward + backward, a sampler prefill and a
+    # cached forward, which kernels were enabled: masked calls memory-efficient, unmasked ones flash,
+    # cuDNN and math never.
+    calls, sdpa = [], F.scaled_dot_product_attention
+    cuda = torch.backends.cuda
+
+    def recorded(q, k, v, attn_mask=None, is_causal=False, **kw):
+        calls.append((attn_mask is not None, cuda.cudnn_sdp_enabled(), cuda.math_sdp_enabled(),
+                      cuda.mem_efficient_sdp_enabled(), cuda.flash_sdp_enabled()))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recorded)
+    model = Transformer.from_pretrained(ckpts["qwen2"][0])
+    pairs = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in
+             [([5, 6, 7], [8, 9], [10, 11, 12]), ([5] * 9, [3], [4, 4])]]
+    for packed in (True, False):
+        batch = data.collate_pairs(pairs, packed=packed)
+        scdpo.run_logprobs(scdpo.SeqLogprobs(model), batch, torch.device("cpu")).sum().backward()
+    sample.generate(model, [[1, 2, 3], [4, 5, 6, 7, 8]], sample.Sampling(3), eos_id=[])
+    with torch.no_grad():
+        model(_ids(1), cache=model.make_cache(2, T))
+    assert sum(m for m, *_ in calls) == 3 * model.args.n_layers     # packed, prefill, cached: masked
+    assert sum(not m for m, *_ in calls) == model.args.n_layers     # unpacked: causal, no mask
+    for masked, cudnn, math, efficient, flash in calls:
+        assert not cudnn and not math and (efficient if masked else flash)
+    assert cuda.cudnn_sdp_enabled() and cuda.math_sdp_enabled()     # the choice ends with the call
 
 
 @pytest.mark.parametrize("kind", FAMILIES)

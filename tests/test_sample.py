@@ -68,6 +68,53 @@ def test_shared_prompt_reuse_equals_separate_prefills():
     assert len({tuple(r) for r in shared}) > 2   # samples differ from one another
 
 
+def test_rows_ending_at_different_steps_equal_their_full_forward_references():
+    # 12 rows that end one after another, so that the finished ones are skipped, then compacted away (the
+    # live rows fall to half and below while others still run); every row must equal its own reference.
+    model = tiny(seed=3)
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 12, (12,), generator=g).tolist()
+    prompts = [torch.randint(0, 64, (n,), generator=g).tolist() for n in lengths]
+    ref = [full_forward_greedy(model, p, 24) for p in prompts]
+    eos = sorted({r[k] for r, k in zip(ref, [2, 5, 9, 13, 17, 20])})
+    ends = sorted(next((k + 1 for k, t in enumerate(r) if t in eos), 24) for r in ref)
+    assert ends[5] < ends[-1] and len(set(ends)) > 4   # half of them end while the longest goes on
+    out = ids(model, prompts, 24, eos_id=eos)
+    for o, r in zip(out, ref):
+        k = next((k + 1 for k, t in enumerate(r) if t in eos), 24)
+        assert o == r[:k]
+
+
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Counts the calls that read a tensor's values on the host, or make a tensor from host values: each
+    is a host-device synchronisation on a GPU (a CPU run calls the same functions)."""
+    READS = {"tolist", "item", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu", "nonzero",
+             "tensor", "as_tensor", "masked_select", "unique", "repeat_interleave"}
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.n += getattr(func, "__name__", "") in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(temperature=0.9, top_k=20, top_p=0.9)])
+def test_a_plain_decode_step_reads_the_device_once(cfg):
+    # Llama 3's RoPE scaling too: the forward's length check must not read positions back
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    model = tiny(rope_scaling=scaling)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [13]]
+    counts = []
+    for new in (8, 40):
+        with HostReads() as reads:
+            ids(model, prompts, new, eos_id=[], seed=0, **cfg)
+        counts.append(reads.n)
+    assert counts[1] - counts[0] == 40 - 8, counts   # one per decode step
+
+
 def reference_probs(logits, T, top_k=0, top_p=1.0):
     """float64, one row at a time, written from the definitions."""
     out = []

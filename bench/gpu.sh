@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Every GPU measurement of the project in one unattended run, on one H100/H200 with the machine's own
+# torch (2.11+) and triton; nothing is installed. transformers and Liger-Kernel are used when importable.
+#
+#     bash bench/gpu.sh 2>&1 | tee gpu.log       # ~5 minutes, never more than 8 (a time limit per part)
+#     bash bench/gpu.sh --dry-run                # the same scripts on the CPU with small shapes
+#     PYTHON=/path/to/python bash bench/gpu.sh   # another interpreter than `python`
+#
+# Parts, each guarded so that one failure or timeout does not hide the others:
+#   1. environment: GPU, torch, triton, whether transformers / liger_kernel import
+#   2. kernels: Triton log-prob kernels vs float64 in bf16 on irregular shapes; fwd+bwd time, TFLOP/s and
+#      memory at N=8192 D=4096 V=131072 against naive torch, a bf16 torch.mm of the same size (the peak)
+#      and Liger-Kernel (bench/logprobs.py --device cuda); target >= 70% of peak at <= 1/4 naive memory
+#   3. attention: the cuDNN NaN repro (row length % 128 == 64, log-sum-exp < -88.7, masked) through
+#      model.attend, finite gradients (bench/attention.py)
+#   4. sampler: tokens/s against transformers' generate at batch 64, Qwen2.5-0.5B shape, and peak cache
+#      memory (bench/sample.py); target >= 3x
+#   5. training: DPO tokens/s and MFU at Qwen2.5-0.5B and -1.5B shapes, length 1024 (bench/train.py);
+#      target MFU >= 40%
+set -u
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1
+export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+START=$(date +%s)
+
+part() {   # part NAME SECONDS COMMAND...: run it with a time limit, say how it ended
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name (limit ${limit}s): $*"
+    local t0=$(date +%s)
+    timeout --kill-after=10 "$limit" "$@"
+    local rc=$?
+    local dt=$(( $(date +%s) - t0 ))
+    if [ $rc -eq 0 ]; then echo "=== $name: ok (${dt}s)"
+    elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then echo "=== $name: TIMEOUT after ${dt}s (output is partial)"
+    else echo "=== $name: FAILED with exit code $rc (${dt}s)"; fi
+}
+
+part environment 30 "$PY" - <<'EOF'
+import importlib, platform
+import torch
+print(f"python {platform.python_version()} | torch {torch.__version__} | cuda {torch.version.cuda} | "
+      f"device {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
+for name in ("triton", "transformers", "liger_kernel"):
+    try:
+        m = importlib.import_module(name)
+        print(f"{name}: {getattr(m, '__version__', 'importable')}")
+    except Exception as e:
+        print(f"{name}: not importable ({type(e).__name__}: {e}); the lines that need it say so")
+EOF
+
+if [ $DRY -eq 0 ]; then
+    part kernels 140 "$PY" bench/logprobs.py --device cuda
+    part attention 40 "$PY" bench/attention.py --device cuda
+    part sampler 120 "$PY" bench/sample.py --device cuda --reps 3
+    part training 130 "$PY" bench/train.py --device cuda --steps 3
+else   # the CPU paths of the same scripts, small
+    part kernels 120 "$PY" bench/logprobs.py --N 256 --D 64 --V 1000 --iters 1
+    part attention 120 "$PY" bench/attention.py --device cpu --T 192
+    part sampler 300 "$PY" bench/sample.py --size tiny --batch 4 --new 8 --reps 1
+    part training 300 "$PY" bench/train.py --steps 1 --prompt-len 32 --cont-len 8
+fi
+echo "=== all parts done in $(( $(date +%s) - START ))s"
