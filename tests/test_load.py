@@ -46,10 +46,12 @@ def worker(folders):
             lp = scdpo.run_logprobs(net, batch, device)
             lp_ref = scdpo.run_logprobs(scdpo.SeqLogprobs(plain), batch, device)
         size = sum(os.path.getsize(f) for f in modeling._safetensors_files(path))
-        print(json.dumps({"path": path, "rank": rank, "world": world, "keys": sorted(full) == sorted(ref),
-                          "equal": all(torch.equal(full[k], ref[k]) for k in ref),
-                          "inv_freq": torch.equal(net.model.inv_freq, plain.inv_freq),
-                          "logprobs": torch.equal(lp, lp_ref), "read": read, "size": size}), flush=True)
+        mine = {"path": path, "rank": rank, "world": world, "keys": sorted(full) == sorted(ref),
+                "equal": all(torch.equal(full[k], ref[k]) for k in ref),
+                "inv_freq": torch.equal(net.model.inv_freq, plain.inv_freq),
+                "logprobs": torch.equal(lp, lp_ref), "read": read, "size": size}
+        for line in modeling.gather_rows([mine]):   # printed by rank 0 alone: two writers interleave
+            modeling.print0(json.dumps(line))
 
 
 def write_internlm2(path, out):
