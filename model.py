@@ -74,9 +74,11 @@ class ModelArgs:
         _check_config_types(c)
         mt = c.get("model_type")
         if mt not in SUPPORTED:
-            raise ValueError(f"unsupported model_type {mt!r} in config.json; supported: {', '.join(SUPPORTED)}")
+            raise ValueError(f"unsupported model_type {mt!r} in config.json; supported: "
+                             f"{', '.join(SUPPORTED)}")
         if mt == "internlm2" and c.get("bias", False):
-            raise ValueError("InternLM2 with bias=true is not supported (released InternLM2 models have no bias)")
+            raise ValueError("InternLM2 with bias=true is not supported (released InternLM2 models have no "
+                             "bias)")
         missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                                "intermediate_size") if k not in c]
         if missing:
@@ -198,7 +200,8 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old / hi) & (wavelen <= old / lo)
         return torch.where(medium, smoothed, scaled)
-    raise ValueError(f"unsupported rope_scaling type {s['rope_type']!r}; supported: default, linear, llama3, dynamic")
+    raise ValueError(f"unsupported rope_scaling type {s['rope_type']!r}; supported: default, linear, llama3, "
+                     f"dynamic")
 
 
 def rope_tables(positions, inv_freq, dtype):
@@ -316,8 +319,8 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0, cache_pos=0):
         B, T, _ = x.shape
-        # F.linear(x, w, b) is self.wqkv(x) without nn.Module's call overhead, which in a tiny model's one-token
-        # decode step is a tenth of the time (the same in the other projections)
+        # F.linear(x, w, b) is self.wqkv(x) without nn.Module's call overhead, which in a tiny model's
+        # one-token decode step is a tenth of the time (the same in the other projections)
         qkv = F.linear(x, self.wqkv.weight, self.wqkv.bias).view(B, T, self.nh + 2 * self.nkv, self.hd)
         qk = apply_rope(qkv[:, :, :self.nh + self.nkv], cos, sin)      # q and k heads rotated together
         q = qk[:, :, :self.nh].transpose(1, 2)                          # (B, nh, T, hd)
@@ -356,7 +359,7 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
-        self.w13 = nn.Linear(a.dim, 2 * a.intermediate_size, bias=False)   # rows [gate (w1) | up (w3)], one GEMM
+        self.w13 = nn.Linear(a.dim, 2 * a.intermediate_size, bias=False)   # rows [gate (w1) | up (w3)]
         self.w2 = nn.Linear(a.intermediate_size, a.dim, bias=False)        # down
 
     def forward(self, x):
@@ -407,9 +410,10 @@ class Transformer(nn.Module):
         mk = lambda: torch.zeros(shape, dtype=dtype or p.dtype, device=device or p.device)
         return KVCache([mk() for _ in self.layers], [mk() for _ in self.layers])
 
-    def forward(self, input_ids, positions=None, mask=None, cache=None, cache_pos=0, return_hidden=False, rope=None):
-        """input_ids (B, T). positions (B, T), default arange(T) + cache_pos. mask (B, T, S) bool, True where a
-        query may attend a key; S = T without a cache, cache_pos + T with one; default causal. With a cache
+    def forward(self, input_ids, positions=None, mask=None, cache=None, cache_pos=0, return_hidden=False,
+                rope=None):
+        """input_ids (B, T). positions (B, T), default arange(T) + cache_pos. mask (B, T, S) bool, True where
+        a query may attend a key; S = T without a cache, cache_pos + T with one; default causal. With a cache
         whose `rows` are set, the input is those rows and the mask covers every row of the cache.
         rope: the (cos, sin) of rope_tables for `positions`, from a caller that keeps a table (the sampler).
         Returns logits (B, T, V), or the final normed hidden states (B, T, D) with return_hidden=True."""
@@ -426,8 +430,10 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {longest} tokens is longer than this model's sliding window "
                              f"({a.sliding_window}); sliding-window attention is not implemented, so "
                              f"sequences must fit in the window")
-        if a.rope_scaling is not None and a.rope_scaling["rope_type"] == "dynamic" and longest > a.max_seq_len:
-            raise ValueError(f"dynamic RoPE scaling past max_position_embeddings ({a.max_seq_len}) is not supported")
+        dynamic = a.rope_scaling is not None and a.rope_scaling["rope_type"] == "dynamic"
+        if dynamic and longest > a.max_seq_len:
+            raise ValueError(f"dynamic RoPE scaling past max_position_embeddings ({a.max_seq_len}) is not "
+                             f"supported")
         if mask is None and cache is not None and T > 1:
             # causal in slot space: the query in slot cache_pos + i sees slots <= cache_pos + i
             # (a single new token sees every slot, so the decode step needs no mask)
@@ -474,7 +480,8 @@ class Transformer(nn.Module):
     # InternLM2 names its tensors after the Llama paper, and packs q, k, v in its own grouped layout.
     INTERNLM2_NAMES = {
         "model.tok_embeddings.weight": ("tok_embeddings.weight", None),
-        "model.layers.{}.attention.wqkv.weight": ("layers.{}.attention.wqkv.weight", "internlm2"),   # unpack_wqkv
+        # q, k, v in InternLM2's own packing: unpack_wqkv
+        "model.layers.{}.attention.wqkv.weight": ("layers.{}.attention.wqkv.weight", "internlm2"),
         "model.layers.{}.attention.wo.weight": ("layers.{}.attention.wo.weight", None),
         "model.layers.{}.feed_forward.w1.weight": ("layers.{}.feed_forward.w13.weight", "gate"),
         "model.layers.{}.feed_forward.w3.weight": ("layers.{}.feed_forward.w13.weight", "up"),
@@ -499,7 +506,8 @@ class Transformer(nn.Module):
 
     def rows(self, part):
         """The rows of a fused parameter that a hub tensor `part` fills (None: the whole parameter)."""
-        q, kv, ff = self.args.n_heads * self.args.head_dim, self.args.n_kv_heads * self.args.head_dim, self.args.intermediate_size
+        a = self.args
+        q, kv, ff = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.intermediate_size
         return {"q": slice(0, q), "k": slice(q, q + kv), "v": slice(q + kv, q + 2 * kv),
                 "gate": slice(0, ff), "up": slice(ff, 2 * ff)}.get(part, slice(None))
 
@@ -524,7 +532,8 @@ class Transformer(nn.Module):
         temporary folder first and renamed, so a crash never leaves half a checkpoint. A full disk is a
         DiskFull naming `path`, with the partial files removed."""
         params = dict(self.named_parameters())
-        state = {hub: params[ours].detach()[self.rows(part)] for hub, (ours, part) in self.hub_names().items()}
+        state = {hub: params[ours].detach()[self.rows(part)]
+                 for hub, (ours, part) in self.hub_names().items()}
         dtype = self.tok_embeddings.weight.dtype
         tmp = str(path).rstrip("/") + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -685,7 +694,7 @@ def unpack_wqkv(w: torch.Tensor, a: ModelArgs):
     then that group's key head, then its value head. So the weight's rows are grouped the same way."""
     n_rep = a.n_heads // a.n_kv_heads
     g = w.view(a.n_kv_heads, n_rep + 2, a.head_dim, a.dim)
-    return (g[:, :n_rep].reshape(-1, a.dim), g[:, n_rep].reshape(-1, a.dim), g[:, n_rep + 1].reshape(-1, a.dim))
+    return tuple(part.reshape(-1, a.dim) for part in (g[:, :n_rep], g[:, n_rep], g[:, n_rep + 1]))
 
 
 # safetensors: 8 bytes little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
@@ -738,8 +747,8 @@ def _safetensors_header(file) -> dict:
             raise ValueError(f"{file}: tensor {name} has data_offsets spanning {e - s} bytes, but its shape "
                              f"{h['shape']} in {h['dtype']} needs {need} bytes")
         if s < 0 or base + e > size:
-            raise ValueError(f"{file}: tensor {name} needs bytes {base + s}..{base + e} but the file has only "
-                             f"{size} bytes (truncated?)")
+            raise ValueError(f"{file}: tensor {name} needs bytes {base + s}..{base + e} but the file has "
+                             f"only {size} bytes (truncated?)")
         out[name] = (_ST_DTYPES[h["dtype"]], h["shape"], base + s, base + e)
     return out
 
@@ -792,7 +801,8 @@ PLAIN_CHAT_TEMPLATE = (
     "{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
     "{% elif message['role'] == 'user' %}{{ 'Question: ' + message['content'] + '\\n\\n' }}"
     "{% elif message['role'] == 'assistant' %}{{ 'Answer:\\n' + message['content'] }}{{ eos_token }}"
-    "{% else %}{{ raise_exception('the plain chat template knows the roles system, user and assistant, not ' + message['role']) }}"
+    "{% else %}{{ raise_exception('the plain chat template knows the roles system, user and assistant, "
+    "not ' + message['role']) }}"
     "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ 'Answer:\\n' }}{% endif %}"
@@ -821,8 +831,10 @@ def compile_chat_template(template):
     lstrip_blocks, loop controls, a `tojson` that does not escape HTML, raise_exception, strftime_now."""
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
-        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+    env.filters["tojson"] = tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(template)
@@ -861,7 +873,8 @@ class Tokenizer:
         self.special_tokens = {k: _token_content(v) for k, v in config.items()
                                if k.endswith("_token") and isinstance(_token_content(v), str)}
         if isinstance(config.get("extra_special_tokens"), dict):  # transformers 5's named extra tokens
-            self.special_tokens.update({k: _token_content(v) for k, v in config["extra_special_tokens"].items()})
+            extra = config["extra_special_tokens"]
+            self.special_tokens.update({k: _token_content(v) for k, v in extra.items()})
         for name in ("bos_token", "eos_token", "pad_token"):
             if name in self.special_tokens and tokenizer.token_to_id(self.special_tokens[name]) is None:
                 raise ValueError(f"tokenizer_config.json sets {name}={self.special_tokens[name]!r}, "
@@ -887,13 +900,16 @@ class Tokenizer:
                 # InternLM2 ships this way. Converting SentencePiece's protobuf needs `sentencepiece`
                 # and `protobuf`, which this library does not depend on; the conversion is one line.
                 raise FileNotFoundError(
-                    f"{tok_file} not found: {path} has only a SentencePiece tokenizer.model. Write tokenizer.json "
-                    f"once with transformers (pip install transformers sentencepiece protobuf):\n"
+                    f"{tok_file} not found: {path} has only a SentencePiece tokenizer.model. Write "
+                    f"tokenizer.json once with transformers (pip install transformers sentencepiece "
+                    f"protobuf):\n"
                     f"  python -c \"from transformers import AutoTokenizer; AutoTokenizer.from_pretrained("
                     f"'{path}', trust_remote_code=True, use_fast=True).save_pretrained('{path}')\"")
-            raise FileNotFoundError(f"{tok_file} not found: a tokenizer folder needs tokenizer.json and tokenizer_config.json")
+            raise FileNotFoundError(f"{tok_file} not found: a tokenizer folder needs tokenizer.json and "
+                                    f"tokenizer_config.json")
         if not os.path.isfile(cfg_file):
-            raise FileNotFoundError(f"{cfg_file} not found: it names the special tokens (BOS, EOS) and the chat template")
+            raise FileNotFoundError(f"{cfg_file} not found: it names the special tokens (BOS, EOS) and the "
+                                    f"chat template")
         tok, config = tokenizers.Tokenizer.from_file(tok_file), _read_json(cfg_file)
         # special_tokens_map.json (older checkpoints) fills in the special tokens the config leaves unset.
         map_file = os.path.join(path, "special_tokens_map.json")
@@ -914,8 +930,8 @@ class Tokenizer:
                                           special=spec.get("special", False))
             (tok.add_special_tokens if spec.get("special", False) else tok.add_tokens)([added])
             if tok.token_to_id(spec["content"]) != idx:
-                raise ValueError(f"{cfg_file} declares token {spec['content']!r} with id {idx}, but tokenizer.json gives it "
-                                 f"id {tok.token_to_id(spec['content'])}")
+                raise ValueError(f"{cfg_file} declares token {spec['content']!r} with id {idx}, but "
+                                 f"tokenizer.json gives it id {tok.token_to_id(spec['content'])}")
         # The chat template: chat_template.jinja (what transformers >= 4.50 writes) wins over the
         # config's "chat_template", which is a string or a list of named templates.
         template = config.get("chat_template")
@@ -940,12 +956,14 @@ class Tokenizer:
         pair: the first k solution steps) as the start of the assistant turn, left open. For the
         templates we support this is a prefix of the text of the whole conversation (see
         tests/test_tokenizer.py), so that prompt + continuation is what the model saw in sampling."""
-        return self.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True) + prefix
+        user = [{"role": "user", "content": question}]
+        return self.apply_chat_template(user, add_generation_prompt=True) + prefix
 
     def render(self, question, answer):
         """The whole conversation: question and the complete assistant answer, closed by the template
         (EOS or an end-of-turn token)."""
-        return self.apply_chat_template([{"role": "user", "content": question}, {"role": "assistant", "content": answer}])
+        return self.apply_chat_template([{"role": "user", "content": question},
+                                         {"role": "assistant", "content": answer}])
 
     @property
     def stop_ids(self):
@@ -954,7 +972,8 @@ class Tokenizer:
         marker = "\x00ANSWER\x00"
         full = self.render("?", marker)
         after = self.encode(full[full.index(marker) + len(marker):])
-        special = {self.tok.token_to_id(t.content) for t in self.tok.get_added_tokens_decoder().values() if t.special}
+        added = self.tok.get_added_tokens_decoder().values()
+        special = {self.tok.token_to_id(t.content) for t in added if t.special}
         ids = [] if self.eos_id is None else [self.eos_id]
         if after and after[0] in special and after[0] not in ids:
             ids.append(after[0])

@@ -149,7 +149,8 @@ def get_parser():
     p.add_argument("--eval", default=None, help="after training: greedy accuracy on this set (gsm8k, "
                    "math500, FILE ...)")
     p.add_argument("--eval-limit", type=int, default=None, help="first N problems of --eval")
-    p.add_argument("--quiet", action="store_true", help="no per-step lines on stdout (log.jsonl still written)")
+    p.add_argument("--quiet", action="store_true", help="no per-step lines on stdout (log.jsonl still "
+                   "written)")
     # pair sampling, the stage run when --pairs is not given (as `sample.py pairs`; each solution or
     # continuation gets at most --max-len minus --max-prompt new tokens)
     sample.add_pair_flags(p)
@@ -515,7 +516,8 @@ def save_model(plain, tok, path):
 # no causal discount); only the target tokens go through the LM head (6 * V * D). Peak bf16 FLOP/s
 # of the GPU gives MFU; on a CPU it is not reported.
 # ----------------------------------------------------------------------------------------------
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "4090": 165e12}
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
+              "4090": 165e12}
 
 
 def step_flops(margs, n_block_params, n_tokens, n_targets, row_len):
@@ -569,7 +571,8 @@ def sft_rows(args, tok, margs, rank, world, device, log):
     if missing:
         raise ValueError(f"--data {args.data}: {len(missing)} records have no solution to train on "
                          f"(e.g. {missing[0]})")
-    rows = [r for r in (data.tokenize_sft(r["question"], r["solution"], tok, args.max_len) for r in recs) if r]
+    rows = [data.tokenize_sft(r["question"], r["solution"], tok, args.max_len) for r in recs]
+    rows = [r for r in rows if r]
     log(f"sft examples: {len(rows)} (of {len(recs)}; {len(recs) - len(rows)} prompts too long)"
         + left_out(len(rows), args.global_batch))
     pad = tok.pad_id if tok.pad_id is not None else 0
@@ -686,7 +689,10 @@ def prepare_out(args, rank):
         if args.overwrite and not args.resume:
             for f in old + ["final.tmp"]:
                 path = os.path.join(args.out, f)
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path) if os.path.exists(path) else None
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif os.path.exists(path):
+                    os.remove(path)
     dist.barrier()
 
 
@@ -712,7 +718,8 @@ def train(args):
     margs = modeling.read_config(args.model)[1]
     dpo = args.objective == "dpo"
     rows, items, collate = (dpo_rows if dpo else sft_rows)(args, tok, margs, rank, world, device, log)
-    steps = [[items[i] for i in b] for b in batch_order(len(items), args.epochs, args.global_batch, args.seed)]
+    order = batch_order(len(items), args.epochs, args.global_batch, args.seed)
+    steps = [[items[i] for i in b] for b in order]
     steps = steps[:args.max_steps or None]
     total = len(steps)
     if total == 0:
@@ -758,7 +765,8 @@ def train(args):
             flops += step_flops(margs, n_block_params, n_tok, len(batch["tgt"]), batch["input_ids"].shape[1])
         dist.all_reduce(sums)
         loss_val = sums[0].item()
-        gnorm = nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
+        clip = args.grad_clip if args.grad_clip > 0 else float("inf")
+        gnorm = nn.utils.clip_grad_norm_(net.parameters(), clip)
         gnorm = (gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm).item()
         # both are the same on every rank (all-reduced), so every rank stops here, before opt.step()
         for what, val in (("loss", loss_val), ("gradient norm", gnorm)):
@@ -770,7 +778,8 @@ def train(args):
         if cuda:
             torch.cuda.synchronize()
         dt = time.time() - t0
-        rec = {"step": step + 1, "loss": loss_val, "lr": lr, "gnorm": gnorm, "tok/s": sums[4].item() / dt, "dt": dt}
+        rec = {"step": step + 1, "loss": loss_val, "lr": lr, "gnorm": gnorm, "tok/s": sums[4].item() / dt,
+               "dt": dt}
         if dpo:
             rw, rl = sums[2].item(), sums[3].item()
             rec.update({"acc": sums[1].item(), "r_chosen": rw, "r_rejected": rl, "margin": rw - rl})

@@ -38,7 +38,8 @@ parser.add_argument("--intermediate", type=int, default=5632, help="MLP hidden s
 parser.add_argument("--vocab", type=int, default=32000, help="vocabulary size")
 # files
 parser.add_argument("--shard-mb", type=int, default=500, help="shard size in MB, as the hub's max_shard_size")
-parser.add_argument("--dir", default=None, help="write the checkpoint here and keep it (default: a temp dir, removed)")
+parser.add_argument("--dir", default=None,
+                    help="write the checkpoint here and keep it (default: a temp dir, removed)")
 parser.add_argument("--max-ratio", type=float, default=1.3,
                     help="exit 1 if peak RSS / file size is above this")
 parser.add_argument("--max-rank-ratio", type=float, default=0.75,

@@ -31,22 +31,28 @@ import scdpo                                    # noqa: E402
 from model import ModelArgs, Transformer, compute_init, print0   # noqa: E402
 
 SHAPES = {   # the hub configs' sizes (Qwen2.5: tied embeddings, qkv bias, GQA)
-    "qwen2.5-0.5b": dict(vocab_size=151936, dim=896, n_layers=24, n_heads=14, n_kv_heads=2, intermediate_size=4864,
-                         qkv_bias=True, tie_embeddings=True, model_type="qwen2", rope_theta=1e6, max_seq_len=32768),
-    "qwen2.5-1.5b": dict(vocab_size=151936, dim=1536, n_layers=28, n_heads=12, n_kv_heads=2, intermediate_size=8960,
-                         qkv_bias=True, tie_embeddings=True, model_type="qwen2", rope_theta=1e6, max_seq_len=32768),
+    "qwen2.5-0.5b": dict(vocab_size=151936, dim=896, n_layers=24, n_heads=14, n_kv_heads=2,
+                         intermediate_size=4864, qkv_bias=True, tie_embeddings=True, model_type="qwen2",
+                         rope_theta=1e6, max_seq_len=32768),
+    "qwen2.5-1.5b": dict(vocab_size=151936, dim=1536, n_layers=28, n_heads=12, n_kv_heads=2,
+                         intermediate_size=8960, qkv_bias=True, tie_embeddings=True, model_type="qwen2",
+                         rope_theta=1e6, max_seq_len=32768),
     "cpu-small": dict(vocab_size=4096, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=1024,
                       model_type="llama", max_seq_len=2048),
 }
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-parser.add_argument("--shapes", default=None, help="comma-separated SHAPES (default: cpu-small on cpu, both Qwen2.5 on cuda)")
-parser.add_argument("--prompt-len", type=int, default=None, help="shared prompt tokens (default 384 cpu, 768 cuda)")
-parser.add_argument("--cont-len", type=int, default=None, help="mean continuation tokens (default 48 cpu, 256 cuda; length 1024 = prompt + continuation)")
+parser.add_argument("--shapes", default=None,
+                    help="comma-separated SHAPES (default: cpu-small on cpu, both Qwen2.5 on cuda)")
+parser.add_argument("--prompt-len", type=int, default=None,
+                    help="shared prompt tokens (default 384 cpu, 768 cuda)")
+parser.add_argument("--cont-len", type=int, default=None, help="mean continuation tokens (default 48 cpu, "
+                    "256 cuda; length 1024 = prompt + continuation)")
 parser.add_argument("--micro-batch", type=int, default=4, help="pairs per forward")
 parser.add_argument("--accum", type=int, default=2, help="micro-batches per optimizer step")
-parser.add_argument("--steps", type=int, default=4, help="timed steps per configuration (after one warm-up step); the fastest counts")
+parser.add_argument("--steps", type=int, default=4, help="timed steps per configuration (after one warm-up "
+                    "step); the fastest counts")
 parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
 args = parser.parse_args()
 cuda = args.device == "cuda"
@@ -128,7 +134,8 @@ def bench(shape):
     best, peak_mem = {}, {}
     for step in range(args.steps + 1):
         for packed, ref in configs:
-            r = one_step(net, opt, live if ref == "live" else None, margs, n_block, rows, ref_lps, packed, step)
+            ref_net = live if ref == "live" else None
+            r = one_step(net, opt, ref_net, margs, n_block, rows, ref_lps, packed, step)
             if cuda:
                 peak_mem[(packed, ref)] = torch.cuda.max_memory_allocated() / 2**30
             if step > 0 and ((packed, ref) not in best or r[0] < best[(packed, ref)][0]):   # step 0: warm-up
@@ -151,7 +158,8 @@ print0(f"device {device} x {world} | prompt {P} tokens, continuations ~{C} | mic
 for shape in shapes:
     res = bench(shape)
     for (packed, ref_mode), r in res.items():
-        line = (f"{shape:<14} {'packed  ' if packed else 'unpacked'} ref {ref_mode:<10} | {r['pairs/s']:8.2f} pairs/s | "
+        line = (f"{shape:<14} {'packed  ' if packed else 'unpacked'} ref {ref_mode:<10} | "
+                f"{r['pairs/s']:8.2f} pairs/s | "
                 f"{r['tok/s/gpu']:10,.0f} tok/s/{'gpu' if cuda else 'proc'} | {r['s/step']:7.3f} s/step")
         if "mfu" in r:
             line += f" | mfu {100 * r['mfu']:5.1f}% | peak {r['peak_mem_gb']:.1f} GiB"
