@@ -721,7 +721,7 @@ def generate(model, prompts, cfg=GREEDY, n=1, seed=None, tok=None, eos_id=None, 
                 code = _scan_steps(r, cfg.fmt, cfg.delimiter)
             if i in eos:
                 r.finish = "eos"
-            elif stop and any(s in r.text[max(0, old - len(s) + 1):] for s in stop):   # only where it can be new
+            elif stop and any(s in r.text[max(0, old - len(s) + 1):] for s in stop):   # where it can be new
                 r.finish = "stop"
             elif len(r.ids) >= max_new_tokens:
                 r.finish = "length"
@@ -735,7 +735,8 @@ def generate(model, prompts, cfg=GREEDY, n=1, seed=None, tok=None, eos_id=None, 
             feed.append(add)
         for r, add in todo:
             out = r.kernel.result()
-            block = data.OUTPUT_START + out + ("" if out.endswith("\n") or not out else "\n") + data.OUTPUT_END
+            body = out if out.endswith("\n") or not out else out + "\n"
+            block = data.OUTPUT_START + body + data.OUTPUT_END
             ids = tok.encode(block)[: max(0, max_new_tokens - len(r.ids) - 1)]
             add += ids
             r.ids += ids
@@ -931,7 +932,8 @@ def _read_parts(folder):
     newline, the torn tail of a kill in the middle of a write, is skipped (make_pairs rewrites it away);
     any other line that is not a question record is a ValueError naming file, line and field."""
     done = {}
-    names = [n for n in os.listdir(folder) if n.startswith("rank") and n.endswith(".jsonl")] if os.path.isdir(folder) else []
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    names = [n for n in names if n.startswith("rank") and n.endswith(".jsonl")]
     for name in sorted(names):
         path = os.path.join(folder, name)
         with open(path, encoding="utf-8") as f:
@@ -947,7 +949,8 @@ def _read_parts(folder):
                 if not isinstance(row, dict) or field not in row:
                     raise ValueError(f"{path}:{lineno}: missing field {field!r}")
                 if not isinstance(row[field], kind):
-                    raise ValueError(f"{path}:{lineno}: field {field!r} is {type(row[field]).__name__}, expected {kind.__name__}")
+                    raise ValueError(f"{path}:{lineno}: field {field!r} is {type(row[field]).__name__}, "
+                                     f"expected {kind.__name__}")
             for p in row["pairs"]:
                 data.check_pair(p, f"{path}:{lineno}")
             done[row["id"]] = row
@@ -1011,7 +1014,8 @@ def make_pairs(model, tok, records, out_path, s=PairSettings(), chunk=16, rank=0
     part = os.path.join(folder, f"rank{rank}.jsonl")
     done = _read_parts(folder)
     if os.path.exists(part):   # rewrite our own file without a torn last line before appending to it
-        data.write_jsonl(part, [r for r in done.values() if r["rank"] == rank])   # (renamed over: a kill loses nothing)
+        # (renamed over it: a kill loses nothing)
+        data.write_jsonl(part, [r for r in done.values() if r["rank"] == rank])
     shard = records[rank::world]
     chunks = [shard[i:i + chunk] for i in range(0, len(shard), chunk)]
     bar = tqdm(total=len(shard), disable=not progress or rank != 0, desc=f"pairs (rank {rank})", unit="q")
@@ -1021,7 +1025,8 @@ def make_pairs(model, tok, records, out_path, s=PairSettings(), chunk=16, rank=0
         if not todo:
             continue
         res = pairs_for_chunk(model, tok, todo, s)
-        with open(part, "a", encoding="utf-8") as f:   # one write: a kill leaves whole questions or a torn tail
+        # one write: a kill leaves whole questions, or a torn tail
+        with open(part, "a", encoding="utf-8") as f:
             f.write("".join(json.dumps({**r, "rank": rank}, ensure_ascii=False) + "\n" for r in res))
             f.flush()
             os.fsync(f.fileno())
@@ -1064,13 +1069,15 @@ def add_pair_flags(p):
     p.add_argument("--k-max", type=int, default=100, help="most samples per question for a naive pair")
     p.add_argument("--naive-batch", type=int, default=8, help="samples per question per round")
     # step-controlled pairs
-    p.add_argument("--cut", default="all", choices=["all", "random"], help="every eligible step, or one at random")
+    p.add_argument("--cut", default="all", choices=["all", "random"],
+                   help="every eligible step, or one at random")
     p.add_argument("--cut-points", default="paper", choices=["paper", "scripts"],
                    help="eligible steps: data.cut_points")
     p.add_argument("--sc-per-question", default="gsm8k=2,math=3", help="most step-controlled pairs per "
                    "question, by source (others: 2)")
     p.add_argument("--tries", type=int, default=8, help="continuations per cut before giving up")
-    p.add_argument("--ramp", default="paper", help="paper (1.1,+0.05,1.4) | scripts (1.1,+0.1,1.4) | start,inc,max")
+    p.add_argument("--ramp", default="paper",
+                   help="paper (1.1,+0.05,1.4) | scripts (1.1,+0.1,1.4) | start,inc,max")
 
 
 def pair_settings(args, max_new_tokens):
@@ -1103,7 +1110,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     rank, world, _, device = modeling.compute_init()
     modeling.print0(json.dumps(vars(args)))
-    model, tok = modeling.load(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None, device=device)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model, tok = modeling.load(args.model, dtype=dtype, device=device)
     model.eval()
     provenance = {**data.model_fingerprint(args.model), "dtype": str(model.tok_embeddings.weight.dtype)}
     summary = make_pairs(model, tok, data.load_records(args.data, args.limit), args.out,
