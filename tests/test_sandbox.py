@@ -1,5 +1,5 @@
 # python -m pytest -q tests/test_sandbox.py
-"""The code sandbox (sample.Kernel, held to sample.SANDBOX) against what README "The code sandbox"
+"""The code sandbox (sandbox.Kernel, held to sandbox.SANDBOX) against what README "The code sandbox"
 promises. Every test runs twice: with the OS layers this machine allows, and with isolate=False, where the
 audit hook holds alone. The attacks run through the sampler (generate(..., fmt="code")) with a scripted
 model, and what they must not do is checked from outside: the files around the sandbox, a canary
@@ -17,7 +17,8 @@ import torch
 
 import data
 from conftest import byte_tokenizer
-from sample import Kernel, Sampling, generate
+from sample import Sampling, generate
+from sandbox import Kernel
 from test_sample import Scripted
 
 S, E, OS, OE = data.CODE_START, data.CODE_END, data.OUTPUT_START, data.OUTPUT_END
