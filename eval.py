@@ -18,6 +18,10 @@ score it as ProcessBench does:
     acc_err = exact first-wrong-step accuracy on solutions with an error
     acc_cor = accuracy on error-free solutions (predicting -1)
     F1      = 2 acc_err acc_cor / (acc_err + acc_cor)
+That needs a threshold on the rewards; step_scores adds scores that only compare rewards with each other
+(top-1: the first wrong step is the lowest so far; AUC: a wrong step scores below a right one), and
+bootstrap / seed_interval give their intervals over examples and over seeds. html_compare draws the
+token rewards of several methods side by side on the same solutions.
 """
 import argparse
 import html
@@ -25,6 +29,7 @@ import json
 import os
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -85,7 +90,8 @@ def evaluate(model, tok, records, max_new_tokens=512, batch_size=64, rank=0, wor
     """Prediction rows for `records` (this rank grades records[rank::world]; rows gathered on all ranks,
     sorted back into the records' order)."""
     mine = list(range(rank, len(records), world))
-    completions = generate_greedy(model, tok, [records[i]["question"] for i in mine], max_new_tokens, batch_size)
+    questions = [records[i]["question"] for i in mine]
+    completions = generate_greedy(model, tok, questions, max_new_tokens, batch_size)
     rows = [dict(grade(records[i], c), index=i) for i, c in zip(mine, completions)]
     rows = sorted(gather_rows(rows), key=lambda r: r["index"])
     for r in rows:
@@ -106,8 +112,10 @@ def response_logprobs(model, tok, prompts, responses, batch_size=16, progress=No
     (B, L, V) logits (fp32: 10 GB for a 152k vocabulary at batch 16 and L = 1024)."""
     device = next(model.parameters()).device
     out = []
-    for b in tqdm(range(0, len(prompts), batch_size), desc=progress or "", disable=not progress, unit="batch"):
-        encs = [tok.encode_with_offsets(p + r) + (len(p),) for p, r in zip(prompts[b:b + batch_size], responses[b:b + batch_size])]
+    batches = range(0, len(prompts), batch_size)
+    for b in tqdm(batches, desc=progress or "", disable=not progress, unit="batch"):
+        pairs = zip(prompts[b:b + batch_size], responses[b:b + batch_size])
+        encs = [tok.encode_with_offsets(p + r) + (len(p),) for p, r in pairs]
         rows = []
         for ids, offs, n_chars in encs:
             n_prompt = next((i for i, (_, end) in enumerate(offs) if end > n_chars), len(ids))
@@ -145,13 +153,20 @@ def step_bounds(steps):
     return bounds
 
 
-def step_rewards(offsets, rewards, steps):
-    """Sum of the token rewards per step; a token belongs to the step that holds its first character."""
-    bounds = step_bounds(steps)
-    sums, j = [0.0] * len(steps), 0
-    for (start, _), r in zip(offsets, rewards):
+def step_of_tokens(offsets, steps):
+    """The step of each token: the one that holds its first character (tokens past the end: the last)."""
+    bounds, out, j = step_bounds(steps), [], 0
+    for start, _ in offsets:
         while j + 1 < len(bounds) and start >= bounds[j][1]:
             j += 1
+        out.append(j)
+    return out
+
+
+def step_rewards(offsets, rewards, steps):
+    """Sum of the token rewards per step (step_of_tokens assigns each token to one step)."""
+    sums = [0.0] * len(steps)
+    for j, r in zip(step_of_tokens(offsets, steps), rewards):
         sums[j] += r
     return sums
 
@@ -183,7 +198,8 @@ def processbench_metric(preds, labels):
 def fit_threshold(all_step_sums, labels, rule="first"):
     """The threshold (among 0 and the midpoints of the observed step rewards) with the best F1."""
     vals = sorted({round(s, 6) for sums in all_step_sums for s in sums})
-    cands = [0.0] + [(a + b) / 2 for a, b in zip(vals, vals[1:])] + ([vals[0] - 1, vals[-1] + 1] if vals else [])
+    outside = [vals[0] - 1, vals[-1] + 1] if vals else []   # "every step wrong" and "none wrong"
+    cands = [0.0] + [(a + b) / 2 for a, b in zip(vals, vals[1:])] + outside
     if len(cands) > 400:   # quantiles are enough
         cands = [0.0] + [vals[int(q * (len(vals) - 1) / 399)] + 1e-9 for q in range(400)]
     score = lambda t: processbench_metric([predict_first_wrong(s, t, rule) for s in all_step_sums], labels)[2]
@@ -212,13 +228,133 @@ def localisation(all_step_sums, labels, threshold="fit", rule="first"):
 
 
 # ----------------------------------------------------------------------------------------------
-# The HTML report: every token coloured by its reward (the paper's Figures 2-3), step sums in the margin
+# Threshold-free scores of the step rewards, and their intervals
 # ----------------------------------------------------------------------------------------------
-_CSS = """body{font-family:sans-serif;max-width:1100px;margin:2em auto}
-table.sol{border-collapse:collapse;margin:0.5em 0 2em 0;width:100%}
+# The ProcessBench metric above needs a threshold, so a drift of every reward (a longer run, another
+# beta) moves it. These scores only compare rewards with one another, so such a drift cannot decide them.
+
+# 0.975 quantiles of Student's t for 1..30 degrees of freedom (no scipy); 1.96 (the normal) beyond
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042]
+
+
+def auc(low, high):
+    """P(x < y) + P(x = y) / 2 for x drawn from `low` and y from `high` (Mann-Whitney): with the ranks
+    R of the pooled values (ties get their mean rank), U = sum_{y in high} R(y) - m (m + 1) / 2 and
+    auc = U / (n m), n = |low|, m = |high|. O((n + m) log(n + m)); nan when either is empty."""
+    low, high = np.asarray(low, dtype=np.float64).ravel(), np.asarray(high, dtype=np.float64).ravel()
+    n, m = len(low), len(high)
+    if n == 0 or m == 0:
+        return float("nan")
+    _, inv, counts = np.unique(np.concatenate([low, high]), return_inverse=True, return_counts=True)
+    # a value with c copies after k smaller ones holds ranks k+1 .. k+c, whose mean is k + (c + 1) / 2
+    mean_rank = np.cumsum(counts) - counts + (counts + 1) / 2
+    u = mean_rank[inv.ravel()[n:]].sum() - m * (m + 1) / 2
+    return float(u / (n * m))
+
+
+def _wrong_and_right(step_sums, labels, kinds=None):
+    """Split the step rewards: wrong = each erroneous solution's first wrong step; right = (reward,
+    kind) of the steps before it and of every step of an error-free solution. Steps after the first
+    error are left out (they are conditioned on an error), and so is every solution whose label is past
+    its last step (the error is a missing step: no step to score). Returns (wrong, right, n_skipped)."""
+    wrong, right, skipped = [], [], 0
+    for i, (sums, label) in enumerate(zip(step_sums, labels)):
+        if label >= len(sums):
+            skipped += 1
+            continue
+        upto = len(sums) if label == -1 else label
+        right += [(sums[j], kinds[i][j] if kinds is not None else None) for j in range(upto)]
+        if label != -1:
+            wrong.append(sums[label])
+    return wrong, right, skipped
+
+
+def _top1(step_sums, labels):
+    """Over erroneous solutions with label l >= 1 (and l < its number of steps): the fraction whose step
+    l has a reward strictly below every step before it, and the chance level mean(1 / (l + 1)), which
+    a random ranking of steps 0..l scores. Returns (top1, n, chance); nan, 0, nan with none."""
+    hits, chance = [], []
+    for sums, label in zip(step_sums, labels):
+        if 1 <= label < len(sums):
+            hits.append(sums[label] < min(sums[:label]))
+            chance.append(1 / (label + 1))
+    if not hits:
+        return float("nan"), 0, float("nan")
+    return float(np.mean(hits)), len(hits), float(np.mean(chance))
+
+
+def step_scores(step_sums, labels, kinds=None):
+    """Threshold-free scores of per-step rewards against first-wrong-step labels (-1: all right).
+    top1:        P(the first wrong step scores strictly below every earlier step), over labels >= 1;
+                 top1_n such solutions, top1_chance = mean 1 / (label + 1), a random ranking's score
+    auc:         auc(wrong, right) = P(r_wrong < r_right) + P(=) / 2 (1 perfect, 0.5 chance), wrong and
+                 right as _wrong_and_right splits them; n_wrong first wrong steps; n_skipped solutions
+                 whose label is past their last step
+    with kinds (per solution a kind per step, e.g. "product"):
+    false_alarm: {kind: 1 - auc(wrong, right steps of that kind)} = P(a right step of that kind scores
+                 below a first wrong step), ties half; n_right: {kind: how many right steps}."""
+    wrong, right, skipped = _wrong_and_right(step_sums, labels, kinds)
+    top1, top1_n, chance = _top1(step_sums, labels)
+    out = {"top1": top1, "top1_n": top1_n, "top1_chance": chance, "auc": auc(wrong, [r for r, _ in right]),
+           "n_wrong": len(wrong), "n_skipped": skipped}
+    if kinds is not None:
+        by_kind = {}
+        for r, k in right:
+            by_kind.setdefault(k, []).append(r)
+        out["false_alarm"] = {k: 1 - auc(wrong, rs) for k, rs in sorted(by_kind.items())}
+        out["n_right"] = {k: len(rs) for k, rs in sorted(by_kind.items())}
+    return out
+
+
+def bootstrap(stat, n, B=1000, seed=0, level=0.95):
+    """Percentile bootstrap over n items: point = stat(list(range(n))); B index lists of size n drawn with
+    replacement (numpy Generator, `seed`) give stat's resampled values, whose (1 - level) / 2 and
+    (1 + level) / 2 quantiles are (lo, hi). stat takes a list of indices. A paired difference of two
+    methods is a stat that scores both on the same indices and subtracts, e.g.
+        lambda ix: np.mean([a[i] for i in ix]) - np.mean([b[i] for i in ix])
+    so that what the items share cancels. Resamples where stat is nan (an empty class) are dropped;
+    returns (point, nan, nan) when all are."""
+    rng = np.random.default_rng(seed)
+    point = float(stat(list(range(n))))
+    vals = np.array([stat(rng.integers(0, n, size=n).tolist()) for _ in range(B)], dtype=np.float64)
+    vals = vals[~np.isnan(vals)]
+    if len(vals) == 0:
+        return point, float("nan"), float("nan")
+    lo, hi = np.quantile(vals, [(1 - level) / 2, (1 + level) / 2])
+    return point, float(lo), float(hi)
+
+
+def seed_interval(values, level=0.95):
+    """Student-t interval over seeds: mean +- t_{(1 + level) / 2, n - 1} * sd / sqrt(n), sd with n - 1 in
+    the denominator; t from the table for df <= 30, 1.96 beyond. Only level 0.95 (ValueError otherwise).
+    One value: (v, nan, nan), as one seed says nothing about the spread."""
+    if level != 0.95:
+        raise ValueError(f"seed_interval: only level 0.95 is tabulated, got {level}")
+    v = np.asarray(values, dtype=np.float64).ravel()
+    if len(v) == 0:
+        return float("nan"), float("nan"), float("nan")
+    mean = float(v.mean())
+    if len(v) == 1:
+        return mean, float("nan"), float("nan")
+    t = _T975[len(v) - 2] if len(v) - 1 <= len(_T975) else 1.96
+    half = t * float(v.std(ddof=1)) / np.sqrt(len(v))
+    return mean, mean - half, mean + half
+
+
+# ----------------------------------------------------------------------------------------------
+# The HTML page: every token coloured by its reward, one column per method (the paper's Figures 2-3)
+# ----------------------------------------------------------------------------------------------
+_CSS = """body{font-family:sans-serif;max-width:1600px;margin:2em auto}
+table.sol{border-collapse:collapse;margin:0.5em 0 2em 0;width:100%;table-layout:fixed}
+table.summary{border-collapse:collapse;margin:1em 0}
+table.summary td,table.summary th{border:1px solid #ccc;padding:2px 8px;text-align:right}
 td{vertical-align:top;padding:2px 6px;border-bottom:1px solid #eee}
 td.tok{font-family:monospace;white-space:pre-wrap;word-break:break-word}
-td.sum{font-family:monospace;text-align:right;width:7em}
+td.sum{font-family:monospace;text-align:right}
+th.sum{width:6em}
+td.kind,th.kind{font-size:small;color:#555;width:7em}
 tr.wrong td{outline:2px solid #c00}
 span{border-radius:2px}
 .q{background:#f4f4f4;padding:0.5em;white-space:pre-wrap}"""
@@ -229,61 +365,111 @@ def _colour(r, scale):
     return f"rgba(220,0,0,{a:.2f})" if r < 0 else f"rgba(0,160,0,{a:.2f})"
 
 
-def html_report(items, path, title="Credit assignment"):
-    """items: dicts {title, question, steps, offsets, rewards, [label], [pred]}; writes one HTML page.
-    Red tokens got negative reward, green positive (opacity |r| / the page's 98th percentile of |r|); the margin
-    shows the per-step sums; a framed row is the true first wrong step, '<' marks the predicted one."""
-    mags = sorted(abs(r) for it in items for r in it["rewards"])
-    scale = (mags[int(0.98 * (len(mags) - 1))] if mags else 1.0) or 1.0   # 98th percentile: one outlier does not wash out the page
+def _page_scale(token_lists):
+    """The 98th percentile of |r| over every token on the page: the full-colour level, shared by all
+    columns so that colours compare across methods, and a percentile so one outlier cannot wash it out."""
+    mags = sorted(abs(r) for t in token_lists for r in t["rewards"])
+    return (mags[int(0.98 * (len(mags) - 1))] if mags else 1.0) or 1.0
+
+
+def _step_cells(tr, steps, scale):
+    """Per step: (the step's tokens as coloured <span>s, its reward sum); a token goes to the step that
+    holds its first character (step_of_tokens), as in step_rewards."""
+    text, cells = "".join(steps), [[] for _ in steps]
+    for j, (s, e), r in zip(step_of_tokens(tr["offsets"], steps), tr["offsets"], tr["rewards"]):
+        cells[j].append(f'<span style="background:{_colour(r, scale)}" title="{r:+.4f}">'
+                        f'{html.escape(text[s:e])}</span>')
+    sums = step_rewards(tr["offsets"], tr["rewards"], steps)
+    return [("".join(c), x) for c, x in zip(cells, sums)]
+
+
+def _summary_table(summary):
+    """(header, rows) -> an HTML table of escaped strings."""
+    header, rows = summary
+    out = ["<table class=summary><tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr>"]
+    out += ["<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows]
+    return "\n".join(out + ["</table>"])
+
+
+def _solution_table(ex, trs, names, scale):
+    """One solution: a row per step, a (tokens, sum) column pair per method, the step kind first when
+    the example has kinds; the true first wrong step's row framed (class wrong)."""
+    kinds = ex.get("kinds")
+    head = ("<th class=kind>kind</th>" if kinds else "") + "".join(
+        f"<th>{html.escape(name)}</th><th class=sum>sum</th>" for name in names)
+    parts = ["<table class=sol>", f"<tr>{head}</tr>"]
+    cols = [_step_cells(tr, ex["steps"], scale) for tr in trs]
+    for j in range(len(ex["steps"])):
+        cls = ' class="wrong"' if ex.get("label") == j else ""
+        kind = f"<td class=kind>{html.escape(str(kinds[j]))}</td>" if kinds else ""
+        cells = "".join(f"<td class=tok>{col[j][0]}</td><td class=sum>{col[j][1]:+.3f}</td>" for col in cols)
+        parts.append(f"<tr{cls}>{kind}{cells}</tr>")
+    return "\n".join(parts + ["</table>"])
+
+
+def html_compare(examples, columns, path, title="Credit assignment", summary=None, n=8):
+    """One HTML page comparing methods' token rewards on the same solutions (the paper's Figures 2-3,
+    e.g. DPO beside SCDPO). examples: dicts {question, steps, label, [title], [kinds]}; columns: (name,
+    token_rewards) with token_rewards[i] = {offsets, rewards} for examples[i] (as token_rewards returns);
+    summary: optional (header, rows), a table at the top. The first n examples are shown; red < 0 <
+    green, opacity |r| / (98th percentile of |r| over all columns shown); framed: the true first wrong
+    step. Written to path + ".tmp", then renamed, so a reader never sees half a page."""
+    shown = list(range(min(n, len(examples))))
+    names = [name for name, _ in columns]
+    scale = _page_scale([trs[i] for _, trs in columns for i in shown])
     parts = [f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title><style>{_CSS}</style>",
-             f"<h1>{html.escape(title)}</h1><p>token colour: beta*(log pi - log pi_ref), red &lt; 0 &lt; green, "
-             f"full colour at |r| = {scale:.3g}. Right column: the step's sum. Framed: true first wrong step; "
-             f"&lt;: predicted.</p>"]
-    for it in items:
-        parts.append(f"<h3>{html.escape(str(it.get('title', '')))}</h3><div class=q>{html.escape(it['question'])}</div>")
-        parts.append("<table class=sol>")
-        bounds = step_bounds(it["steps"])
-        sums = step_rewards(it["offsets"], it["rewards"], it["steps"])
-        toks = list(zip(it["offsets"], it["rewards"]))
-        k = 0
-        for j, (lo, hi) in enumerate(bounds):
-            spans = []
-            text = "".join(it["steps"])
-            while k < len(toks) and (toks[k][0][0] < hi or j == len(bounds) - 1):
-                (s, e), r = toks[k]
-                spans.append(f'<span style="background:{_colour(r, scale)}" title="{r:+.4f}">{html.escape(text[s:e])}</span>')
-                k += 1
-            cls = ' class="wrong"' if it.get("label") == j else ""
-            mark = " &lt;" if it.get("pred") == j else ""
-            parts.append(f"<tr{cls}><td class=tok>{''.join(spans)}</td><td class=sum>{sums[j]:+.3f}{mark}</td></tr>")
-        parts.append("</table>")
+             f"<h1>{html.escape(title)}</h1>"]
+    if summary is not None:
+        parts.append(_summary_table(summary))
+    parts.append(f"<p>token colour: beta*(log pi - log pi_ref), red &lt; 0 &lt; green, full colour at |r| = "
+                 f"{scale:.3g} (one scale for every column). sum: the step's reward. Framed: the true first "
+                 f"wrong step.</p>")
+    for i in shown:
+        ex = examples[i]
+        head = ex.get("title", f"example {i}: first wrong step {ex.get('label')}")
+        parts.append(f"<h3>{html.escape(str(head))}</h3><div class=q>{html.escape(ex['question'])}</div>")
+        parts.append(_solution_table(ex, [trs[i] for _, trs in columns], names, scale))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.write("\n".join(parts))
+    os.replace(path + ".tmp", path)
     return path
+
+
+def credit_summary(res):
+    """(header, rows) of a credit_assignment result for html_compare's summary table."""
+    s = res["scores"]
+    header = ["acc_err", "acc_cor", "F1", "top-1", "top-1 n", "top-1 chance", "AUC"]
+    row = [f"{100 * res['acc_err']:.1f}", f"{100 * res['acc_cor']:.1f}", f"{100 * res['f1']:.1f}",
+           f"{100 * s['top1']:.1f}", str(s["top1_n"]), f"{100 * s['top1_chance']:.1f}", f"{s['auc']:.3f}"]
+    return header, [row]
 
 
 def credit_assignment(policy, ref, tok, examples, beta, threshold="fit", rule="first", html_path=None,
                       n_html=8, batch_size=16, title="Credit assignment", rank=0, world=1, progress=False):
-    """examples: dicts {question, steps (list, "".join = the solution), label}. Per-step rewards (each
-    rank scores examples[rank::world]; gathered on every rank), the localisation metric and, on rank 0,
-    the HTML page of the first n_html erroneous examples."""
+    """examples: dicts {question, steps (list, "".join = the solution), label, [kinds]}. Per-step rewards
+    (each rank scores examples[rank::world]; gathered on every rank), the localisation metric, the
+    threshold-free scores (res["scores"], step_scores; by kind when every example has kinds), the token
+    rewards (res["tokens"], in examples' order) and, on rank 0, the HTML page of the first n_html
+    examples, erroneous ones first."""
     mine = list(range(rank, len(examples), world))
-    tr = token_rewards(policy, ref, tok, [tok.render_prompt(examples[i]["question"]) for i in mine],
-                       ["".join(examples[i]["steps"]) for i in mine], beta, batch_size, progress and rank == 0)
+    prompts = [tok.render_prompt(examples[i]["question"]) for i in mine]
+    responses = ["".join(examples[i]["steps"]) for i in mine]
+    tr = token_rewards(policy, ref, tok, prompts, responses, beta, batch_size, progress and rank == 0)
     if world > 1:
         tr = [t for _, t in sorted(gather_rows(list(zip(mine, tr))), key=lambda x: x[0])]
     sums = [step_rewards(t["offsets"], t["rewards"], e["steps"]) for t, e in zip(tr, examples)]
     labels = [e["label"] for e in examples]
     res = localisation(sums, labels, threshold, rule)
+    kinds = [e["kinds"] for e in examples] if examples and all("kinds" in e for e in examples) else None
+    res["scores"] = step_scores(sums, labels, kinds)
     if html_path and rank == 0:
-        shown = [i for i, l in enumerate(labels) if l != -1][:n_html]
-        items = [dict(title=f"{examples[i].get('id', f'example {i}')}: first wrong step {labels[i]}, "
-                      f"predicted {res['preds'][i]}", question=examples[i]["question"],
-                      steps=examples[i]["steps"], offsets=tr[i]["offsets"], rewards=tr[i]["rewards"],
-                      label=labels[i], pred=res["preds"][i]) for i in shown]
-        html_report(items, html_path, title)
-    res["step_rewards"] = sums
+        order = [i for i, l in enumerate(labels) if l != -1] + [i for i, l in enumerate(labels) if l == -1]
+        shown = [dict(examples[i], title=f"{examples[i].get('id', f'example {i}')}: first wrong step "
+                      f"{labels[i]}, predicted {res['preds'][i]}") for i in order]
+        html_compare(shown, [("implicit reward", [tr[i] for i in order])], html_path, title,
+                     summary=credit_summary(res), n=n_html)
+    res["step_rewards"], res["tokens"] = sums, tr
     return res
 
 
@@ -298,8 +484,12 @@ def load_processbench(subset, limit=None, root=None):
             raise ValueError(f"{path}: record {i} (id {r.get('id')}) has no field {missing[0]!r}; "
                              f"ProcessBench records have id, problem, label and steps")
     return [{"id": r["id"], "question": r["problem"], "label": int(r["label"]),
-             "steps": [s.strip() + ("\n\n" if i + 1 < len(r["steps"]) else "") for i, s in enumerate(r["steps"])]}
-            for r in rows]
+             "steps": _pb_steps(r["steps"])} for r in rows]
+
+
+def _pb_steps(steps):
+    """ProcessBench's steps, stripped, each but the last followed by a blank line."""
+    return [s.strip() + ("\n\n" if i + 1 < len(steps) else "") for i, s in enumerate(steps)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,8 +500,10 @@ def load_processbench(subset, limit=None, root=None):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # what to evaluate
-    p.add_argument("--model", required=True, help="checkpoint folder (hub format: config, safetensors, tokenizer)")
-    p.add_argument("--data", default=None, help="gsm8k | math | math500 | svamp | asdiv | mawps | a .jsonl file")
+    p.add_argument("--model", required=True,
+                   help="checkpoint folder (hub format: config, safetensors, tokenizer)")
+    p.add_argument("--data", default=None,
+                   help="gsm8k | math | math500 | svamp | asdiv | mawps | a .jsonl file")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions")
     p.add_argument("--out", default=None, help="predictions JSONL (default: none)")
     # decoding
@@ -321,10 +513,12 @@ def main(argv=None):
     # credit assignment
     p.add_argument("--ref", default=None, help="reference model (the SFT model) for implicit rewards")
     p.add_argument("--beta", type=float, default=0.1, help="beta of r = beta (log pi - log pi_ref)")
-    p.add_argument("--processbench", default=None, help="gsm8k | math | olympiadbench | omnimath: localisation")
+    p.add_argument("--processbench", default=None,
+                   help="gsm8k | math | olympiadbench | omnimath: localisation")
     p.add_argument("--threshold", default="fit", help="step reward below which a step counts as wrong; "
                    "'fit': chosen by two-fold cross-fitting on the labels")
-    p.add_argument("--rule", default="first", choices=["first", "min"], help="first step below threshold | lowest")
+    p.add_argument("--rule", default="first", choices=["first", "min"],
+                   help="first step below threshold | lowest")
     p.add_argument("--html", default=None, help="write the token-reward HTML report here")
     args = p.parse_args(argv)
     if (args.data is None) == (args.processbench is None):
@@ -347,21 +541,26 @@ def main(argv=None):
             print(format_report(accuracy_report(rows)))
             c, n = accuracy_report(rows)["all"]
             print(f"accuracy {100 * c / max(n, 1):.2f}% ({c}/{n}) on {args.data} | {time.time() - t0:.0f}s")
-            missing = sum(r["pred"] is None for r in rows)   # counted wrong; 'pred' in --out shows every answer read
+            # counted wrong; 'pred' in --out shows every answer read
+            missing = sum(r["pred"] is None for r in rows)
             print(f"no extractable answer: {missing}/{n} predictions")
     else:
         ref = modeling.Transformer.from_pretrained(args.ref, dtype=dtype, device=device).eval()
         ex = load_processbench(args.processbench, args.limit)
-        res = credit_assignment(policy, ref, tok, ex, args.beta, args.threshold, args.rule, html_path=args.html,
-                                title=f"ProcessBench {args.processbench}", rank=rank, world=world, progress=True)
+        res = credit_assignment(policy, ref, tok, ex, args.beta, args.threshold, args.rule,
+                                html_path=args.html, title=f"ProcessBench {args.processbench}", rank=rank,
+                                world=world, progress=True)
         if rank == 0:
+            sc = res["scores"]
             print(f"ProcessBench {args.processbench}: n={len(ex)} ({res['n_err']} erroneous, {res['n_cor']} "
                   f"correct) | acc_err {100 * res['acc_err']:.1f} | acc_cor {100 * res['acc_cor']:.1f} | F1 "
                   f"{100 * res['f1']:.1f} | threshold {', '.join(f'{t:+.4f}' for t in res['thresholds'])} "
-                  f"({args.rule}) | {time.time() - t0:.0f}s")
+                  f"({args.rule}) | top-1 {100 * sc['top1']:.1f} (n={sc['top1_n']}, chance "
+                  f"{100 * sc['top1_chance']:.1f}) | AUC {sc['auc']:.3f} | {time.time() - t0:.0f}s")
             if args.out:
-                data.write_jsonl(args.out, [{"id": e["id"], "label": e["label"], "pred": pr, "step_rewards": s}
-                                            for e, pr, s in zip(ex, res["preds"], res["step_rewards"])])
+                data.write_jsonl(args.out, [
+                    {"id": e["id"], "label": e["label"], "pred": pr, "step_rewards": s}
+                    for e, pr, s in zip(ex, res["preds"], res["step_rewards"])])
             if args.html:
                 print(f"wrote {args.html}")
     if dist.is_initialized():

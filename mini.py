@@ -1,40 +1,55 @@
-"""The whole method in miniature, on a CPU: SFT -> pairs -> DPO / DPO (data-equal) / SCDPO -> Table 1.
+"""The whole method in miniature, on a CPU: SFT -> pairs -> four preference runs -> Table 1 with intervals.
 
-    python mini.py                                  # one seed, about six minutes on 2 cores
-    python mini.py --seeds 3                        # mean and spread over 3 seeds (SFT retrained per seed)
-    python mini.py --seeds 3 --reuse --lrs 1e-5,2e-5,5e-5   # a learning-rate grid on the same SFT and pairs
-    python mini.py --seeds 3 --reuse --cut-rejected # the ablation: no loss after a rejected's first error
+    python mini.py                                  # one seed, under 10 minutes on 2 cores
+    python mini.py --seeds 3                        # mean and 95% interval over 3 seeds (SFT retrained)
+    python mini.py --seeds 3 --reuse --lrs 1e-5,2e-5,5e-5   # lr chosen per method on DEV problems
+    python mini.py --seeds 3 --reuse --cut-rejected # oracle ablations: --cut-rejected, --clean-chosen
+    python mini.py --sweep 0,0.5,1 --seeds 3 --out runs/sweep   # the knob: table + sweep.svg
     torchrun --standalone --nproc_per_node=2 mini.py
 
 The task: synthetic word problems in which every step is one computation that can be checked exactly,
-so the first wrong step of ANY solution is known (first_wrong_step), which the credit-assignment
-metric needs and real data lacks:
+so the first wrong step of ANY solution is known (check), which the credit-assignment metrics need
+and real data lacks:
 
     Eva has 7 bags of 6 pens. Eva gets 3, uses 8, uses 5. How many now?
     7*6=42            step 0   a*b (the checker takes either order; demonstrations keep the question's)
-    42+3=45           step 1   one line per operation, in the question's order (+: either order)
-    45-8=37           step 2
+    42+3=45           step 1   one line per operation (+: operands in either order)
+    45-8=37           step 2   (the additions and subtractions may come in any order that stays in 1..99)
     37-5=32           step 3
     The answer is 32  step 4   (data.extract_answer reads it)
 
 The SFT demonstrations carry a systematic "bad habit": in a subtraction that needs a borrow (45-8), a
 fraction `habit` of them forget it (45-8=47). The SFT model learns the habit as a probability, so
 greedy decoding repeats it while sampling sometimes does it right: outcome feedback can fix it.
-Each run: (1) a word tokenizer and a tiny Transformer SFT'd from scratch with scdpo.train, (2) naive
-and step-controlled pairs with sample.make_pairs, (3) the three preference runs from that same SFT
-model with scdpo.train, (4) greedy accuracy (eval.evaluate) and the localisation metric of the
-implicit reward (eval.credit_assignment), then the table. README: "What the miniature shows".
+The knob, --reorder: the fraction of demonstrations that apply the additions and subtractions in a
+random valid order. At 0 (the default) every solution takes the question's route and the choices made
+before the first error do not change its chance; towards 1 routes differ in how many subtractions need a
+borrow (42-8, 34-5 both borrow; 42+3, 45-8, 37-5 borrow once), so the route chosen before an error
+changes the chance of that error: the precondition of step control.
+Each seed: (1) a word tokenizer and a tiny Transformer SFT'd from scratch with scdpo.train; (2) pairs
+with sample.make_pairs (cut k in a random order, from the questions with a naive pair) and the
+controls' pairs; (3) four preference runs from that same SFT model, each for exactly --steps optimizer
+steps: DPO (naive pairs), DPO (data-equal: as many DISTINCT naive pairs as SCDPO has pairs), Hot naive
+(naive + one pair per step-controlled pair whose rejected is sampled with the ramp from the question
+alone) and SCDPO (naive + step-controlled); (4) greedy accuracy on test problems (eval.evaluate; dev
+problems only for --lrs selection) and the credit scores of the implicit reward on --n-credit held-out
+SFT samples (eval.credit_assignment, eval.step_scores: top-1, AUC, false alarms by step kind), with
+credit.html showing the four methods side by side. Every difference SCDPO - control comes with a 95%
+interval (eval.bootstrap within a seed, eval.seed_interval over seeds). README: "What the miniature
+shows".
 """
 import argparse
+import itertools
 import json
 import math
 import os
 import random
 import re
-import shutil
 import time
 from collections import Counter
+from dataclasses import replace
 
+import numpy as np
 import tokenizers
 import torch
 import torch.distributed as dist
@@ -52,7 +67,8 @@ from model import print0
 DELIM = "\n"
 NAMES = ("Ann", "Bob", "Cai", "Dev", "Eva", "Fay", "Gus", "Ida")
 ITEMS = ("nuts", "pens", "eggs", "cups", "bows", "jars")
-_QUESTION = re.compile(r"^(\w+) has (\d+) bags of (\d+) \w+\. \1 ((?:(?:gets|uses) \d+(?:, )?)+)\. How many now\?$")
+_QUESTION = re.compile(r"^(\w+) has (\d+) bags of (\d+) \w+\. \1 ((?:(?:gets|uses) \d+(?:, )?)+)\. "
+                       r"How many now\?$")
 _STEP = re.compile(r"^(\d+)([+\-*])(\d+)=(-?\d+)\n?$")
 _ANSWER = re.compile(r"^The answer is (-?\d+)$")
 
@@ -83,7 +99,7 @@ def values(a, b, ops):
 
 
 def nodes(question):
-    """The computation a right solution performs, one (op, x, y, result) per step."""
+    """The computation a right solution performs in the question's order, one (op, x, y, result) per step."""
     m = _QUESTION.match(question)
     if m is None:
         raise ValueError(f"not a miniature question: {question!r}")
@@ -101,13 +117,34 @@ def needs_borrow(x, y):
     return x % 10 < y % 10
 
 
-def solution(question, rng, habit=0.0, vary=True, overborrow=0.0):
+def routes(question):
+    """The valid routes: every order of the additions and subtractions whose values all stay in 1..99
+    (the question's order is one), as tuples of (op, n)."""
+    want = nodes(question)
+    ops, found = [(op, y) for op, _, y, _ in want[1:]], []
+    for order in sorted(set(itertools.permutations(ops))):
+        v, ok = want[0][3], True
+        for op, n in order:
+            v = v + n if op == "+" else v - n
+            ok = ok and 1 <= v <= 99
+        if ok:
+            found.append(order)
+    return found
+
+
+def solution(question, rng, habit=0.0, vary=True, overborrow=0.0, reorder=0.0):
     """A worked solution. vary: random operand order for + (the wording); habit: the chance that a
     subtraction needing a borrow forgets it (result 10 too big); overborrow: the chance that one
-    needing none borrows anyway (10 too small; only from a two-digit number). Every later step is
-    right given the mistake."""
+    needing none borrows anyway (10 too small; only from a two-digit number); reorder: the chance that
+    the additions and subtractions are applied in a random valid order (routes) instead of the
+    question's, which changes how many subtractions need a borrow. Every later step is right given the
+    mistake."""
+    want = nodes(question)
+    order = [(op, y) for op, _, y, _ in want[1:]]
+    if reorder and rng.random() < reorder:   # no draw at all when reorder = 0: today's task, unchanged
+        order = list(rng.choice(routes(question)))
     steps, v = [], None
-    for op, x, y, r in nodes(question):
+    for op, x, y, r in [want[0]] + [(op, None, y, None) for op, y in order]:
         if v is not None:
             x = v                                       # carries an earlier mistake forward
             r = x + y if op == "+" else x - y
@@ -121,58 +158,78 @@ def solution(question, rng, habit=0.0, vary=True, overborrow=0.0):
     return "\n".join(steps + [f"The answer is {v}"])
 
 
-def first_wrong_step(question, text):
-    """Index of the first wrong step of a solution (steps = lines), -1 when every step is right. Step
-    i < n must compute node i of the question (operands in either order for + and *); step n must be
-    'The answer is <right>'; anything more, or a solution that stops early, is wrong at the first
-    missing or extra line."""
+def step_kind(x, op, y):
+    """What a step computes, for the false alarms by kind: product | add | sub-borrow | sub-plain."""
+    return {"*": "product", "+": "add"}.get(op) or ("sub-borrow" if needs_borrow(x, y) else "sub-plain")
+
+
+def check(question, text):
+    """(first wrong step, error kind, step kinds) of a solution (steps = lines). Step 0 must be the
+    product (operands in either order); each later step i < n must apply one of the question's
+    additions or subtractions not used yet, in any order, to the value so far (operands of + in either
+    order) with the right result; step n must be 'The answer is <right>'. Anything more, or a solution
+    that stops early, is wrong at the first missing or extra line (-1: every step right). Error kinds:
+    "none", "habit" (a subtraction that needed a borrow written 10 too big), "overborrow" (one that
+    needed none written 10 too small), "arith" (the right operation on the right numbers, another
+    result), "format" (other numbers or operation, a missing, extra or garbled line). Step kinds:
+    step_kind of each line's own numbers, "answer", or "other"."""
     want = nodes(question)
     lines = data.split_steps(text, "cot", DELIM)
+    kinds = []
+    for line in lines:
+        m = _STEP.match(line)
+        kinds.append(step_kind(int(m[1]), m[2], int(m[3])) if m else
+                     "answer" if _ANSWER.match(line.rstrip("\n")) else "other")
+    left, v = [(op, y) for op, _, y, _ in want[1:]], None
     for i, line in enumerate(lines):
-        if i < len(want):
-            op, x, y, r = want[i]
-            m = _STEP.match(line)
-            if not m or m[2] != op or int(m[4]) != r:
-                return i
-            if (int(m[1]), int(m[3])) != (x, y) and not (op in "+*" and (int(m[3]), int(m[1])) == (x, y)):
-                return i
-        elif i == len(want):
-            m = _ANSWER.match(line.rstrip("\n"))
-            if not m or int(m[1]) != want[-1][3]:
-                return i
+        m = _STEP.match(line)
+        if i > len(want) - 1:
+            m2 = _ANSWER.match(line.rstrip("\n"))
+            ok = i == len(want) and m2 is not None and int(m2[1]) == v
+            if not ok:
+                return i, "format" if i > len(want) or m2 is None else "arith", kinds
+            continue
+        if m is None:
+            return i, "format", kinds
+        a, op, b, got = int(m[1]), m[2], int(m[3]), int(m[4])
+        if i == 0:
+            x, y = want[0][1], want[0][2]
+            if op != "*" or sorted((a, b)) != sorted((x, y)):
+                return i, "format", kinds
+            r = x * y
         else:
-            return i
-    return -1 if len(lines) == len(want) + 1 else len(lines)
+            match = [(x, y) for x, y in ((a, b), (b, a))
+                     if x == v and (op, y) in left and (op == "+" or x == a)]
+            if not match:
+                return i, "format", kinds
+            x, y = match[0]
+            left.remove((op, y))
+            r = x + y if op == "+" else x - y
+        if got != r:
+            kind = ("habit" if op == "-" and needs_borrow(x, y) and got == r + 10 else
+                    "overborrow" if op == "-" and not needs_borrow(x, y) and got == r - 10 else "arith")
+            return i, kind, kinds
+        v = r
+    return (-1, "none", kinds) if len(lines) == len(want) + 1 else (len(lines), "format", kinds)
+
+
+def first_wrong_step(question, text):
+    """Index of the first wrong step of a solution (check), -1 when every step is right."""
+    return check(question, text)[0]
 
 
 def error_kind(question, text):
-    """(first wrong step, kind): "none" (all right), "habit" (a subtraction that needed a borrow written
-    10 too big), "overborrow" (one that needed none written 10 too small), "arith" (the right operation
-    on the right numbers, another wrong result), "format" (wrong numbers or operation, a missing,
-    extra or garbled line)."""
-    i = first_wrong_step(question, text)
-    if i == -1:
-        return i, "none"
-    want, lines = nodes(question), data.split_steps(text, "cot", DELIM)
-    m = _STEP.match(lines[i]) if i < min(len(want), len(lines)) else None
-    if m is None:
-        return i, "format"
-    op, x, y, r = want[i]
-    a, b, got = int(m[1]), int(m[3]), int(m[4])
-    if m[2] != op or not ((a, b) == (x, y) or (op in "+*" and (b, a) == (x, y))):
-        return i, "format"
-    if op == "-" and needs_borrow(x, y) and got == r + 10:
-        return i, "habit"
-    return i, "overborrow" if op == "-" and not needs_borrow(x, y) and got == r - 10 else "arith"
+    """(first wrong step, kind) of a solution (check)."""
+    return check(question, text)[:2]
 
 
-def dataset(n, seed, habit=0.0, n_ops=3, offset=0, overborrow=0.0):
+def dataset(n, seed, habit=0.0, n_ops=3, offset=0, overborrow=0.0, reorder=0.0):
     """n records {id, source, question, gold, solution}, reproducible from seed."""
     rng, recs = random.Random(seed), []
     for i in range(n):
         p = problem(rng, n_ops)
         p.update(id=f"mini/{offset + i}", source="mini",
-                 solution=solution(p["question"], rng, habit, overborrow=overborrow))
+                 solution=solution(p["question"], rng, habit, overborrow=overborrow, reorder=reorder))
         recs.append(p)
     return recs
 
@@ -183,7 +240,9 @@ def cut_rejected(pair):
     full = pair["prefix"] + pair["rejected"]
     steps = data.split_steps(full, "cot", DELIM)
     cut = "".join(steps[:first_wrong_step(pair["question"], full) + 1])
-    return dict(pair, rejected=cut[len(pair["prefix"]):]) if len(pair["prefix"]) < len(cut) < len(full) else pair
+    if len(pair["prefix"]) < len(cut) < len(full):
+        return dict(pair, rejected=cut[len(pair["prefix"]):])
+    return pair
 
 
 # Words are one token each (" has", " bags", "Eva" ...); digits, operators and punctuation are single
@@ -224,14 +283,22 @@ def write_tokenizer(path):
 # ----------------------------------------------------------------------------------------------
 # Flags
 # ----------------------------------------------------------------------------------------------
+METHODS = ("DPO", "DPO (data-equal)", "Hot naive", "SCDPO")   # the preference runs, each from the SFT model
+CONTROLS = METHODS[:3]
+
+
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/miniature", help="output folder (models, pairs, predictions, credit HTML)")
+    p.add_argument("--out", default="runs/miniature", help="output folder (models, pairs, predictions, HTML)")
     p.add_argument("--seeds", type=int, default=1, help="independent repeats (SFT retrained each time)")
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("--reuse", action="store_true", help="keep finished stages found in --out (SFT, pairs, "
-                   "DPO runs of the same settings)")
+                   "preference runs of the same settings)")
+    p.add_argument("--sweep", default=None, help="e.g. 0,0.5,1: run every --reorder value (--seeds each) and "
+                   "write <out>/sweep.{json,txt,svg}")
     # the task
+    p.add_argument("--reorder", type=float, default=0.0, help="the task's knob: fraction of SFT demos that "
+                   "apply the additions and subtractions in a random valid order (0: the question's order)")
     p.add_argument("--habit", type=float, default=0.7, help="fraction of SFT demos whose borrow subtractions "
                    "forget the borrow")
     p.add_argument("--overborrow", type=float, default=0.0, help="fraction of SFT demos whose plain "
@@ -239,8 +306,9 @@ def get_parser():
     p.add_argument("--n-ops", type=int, default=3, help="additions / subtractions after the product")
     p.add_argument("--n-sft", type=int, default=8000, help="SFT demonstrations")
     p.add_argument("--n-pairs", type=int, default=1500, help="questions to sample pairs for")
-    p.add_argument("--n-eval", type=int, default=1000, help="held-out questions for accuracy (greedy)")
-    p.add_argument("--n-credit", type=int, default=400, help="held-out SFT samples for the localisation metric")
+    p.add_argument("--n-dev", type=int, default=500, help="held-out dev questions: --lrs selects on these")
+    p.add_argument("--n-eval", type=int, default=1000, help="held-out test questions for accuracy (greedy)")
+    p.add_argument("--n-credit", type=int, default=2000, help="held-out SFT samples for credit assignment")
     # the model
     p.add_argument("--dim", type=int, default=96, help="model width")
     p.add_argument("--layers", type=int, default=3, help="transformer blocks")
@@ -252,31 +320,43 @@ def get_parser():
     # pairs (sample.make_pairs)
     p.add_argument("--k-max", type=int, default=8, help="naive: samples at T=1 per question at most")
     p.add_argument("--tries", type=int, default=4, help="step-controlled: continuations per cut")
-    p.add_argument("--ramp", default="paper", help="temperature ramp: paper (1.1,+0.05,1.4) | scripts | start,inc,max")
-    p.add_argument("--sc-per-question", type=int, default=2, help="step-controlled pairs per question at most")
+    p.add_argument("--ramp", default="paper", help="temperature ramp: paper (1.1,+0.05,1.4) | scripts | "
+                   "start,inc,max")
+    p.add_argument("--sc-per-question", type=int, default=2, help="step-controlled pairs per question, "
+                   "at most")
+    p.add_argument("--cut", default="random", choices=["random", "all"], help="cut points in a random order "
+                   "(the paper) or ascending")
+    p.add_argument("--sc-from", default="naive", choices=["naive", "any"], help="cut the preferred solutions "
+                   "of questions with a naive pair (the paper) or of any question")
     # preference training (scdpo.train)
+    p.add_argument("--steps", type=int, default=120, help="optimizer steps of EVERY preference run (equal "
+                   "training; smaller pair sets take more epochs)")
     p.add_argument("--lr", type=float, default=2e-5, help="DPO peak learning rate")
-    p.add_argument("--lrs", default=None, help="a learning-rate grid, e.g. 1e-5,2e-5,5e-5: a table each, then "
-                   "each method at its best (SFT and pairs are made once per seed)")
+    p.add_argument("--lrs", default=None, help="a learning-rate grid, e.g. 1e-5,2e-5,5e-5: each method's lr "
+                   "is chosen on the dev questions, the test questions only report")
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta")
-    p.add_argument("--nll-weight", type=float, default=1.0, help="per-token NLL on chosen (MINIATURE-NOTES.md)")
-    p.add_argument("--epochs", type=int, default=2, help="DPO epochs")
+    p.add_argument("--nll-weight", type=float, default=1.0, help="per-token NLL on chosen "
+                   "(MINIATURE-NOTES.md)")
     p.add_argument("--batch", type=int, default=32, help="pairs per DPO step")
-    p.add_argument("--cut-rejected", action="store_true", help="ablation: end every rejected solution right after "
-                   "its first wrong step (by the exact checker, which real data lacks), so no loss falls on the "
-                   "steps that carry the error forward")
+    p.add_argument("--boot", type=int, default=1000, help="bootstrap resamples of each interval")
+    # oracle ablations (the exact checker, which real data lacks)
+    p.add_argument("--cut-rejected", action="store_true", help="end every rejected solution right after its "
+                   "first wrong step, so no loss falls on the steps that carry the error forward")
+    p.add_argument("--clean-chosen", action="store_true", help="drop every pair whose chosen solution has a "
+                   "wrong step (right answer by luck), so the NLL term never reinforces a wrong step")
     return p
 
 
 # The flags that decide the SFT model and the pairs: --reuse keeps those stages only where they match.
-STAGES = ("habit", "overborrow", "n_ops", "n_sft", "n_pairs", "n_eval", "n_credit", "dim", "layers", "heads",
-          "sft_steps", "sft_lr", "sft_batch", "k_max", "tries", "ramp", "sc_per_question")
+STAGES = ("reorder", "habit", "overborrow", "n_ops", "n_sft", "n_pairs", "n_dev", "n_eval", "n_credit", "dim",
+          "layers", "heads", "sft_steps", "sft_lr", "sft_batch", "k_max", "tries", "ramp", "sc_per_question",
+          "cut", "sc_from")
 
 
 def tag(args):
-    """The preference-training settings, in the names of the DPO runs and of each seed's result file."""
-    return (f"lr{args.lr:g}-nll{args.nll_weight:g}-b{args.beta:g}-ep{args.epochs}-bs{args.batch}"
-            + "-cut" * args.cut_rejected)
+    """The preference-training settings, in the names of the runs and of each seed's result file."""
+    return (f"lr{args.lr:g}-nll{args.nll_weight:g}-b{args.beta:g}-st{args.steps}-bs{args.batch}"
+            + "-cut" * args.cut_rejected + "-clean" * args.clean_chosen)
 
 
 def check_stages(args, out):
@@ -285,12 +365,136 @@ def check_stages(args, out):
     if args.reuse and os.path.exists(path):
         with open(path) as f:
             have = json.load(f)
-        diff = [f"--{k.replace('_', '-')} {have.get(k)} (now {v})" for k, v in want.items() if have.get(k) != v]
+        diff = [f"--{k.replace('_', '-')} {have.get(k)} (now {v})" for k, v in want.items()
+                if have.get(k) != v]
         if diff:
-            raise ValueError(f"--reuse: {out} was made with other settings: {', '.join(diff)}; use another --out")
+            raise ValueError(f"--reuse: {out} was made with other settings: {', '.join(diff)}; "
+                             f"use another --out")
     elif dist.get_rank() == 0:
         os.makedirs(out, exist_ok=True)
         data.write_json(path, want)
+
+
+# ----------------------------------------------------------------------------------------------
+# The pair sets of the four preference runs
+# ----------------------------------------------------------------------------------------------
+def distinct(pairs, n):
+    """The first n pairs of `pairs` with no (question, prefix, chosen, rejected) repeated."""
+    seen, out = set(), []
+    for p in pairs:
+        key = (p["question"], p["prefix"], p["chosen"], p["rejected"])
+        if key not in seen and len(out) < n:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
+def hot_pairs(sft, tok, recs, sc, s, seed):
+    """The "hot naive" control: for each step-controlled pair, a naive pair of the same question whose
+    rejected solution is sampled with the same temperature ramp but from the question alone (no shared
+    prefix), beside the naive pair's chosen solution. It separates the prefix from the ramp."""
+    want = Counter(p["question"] for p in sc)
+    chosen = {p["question"]: p["prefix"] + p["chosen"] for p in sc}
+    by_q = {r["question"]: r for r in recs}
+    qs = sorted(want)
+    out = []
+    sols = sample.sample_solutions(sft, tok, qs, s.sampling(ramp=s.ramp), n=2 * s.tries, seed=seed)
+    for q, texts in zip(qs, sols):
+        wrong = [t for t, fin in texts if fin != "length" and data.judge(t, by_q[q]["gold"], "cot")[0] ==
+                 "dispreferred" and not data.is_noisy(t, "cot", delim=DELIM)]
+        for t in list(dict.fromkeys(wrong))[:want[q]]:
+            out.append(data.make_pair(by_q[q], chosen[q], t, fmt="cot",
+                                      sampling={"ramp": list(s.ramp), "from": "question", "seed": seed}))
+    return out
+
+
+def naive_pool(sft, tok, args, seed, out, s, need, rate, rank, world):
+    """At least `need` naive pairs from questions beyond the pair questions (naive procedure only), for
+    the data-equal control's distinct pairs; `rate`, the naive pairs per question so far, sizes each
+    round of new questions (at most 4 rounds)."""
+    pool, n_q = [], 0
+    for rnd in range(4):
+        if len(pool) >= need:
+            break
+        n = max(64, math.ceil(1.2 * (need - len(pool)) / max(rate, 0.05)))
+        recs = dataset(n, seed=1000 * seed + 10 + rnd, n_ops=args.n_ops, offset=(5 + rnd) * 10**6)
+        path = os.path.join(out, f"pairs-extra{rnd}.jsonl")
+        sample.make_pairs(sft, tok, recs, path, replace(s, sc_per_question={"mini": 0}), chunk=512, rank=rank,
+                          world=world, progress=False, restart=not args.reuse)
+        dist.barrier()
+        pool += [p for p in data.read_pairs(path) if p["kind"] == "naive"]
+        n_q += n
+    return pool, n_q
+
+
+def clean(pairs):
+    """The pairs whose chosen solution (prefix + chosen) has no wrong step by the exact checker."""
+    return [p for p in pairs if first_wrong_step(p["question"], p["prefix"] + p["chosen"]) == -1]
+
+
+def pair_sets(sft, tok, args, seed, out, pair_recs, rank, world):
+    """{method: pairs file} and the pairs' statistics. SCDPO: naive + step-controlled pairs; DPO: the
+    naive pairs; DPO (data-equal): as many DISTINCT naive pairs as SCDPO has pairs (the naive pairs,
+    then more sampled on other questions); Hot naive: the naive pairs + one hot_pairs pair for each
+    step-controlled pair."""
+    s = sample.PairSettings(fmt="cot", delimiter=DELIM, max_new_tokens=48, k_max=args.k_max,
+                            naive_batch=args.k_max, cut=args.cut, cut_mode="paper", sc_from=args.sc_from,
+                            sc_per_question={"mini": args.sc_per_question}, tries=args.tries,
+                            ramp=sample.parse_ramp(args.ramp), seed=seed)
+    path = os.path.join(out, "pairs.jsonl")
+    summary = sample.make_pairs(sft, tok, pair_recs, path, s, chunk=512, rank=rank, world=world,
+                                progress=False, restart=not args.reuse)
+    dist.barrier()   # rank 0 writes pairs.jsonl after make_pairs' own barrier
+    ps = data.read_pairs(path)
+    naive, sc = [p for p in ps if p["kind"] == "naive"], [p for p in ps if p["kind"] == "sc"]
+    pool, n_extra = naive_pool(sft, tok, args, seed, out, s, len(sc), len(naive) / len(pair_recs),
+                                rank, world)
+    sets = {"DPO": naive, "DPO (data-equal)": distinct(naive + pool, len(naive) + len(sc)),
+            "Hot naive": naive + (hot_pairs(sft, tok, pair_recs, sc, s, seed) if rank == 0 else []),
+            "SCDPO": naive + sc}
+    stats = {"naive": len(naive), "sc": len(sc), "extra_questions": n_extra, "summary": summary,
+             **describe(naive, "naive"), **describe(sc, "sc")}
+    if args.clean_chosen:
+        sets = {m: clean(v) for m, v in sets.items()}
+    if args.cut_rejected:
+        sets = {m: [cut_rejected(p) for p in v] for m, v in sets.items()}
+    files = {}
+    for m, v in sets.items():
+        files[m] = os.path.join(out, f"pairs-{file_tag(m)}.jsonl")
+        if rank == 0:
+            data.write_jsonl(files[m], v)
+            stats[f"pairs {m}"] = len(v)
+    dist.barrier()
+    return files, {k: v for k, v in stats.items()}
+
+
+def describe(pairs, kind):
+    """What the pairs are: where each rejected solution's first wrong step falls relative to the cut k
+    (naive: k = -1), its kind (habit, arith, format); the fraction of pairs whose two solutions differ
+    before that step in text and in route (the order of operations: the knob's effect); and the rate of
+    chosen solutions with a wrong step but the right answer (noisy chosen)."""
+    errs = [error_kind(p["question"], p["prefix"] + p["rejected"]) for p in pairs]
+    text = route = 0
+    for (e, _), p in zip(errs, pairs):
+        a = data.split_steps(p["prefix"] + p["chosen"], "cot", DELIM)[:max(e, 0)]
+        b = data.split_steps(p["prefix"] + p["rejected"], "cot", DELIM)[:max(e, 0)]
+        text += a != b
+        route += [op_of(x) for x in a] != [op_of(x) for x in b]
+    n = max(1, len(pairs))
+    where = Counter(e - p["k"] for (e, _), p in zip(errs, pairs))
+    return {f"{kind}_first_wrong_minus_k": dict(sorted(where.items())),
+            f"{kind}_error": dict(Counter(k for _, k in errs)), f"{kind}_differ_text": text / n,
+            f"{kind}_differ_route": route / n,
+            f"{kind}_noisy_chosen": sum(first_wrong_step(p["question"], p["prefix"] + p["chosen"]) != -1
+                                        for p in pairs) / n}
+
+
+def op_of(step):
+    """The operation a step applies, (op, the number added or taken away), whatever its wording."""
+    m = _STEP.match(step)
+    if m is None:
+        return step
+    return (m[2], tuple(sorted((m[1], m[3])))) if m[2] in "+*" else (m[2], m[3])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,18 +515,36 @@ def accuracy(model, tok, recs, rank, world):
     return sum(r["correct"] for r in rows) / len(rows), rows
 
 
+def file_tag(name):
+    """A method's name in its files: 'DPO (data-equal)' -> 'dpo-eq', 'Hot naive' -> 'hot'."""
+    return {"SFT": "sft", "DPO": "dpo", "DPO (data-equal)": "dpo-eq", "Hot naive": "hot",
+            "SCDPO": "scdpo"}[name]
+
+
+def stage(seed, what, t0):
+    print0(f"[seed {seed}] {what} | {time.time() - t0:.0f}s")
+
+
+def splits(args, seed):
+    """The seed's records: SFT demonstrations, pair questions, dev questions (selection only), test
+    questions (accuracy) and credit questions (held-out SFT samples). A dev question that is also a test
+    question is dropped, so that selection never sees a test problem."""
+    sft = dataset(args.n_sft, seed=1000 * seed + 1, habit=args.habit, n_ops=args.n_ops,
+                  overborrow=args.overborrow, reorder=args.reorder)
+    pairs = dataset(args.n_pairs, seed=1000 * seed + 2, n_ops=args.n_ops, offset=10**6)
+    test = dataset(args.n_eval + args.n_credit, seed=1000 * seed + 3, n_ops=args.n_ops, offset=2 * 10**6)
+    seen = {r["question"] for r in test[:args.n_eval]}
+    dev = [r for r in dataset(args.n_dev, seed=1000 * seed + 4, n_ops=args.n_ops, offset=3 * 10**6)
+           if r["question"] not in seen]
+    return sft, pairs, dev, test[:args.n_eval], test[args.n_eval:]
+
+
 def run_seed(args, seed, rank, world):
-    """One full run; returns the table's numbers for this seed (on rank 0; {} elsewhere)."""
-    out = os.path.join(args.out, f"seed{seed}")
-    t0 = time.time()
-    times = {}
+    """One full run; returns {method: numbers}, the pairs' statistics and the stage times (rank 0)."""
+    out, t0, times = os.path.join(args.out, f"seed{seed}"), time.time(), {}
     check_stages(args, out)
     # --- the task and the tokenizer ------------------------------------------------------------------
-    sft_recs = dataset(args.n_sft, seed=1000 * seed + 1, habit=args.habit, n_ops=args.n_ops,
-                       overborrow=args.overborrow)
-    pair_recs = dataset(args.n_pairs, seed=1000 * seed + 2, n_ops=args.n_ops, offset=10**6)
-    test_recs = dataset(args.n_eval + args.n_credit, seed=1000 * seed + 3, n_ops=args.n_ops, offset=2 * 10**6)
-    eval_recs, credit_recs = test_recs[:args.n_eval], test_recs[args.n_eval:]
+    sft_recs, pair_recs, dev_recs, eval_recs, credit_recs = splits(args, seed)
     init = os.path.join(out, "init")
     if rank == 0:
         write_tokenizer(init)
@@ -336,6 +558,7 @@ def run_seed(args, seed, rank, world):
     dist.barrier()
     tok = modeling.Tokenizer.from_pretrained(init)
     # --- 1. SFT from scratch ------------------------------------------------------------------------------
+    stage(seed, f"SFT: {args.sft_steps} steps on {len(sft_recs)} demonstrations", t0)
     sft_dir = os.path.join(out, "sft")
     epochs = math.ceil(args.sft_steps * args.sft_batch / len(sft_recs))
     sft = train(args.reuse, objective="sft", model=init, data=os.path.join(out, "sft.jsonl"), out=sft_dir,
@@ -343,158 +566,294 @@ def run_seed(args, seed, rank, world):
                 micro_batch=args.sft_batch // world, warmup_ratio=0.05, seed=seed)
     sft_path = os.path.join(sft_dir, "final")
     times["sft"] = time.time() - t0
-    # --- 2. pairs: naive and step-controlled, sampled by the SFT model (METHOD.md sections 1-2) ------------
+    # --- 2. the four pair sets, sampled by the SFT model (METHOD.md sections 1-2) ----------------------
+    stage(seed, f"pairs: {args.n_pairs} questions, naive then step-controlled, then the controls' pairs", t0)
     t1 = time.time()
-    pairs = os.path.join(out, "pairs.jsonl")
-    if not args.reuse and rank == 0:
-        shutil.rmtree(pairs + ".parts", ignore_errors=True)   # make_pairs resumes from these
-    dist.barrier()
-    s = sample.PairSettings(fmt="cot", delimiter=DELIM, max_new_tokens=48, k_max=args.k_max,
-                            naive_batch=args.k_max, cut="all", cut_mode="paper",
-                            sc_per_question={"mini": args.sc_per_question}, tries=args.tries,
-                            ramp=sample.parse_ramp(args.ramp), seed=seed)
-    summary = sample.make_pairs(sft, tok, pair_recs, pairs, s, chunk=512, rank=rank, world=world, progress=False)
-    dist.barrier()   # rank 0 writes pairs.jsonl after make_pairs' own barrier
-    if args.cut_rejected:   # the ablation: every rejected solution ends right after its first wrong step
-        cut = os.path.join(out, "pairs-cut.jsonl")
-        if rank == 0:
-            data.write_jsonl(cut, [cut_rejected(p) for p in data.read_pairs(pairs)])
-        dist.barrier()
-        pairs = cut
+    files, stats = pair_sets(sft, tok, args, seed, out, pair_recs, rank, world)
     times["pairs"] = time.time() - t1
-    # --- 3. DPO, DPO (data-equal), SCDPO from the same SFT model -----------------------------------------------
+    # --- 3. the preference runs, all from the same SFT model, all for --steps optimizer steps -----------
     res = {}
-    for kind, name in (("naive", "DPO"), ("data-equal", "DPO (data-equal)"), ("scdpo", "SCDPO")):
+    for name in METHODS:
         t1 = time.time()
-        res[name] = {"model": train(args.reuse, model=sft_path, pairs=pairs, pairs_kind=kind,
-                                    out=os.path.join(out, f"{kind}-{tag(args)}"), lr=args.lr, beta=args.beta,
-                                    nll_weight=args.nll_weight, epochs=args.epochs, global_batch=args.batch,
-                                    micro_batch=args.batch // world, seed=seed)}
+        n = len(data.read_pairs(files[name]))
+        stage(seed, f"{name}: {args.steps} steps on {n} pairs", t0)
+        res[name] = {"model": train(args.reuse, model=sft_path, pairs=files[name], out=os.path.join(
+            out, f"{file_tag(name)}-{tag(args)}"), lr=args.lr, beta=args.beta, nll_weight=args.nll_weight,
+            epochs=math.ceil(args.steps * args.batch / n), max_steps=args.steps, global_batch=args.batch,
+            micro_batch=args.batch // world, seed=seed), "pairs": n}
         times[name] = time.time() - t1
-    # --- 4. evaluation ----------------------------------------------------------------------------------------
+    # --- 4. evaluation: greedy accuracy on test (and dev, for selection), credit on held-out samples ----
+    stage(seed, f"greedy accuracy: {args.n_eval} test + {args.n_dev} dev questions, 5 models", t0)
     t1 = time.time()
     table = {"SFT": {"model": sft}, **res}
     for name, row in table.items():
         row["acc"], rows = accuracy(row["model"], tok, eval_recs, rank, world)
-        row["acc_borrow"] = sum(r["correct"] for r in rows if r["borrow"]) / max(1, sum(r["borrow"] for r in rows))
-        row["acc_plain"] = (sum(r["correct"] for r in rows if not r["borrow"])
-                            / max(1, sum(not r["borrow"] for r in rows)))
+        row["dev_acc"] = accuracy(row["model"], tok, dev_recs, rank, world)[0] if dev_recs else float("nan")
+        row["correct"] = [int(r["correct"]) for r in rows]
+        row["borrow"] = [int(r["borrow"]) for r in rows]
         row["errors"] = dict(Counter(r["error"] for r in rows))
         if rank == 0:
             data.write_jsonl(os.path.join(out, f"preds-{file_tag(name)}.jsonl"), rows)
-            recount = sum(data.is_equiv(data.extract_answer(r["completion"]), r["gold"]) for r in rows) / len(rows)
-            assert abs(recount - row["acc"]) < 1e-12, (name, recount, row["acc"])
     times["eval"] = time.time() - t1
-    # credit assignment: the implicit reward of each preference model against the SFT model on the SAME
-    # held-out SFT samples (T=1), labelled by the exact checker; the threshold is cross-fitted (eval.py)
+    # credit assignment: each preference model's implicit reward against the SFT model on the SAME held-out
+    # SFT samples (T=1), labelled by the exact checker
+    stage(seed, f"credit assignment: {args.n_credit} SFT samples, 4 models", t0)
     t1 = time.time()
     if rank == 0:
         sols = sample.sample_solutions(sft, tok, [r["question"] for r in credit_recs],
                                        sample.Sampling(max_new_tokens=48, temperature=1.0), n=1, seed=seed)
-        examples = [{"question": r["question"], "steps": data.split_steps(s[0][0], "cot", DELIM),
-                     "label": first_wrong_step(r["question"], s[0][0])} for r, s in zip(credit_recs, sols)]
-        examples = [e for e in examples if e["steps"]]
-        for name in ("DPO", "DPO (data-equal)", "SCDPO"):
-            table[name]["loc"] = evaluation.credit_assignment(
-                table[name]["model"], sft, tok, examples, args.beta, threshold="fit", rule="first",
-                html_path=os.path.join(out, f"credit-{file_tag(name)}.html"),
-                title=f"{name} vs SFT: implicit reward per token (seed {seed})")
+        examples = []
+        for r, sol in zip(credit_recs, sols):
+            steps = data.split_steps(sol[0][0], "cot", DELIM)
+            label, _, kinds = check(r["question"], sol[0][0])
+            if steps:
+                examples.append({"id": r["id"], "question": r["question"], "steps": steps, "label": label,
+                                 "kinds": kinds})
+        for name in METHODS:
+            loc = evaluation.credit_assignment(table[name]["model"], sft, tok, examples, args.beta)
+            table[name]["loc"] = {k: loc[k] for k in ("acc_err", "acc_cor", "f1", "thresholds", "scores")}
+            table[name]["step_rewards"], table[name]["tokens"] = loc["step_rewards"], loc["tokens"]
+        labels = [e["label"] for e in examples]
+        stats["credit_labels"], stats["credit_kinds"] = labels, [e["kinds"] for e in examples]
+        shown = [i for i, e in enumerate(examples) if e["label"] >= 1][:12]
+        evaluation.html_compare([examples[i] for i in shown],
+                                [(m, [table[m]["tokens"][i] for i in shown]) for m in METHODS],
+                                os.path.join(out, "credit.html"),
+                                f"Implicit reward per token vs SFT (seed {seed})",
+                                summary=credit_header(table, labels, stats), n=len(shown))
     times["credit"] = time.time() - t1
     times["total"] = time.time() - t0
-    stats = pair_stats(pairs, summary, seed, table, times) if rank == 0 else {}
-    result = ({name: {k: ({a: b for a, b in v.items() if a not in ("preds", "step_rewards")} if k == "loc" else v)
-                      for k, v in row.items() if k != "model"} for name, row in table.items()}, stats, times)
+    keep = ("acc", "dev_acc", "correct", "borrow", "errors", "loc", "step_rewards", "pairs")
+    result = ({name: {k: v for k, v in row.items() if k in keep} for name, row in table.items()}, stats,
+              times)
     if rank == 0:
+        log_seed(seed, result)
         data.write_json(os.path.join(out, f"result-{tag(args)}.json"), result)
     return result
 
 
-def file_tag(name):
-    """'DPO (data-equal)' -> 'dpo-eq', 'SCDPO' -> 'scdpo': the names of each method's files."""
-    return name.split()[0].lower() + ("-eq" if "equal" in name else "")
+def credit_header(table, labels, stats):
+    """The summary table at the top of credit.html: every method's scores on the same solutions."""
+    header = ["method", "top-1", "AUC", "loc. F1"] + [f"false alarms {k}" for k in KINDS]
+    rows = []
+    for m in METHODS:
+        sc = table[m]["loc"]["scores"]
+        rows.append([m, f"{100 * sc['top1']:.1f} (chance {100 * sc['top1_chance']:.1f})", f"{sc['auc']:.3f}",
+                     f"{100 * table[m]['loc']['f1']:.1f}"] +
+                    [f"{sc['false_alarm'].get(k, float('nan')):.3f}" for k in KINDS])
+    return header, rows
 
 
-def pair_stats(pairs, summary, seed, table, times):
-    """What the pairs are (where each rejected solution's first wrong step falls relative to the cut k,
-    naive: k = -1, and how: habit, other arithmetic, format; for naive pairs, how many steps before the
-    error already differ in wording), logged with each model's greedy errors by kind."""
-    ps = data.read_pairs(pairs)
-    stats = {"naive": sum(p["kind"] == "naive" for p in ps), "sc": sum(p["kind"] == "sc" for p in ps)}
-    for kind in ("naive", "sc"):
-        sel = [p for p in ps if p["kind"] == kind]
-        errs = [error_kind(p["question"], p["prefix"] + p["rejected"]) for p in sel]
-        stats[f"{kind}_first_wrong_minus_k"] = dict(sorted(Counter(e[0] - p["k"] for e, p in zip(errs, sel)).items()))
-        stats[f"{kind}_error"] = dict(Counter(e[1] for e in errs))
-        differ = [sum(a != b for a, b in zip(data.split_steps(p["prefix"] + p["chosen"], "cot", DELIM)[:max(e[0], 0)],
-                                             data.split_steps(p["prefix"] + p["rejected"], "cot", DELIM)))
-                  for e, p in zip(errs, sel)]
-        stats[f"{kind}_reworded_steps_before_error"] = round(sum(differ) / max(1, len(differ)), 2)
-    stats["summary"] = summary
-    print0(f"[seed {seed}] pairs: {stats['naive']} naive, {stats['sc']} step-controlled | " +
-           " | ".join(f"{k} {v}" for k, v in stats.items() if k.startswith(("naive_", "sc_"))) +
-           f" | {json.dumps(summary)}")
+KINDS = ("product", "add", "sub-plain", "sub-borrow", "answer")
+
+
+def log_seed(seed, result):
+    table, stats, times = result
+    print0(f"[seed {seed}] pairs: " + " | ".join(f"{k} {v}" for k, v in stats.items()
+                                                 if not k.startswith(("credit_", "summary"))))
     for name, row in table.items():
-        loc = row.get("loc")
-        print0(f"[seed {seed}] {name}: greedy errors by kind {row['errors']}" +
-               (f" | localisation (first below threshold) acc_err {loc['acc_err']:.3f} acc_cor {loc['acc_cor']:.3f} "
-                f"F1 {loc['f1']:.3f} thresholds {[round(t, 3) for t in loc['thresholds']]}" if loc else ""))
+        print0(f"[seed {seed}] {name}: test {100 * row['acc']:.1f} dev {100 * row['dev_acc']:.1f} | "
+               f"greedy errors "
+               f"{row['errors']}")
     print0(f"[seed {seed}] seconds: " + " | ".join(f"{k} {v:.0f}" for k, v in times.items()))
-    return stats
 
 
 # ----------------------------------------------------------------------------------------------
-# The tables
+# Statistics and tables. Within a seed, intervals come from a paired bootstrap over the test problems
+# (accuracy) or the credit solutions (top-1, AUC): both methods are scored on the same resampled items,
+# so what the items share cancels. Over seeds, a t interval of the per-seed differences.
 # ----------------------------------------------------------------------------------------------
-def grid_table(grid):
-    """--lrs: mean accuracy of each preference method at each learning rate, then each method at its best
-    one (picked on the same held-out problems, so optimistic for every method alike) and SCDPO's lead."""
-    names = ["DPO", "DPO (data-equal)", "SCDPO"]
-    acc = {lr: {n: [r[0][n]["acc"] for r in runs] for n in names} for lr, runs in grid.items()}
-    mean = lambda v: 100 * sum(v) / len(v)
-    lines = [f"Learning-rate grid: mean greedy accuracy over {len(next(iter(grid.values())))} seed(s)",
-             f"{'lr':<10}" + "".join(f"{n:>18}" for n in names)]
-    lines += [f"{lr:<10g}" + "".join(f"{mean(a[n]):>18.1f}" for n in names) for lr, a in acc.items()]
-    best = {n: max(acc, key=lambda lr: mean(acc[lr][n])) for n in names}
-    lines.append("best lr: " + ", ".join(f"{n} {best[n]:g} ({mean(acc[best[n]][n]):.1f})" for n in names))
-    for other in names[:2]:
-        d = [100 * (a - b) for a, b in zip(acc[best["SCDPO"]]["SCDPO"], acc[best[other]][other])]
-        lines.append(f"  each at its best lr, SCDPO - {other} per seed: " + ", ".join(f"{x:+.1f}" for x in d))
-    return "\n".join(lines)
+def accuracy_diff(a, b, B, seed=0):
+    """(point, lo, hi) of mean(a) - mean(b), a and b 0/1 per test problem (the same problems)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    return evaluation.bootstrap(lambda ix: a[ix].mean() - b[ix].mean(), len(a), B, seed)
+
+
+def credit_diff(sums_a, sums_b, labels, key, B, seed=0):
+    """(point, lo, hi) of step_scores(a)[key] - step_scores(b)[key] on the same credit solutions."""
+    def stat(ix):
+        ls = [labels[i] for i in ix]
+        return (evaluation.step_scores([sums_a[i] for i in ix], ls)[key]
+                - evaluation.step_scores([sums_b[i] for i in ix], ls)[key])
+    return evaluation.bootstrap(stat, len(labels), B, seed)
+
+
+def differences(runs, B):
+    """{control: {metric: (point, lo, hi)}} for SCDPO minus each control: one seed, the paired bootstrap;
+    several, the mean of the per-seed differences and its t interval."""
+    out = {}
+    for c in CONTROLS:
+        per = {"accuracy": [], "top-1": [], "AUC": []}
+        for r in runs:
+            t, st = r[0], r[1]
+            per["accuracy"].append(accuracy_diff(t["SCDPO"]["correct"], t[c]["correct"], B))
+            for name, key in (("top-1", "top1"), ("AUC", "auc")):
+                per[name].append(credit_diff(t["SCDPO"]["step_rewards"], t[c]["step_rewards"],
+                                             st["credit_labels"], key, max(100, B // 5)))
+        out[c] = {m: v[0] if len(v) == 1 else evaluation.seed_interval([x[0] for x in v])
+                  for m, v in per.items()}
+    return out
+
+
+def fmt_ci(x, scale=100, digits=1):
+    p, lo, hi = x
+    if math.isnan(lo):
+        return f"{scale * p:+.{digits}f}"
+    return f"{scale * p:+.{digits}f} [{scale * lo:+.{digits}f}, {scale * hi:+.{digits}f}]"
+
+
+def subset_acc(row, borrow=None):
+    """Test accuracy over all problems (None), those with a borrow subtraction (1) or the rest (0)."""
+    sel = [c for c, b in zip(row["correct"], row["borrow"]) if borrow is None or b == borrow]
+    return sum(sel) / max(1, len(sel))
 
 
 def table1(args, runs, seconds):
-    """Table 1 in miniature: accuracy (all / borrow problems / the rest), pairs, and localisation F1."""
-    names = ["SFT", "DPO", "DPO (data-equal)", "SCDPO"]
-
-    def ms(vals):
-        m = sum(vals) / len(vals)
-        sd = (sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
-        return f"{100 * m:5.1f}" + (f" ± {100 * sd:3.1f}" if len(vals) > 1 else "")
+    """Table 1 in miniature: accuracy (all / borrow problems / the rest) on the test problems, the pairs
+    and steps of each run, the threshold-free credit scores, then SCDPO minus each control."""
     n = len(runs)
-    lines = [f"Table 1 in miniature: {args.n_eval} held-out problems, greedy; {n} seed(s) "
-             f"{'(mean ± std over seeds)' if n > 1 else ''}; {seconds:.0f} s in all",
-             f"{'method':<18} {'pairs naive + sc':>17} {'accuracy':>13} {'borrow probs':>13} {'other probs':>13} "
-             f"{'loc. F1':>13} {'acc_err/acc_cor':>16}"]
-    for name in names:
+    mean = lambda vals: sum(vals) / len(vals)
+    lines = [f"Table 1 in miniature: reorder {args.reorder:g}, {args.n_eval} test problems (greedy), "
+             f"{args.n_credit} credit samples; {n} seed(s) (means); {seconds:.0f} s in all",
+             f"{'method':<18} {'pairs':>6} {'steps':>6} {'accuracy':>9} {'borrow':>7} {'other':>7} "
+             f"{'top-1':>7} {'chance':>7} {'AUC':>6} {'loc.F1':>7}"]
+    for name in ("SFT",) + METHODS:
         rows = [r[0][name] for r in runs]
-        if name == "SFT":
-            pairs = "-"
-        else:
-            nv = sum(r[1]["naive"] for r in runs) / n
-            sc = sum(r[1]["sc"] for r in runs) / n
-            pairs = {"DPO": f"{nv:.0f} + 0", "DPO (data-equal)": f"{nv + sc:.0f} + 0", "SCDPO": f"{nv:.0f} + {sc:.0f}"}[name]
-        loc = [x["loc"] for x in rows if "loc" in x]
-        f1 = ms([x["f1"] for x in loc]) if loc else "-"
-        ae = f"{100 * sum(x['acc_err'] for x in loc) / n:.1f}/{100 * sum(x['acc_cor'] for x in loc) / n:.1f}" if loc else "-"
-        lines.append(f"{name:<18} {pairs:>17} {ms([x['acc'] for x in rows]):>13} {ms([x['acc_borrow'] for x in rows]):>13} "
-                     f"{ms([x['acc_plain'] for x in rows]):>13} {f1:>13} {ae:>16}")
-    if n > 1:
-        for name in names[1:]:
-            d = [r[0][name]["acc"] - r[0]["SFT"]["acc"] for r in runs]
-            lines.append(f"  {name} - SFT per seed: " + ", ".join(f"{100 * x:+.1f}" for x in d))
-        d = [r[0]["SCDPO"]["acc"] - r[0]["DPO"]["acc"] for r in runs]
-        lines.append("  SCDPO - DPO per seed: " + ", ".join(f"{100 * x:+.1f}" for x in d))
+        acc, bor, oth = (mean([subset_acc(x, w) for x in rows]) for w in (None, 1, 0))
+        trained = "-" if name == "SFT" else round(mean([x["pairs"] for x in rows]))
+        line = (f"{name:<18} {trained:>6} {'-' if name == 'SFT' else args.steps:>6} {100 * acc:>9.1f} "
+                f"{100 * bor:>7.1f} {100 * oth:>7.1f}")
+        if "loc" in rows[0]:
+            sc = [x["loc"]["scores"] for x in rows]
+            avg = lambda key: mean([s[key] for s in sc])
+            line += (f" {100 * avg('top1'):>7.1f} {100 * avg('top1_chance'):>7.1f} {avg('auc'):>6.3f} "
+                     f"{100 * mean([x['loc']['f1'] for x in rows]):>7.1f}")
+        lines.append(line)
+    what = ("paired bootstrap, 95%" if n == 1 else f"mean over {n} seeds, t 95%")
+    lines.append(f"SCDPO minus each control ({what}): accuracy and top-1 in points, AUC x100")
+    for c, d in differences(runs, args.boot).items():
+        lines.append(f"  - {c:<17} accuracy {fmt_ci(d['accuracy'])} | top-1 {fmt_ci(d['top-1'])} | "
+                     f"AUC {fmt_ci(d['AUC'])}")
+    st = [r[1] for r in runs]
+    lines.append("naive pairs that differ before the rejected's first error: in text "
+                 f"{100 * mean([s['naive_differ_text'] for s in st]):.1f}%, in route "
+                 f"{100 * mean([s['naive_differ_route'] for s in st]):.1f}% | chosen with a wrong step "
+                 f"(noisy): "
+                 f"naive {100 * mean([s['naive_noisy_chosen'] for s in st]):.1f}%, "
+                 f"step-controlled {100 * mean([s['sc_noisy_chosen'] for s in st]):.1f}%")
     return "\n".join(lines)
+
+
+def select_lr(grid):
+    """Each method's learning rate: the one with the best mean DEV accuracy over seeds. grid: {lr: runs}.
+    The test numbers are never read here."""
+    dev = lambda lr, m: sum(r[0][m]["dev_acc"] for r in grid[lr]) / len(grid[lr])
+    return {m: max(grid, key=lambda lr: dev(lr, m)) for m in METHODS}
+
+
+def grid_table(args, grid):
+    """--lrs: dev accuracy of each method at each learning rate, the lr chosen on dev, and the TEST
+    numbers of the chosen runs with SCDPO's differences."""
+    best = select_lr(grid)
+    mean = lambda v: 100 * sum(v) / len(v)
+    lines = ["Learning-rate grid: mean DEV accuracy (selection only)", f"{'lr':<10}" +
+             "".join(f"{m:>18}" for m in METHODS)]
+    lines += [f"{lr:<10g}" + "".join(f"{mean([r[0][m]['dev_acc'] for r in runs]):>18.1f}" for m in METHODS)
+              for lr, runs in grid.items()]
+    lines.append("chosen on dev: " + ", ".join(f"{m} {best[m]:g}" for m in METHODS))
+    n_seeds = len(grid[best["SCDPO"]])
+    chosen = [{m: grid[best.get(m, best["SCDPO"])][i][0][m] for m in ("SFT",) + METHODS}
+              for i in range(n_seeds)]
+    runs = [(t, grid[best["SCDPO"]][i][1], None) for i, t in enumerate(chosen)]
+    lines.append("TEST accuracy at the chosen lr: " + ", ".join(
+        f"{m} {mean([t[m]['acc'] for t, _, _ in runs]):.1f}" for m in METHODS))
+    for c, d in differences(runs, args.boot).items():
+        lines.append(f"  SCDPO - {c}: accuracy {fmt_ci(d['accuracy'])}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# The sweep: the knob against SCDPO's lead over data-equal DPO
+# ----------------------------------------------------------------------------------------------
+def sweep_svg(points, path):
+    """A small plot written by hand: x = naive pairs differing in route before the error, y = SCDPO minus
+    DPO (data-equal), accuracy points with their intervals; one dot per --reorder value."""
+    W, H, L, Bm = 480, 320, 60, 40
+    xs = [p["differ_route"] for p in points]
+    ys = [v for p in points for v in p["diff"] if not math.isnan(v)] + [0.0]
+    y0, y1 = min(ys) - 1, max(ys) + 1
+    X = lambda x: L + (W - L - 20) * x
+    Y = lambda y: H - Bm - (H - Bm - 20) * (y - y0) / (y1 - y0)
+    el = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
+          f'font-size="11">', f'<line x1="{L}" y1="{Y(0)}" x2="{W - 20}" y2="{Y(0)}" stroke="#999"/>',
+          f'<line x1="{L}" y1="20" x2="{L}" y2="{H - Bm}" stroke="#000"/>',
+          f'<line x1="{L}" y1="{H - Bm}" x2="{W - 20}" y2="{H - Bm}" stroke="#000"/>',
+          f'<text x="{W / 2}" y="{H - 8}" text-anchor="middle">naive pairs that differ in route before '
+          f'the error (fraction)</text>',
+          f'<text x="14" y="{H / 2}" transform="rotate(-90 14 {H / 2})" text-anchor="middle">SCDPO - DPO '
+          f'(data-equal), accuracy points</text>']
+    for t in (0, 0.25, 0.5, 0.75, 1):
+        el.append(f'<text x="{X(t)}" y="{H - Bm + 14}" text-anchor="middle">{t:g}</text>')
+    for t in (y0, 0, y1):
+        el.append(f'<text x="{L - 4}" y="{Y(t) + 4}" text-anchor="end">{t:+.1f}</text>')
+    for x, p in zip(xs, points):
+        m, lo, hi = p["diff"]
+        if not math.isnan(lo):
+            el.append(f'<line x1="{X(x)}" y1="{Y(lo)}" x2="{X(x)}" y2="{Y(hi)}" stroke="#c00"/>')
+        el.append(f'<circle cx="{X(x)}" cy="{Y(m)}" r="4" fill="#c00"><title>reorder {p["reorder"]:g}'
+                  f'</title></circle>')
+    el.append("</svg>")
+    _write(path, "\n".join(el))
+    return path
+
+
+def _write(path, text):
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def run_sweep(args, rank, world):
+    """Every --sweep value of --reorder, --seeds seeds each, into <out>/reorder<r>; then the table and
+    the plot of SCDPO minus DPO (data-equal) against the measured route difference of naive pairs."""
+    root, points = args.out, []
+    for r in [float(x) for x in args.sweep.split(",")]:
+        args.reorder, args.out = r, os.path.join(root, f"reorder{r:g}")
+        t0 = time.time()
+        runs = run_seeds(args, rank, world)
+        if rank == 0:
+            print(table1(args, runs, time.time() - t0), flush=True)
+            d = differences(runs, args.boot)["DPO (data-equal)"]["accuracy"]
+            points.append({"reorder": r, "seeds": len(runs), "diff": [100 * v for v in d],
+                           "differ_route": sum(x[1]["naive_differ_route"] for x in runs) / len(runs),
+                           "differ_text": sum(x[1]["naive_differ_text"] for x in runs) / len(runs)})
+    args.out = root
+    if rank == 0:
+        lines = [f"Sweep: SCDPO minus DPO (data-equal), accuracy points, {args.seeds} seed(s) each",
+                 f"{'reorder':>8} {'route differs':>14} {'text differs':>13}  SCDPO - data-equal [95%]"]
+        lines += [f"{p['reorder']:>8g} {100 * p['differ_route']:>13.1f}% {100 * p['differ_text']:>12.1f}%  "
+                  f"{fmt_ci([v / 100 for v in p['diff']])}" for p in points]
+        text = "\n".join(lines)
+        print(text, flush=True)
+        data.write_json(os.path.join(root, "sweep.json"), points)
+        _write(os.path.join(root, "sweep.txt"), text + "\n")
+        sweep_svg(points, os.path.join(root, "sweep.svg"))
+        print(f"wrote {os.path.join(root, 'sweep.svg')}")
+    return points
+
+
+def run_seeds(args, rank, world):
+    runs = []
+    for s in range(args.seed, args.seed + args.seeds):
+        done = os.path.join(args.out, f"seed{s}", f"result-{tag(args)}.json")
+        if args.reuse and os.path.exists(done):   # a finished seed (e.g. from another process): read back
+            check_stages(args, os.path.dirname(done))
+            with open(done) as f:
+                runs.append(json.load(f))
+            print0(f"[seed {s}] read back from {done}")
+        else:
+            runs.append(run_seed(args, s, rank, world))
+    return runs
 
 
 def main(argv=None):
@@ -503,28 +862,23 @@ def main(argv=None):
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     print0(json.dumps(vars(args)))
-    grid = {}
-    for i, lr in enumerate([float(x) for x in args.lrs.split(",")] if args.lrs else [args.lr]):
-        t0, args.lr, runs = time.time(), lr, []
-        args.reuse = args.reuse or i > 0   # later learning rates keep each seed's SFT model and pairs
-        for s in range(args.seed, args.seed + args.seeds):
-            done = os.path.join(args.out, f"seed{s}", f"result-{tag(args)}.json")
-            if args.reuse and os.path.exists(done):   # a finished seed (e.g. run in another process): read it back
-                check_stages(args, os.path.dirname(done))
-                with open(done) as f:
-                    runs.append(json.load(f))
-                print0(f"[seed {s}] read back from {done}")
-            else:
-                runs.append(run_seed(args, s, rank, world))
-        if rank == 0:   # the results are rank 0's
-            print(table1(args, runs, time.time() - t0), flush=True)
-        grid[lr] = runs
-    if rank == 0 and len(grid) > 1:
-        print(grid_table(grid), flush=True)
+    if args.sweep:
+        out = run_sweep(args, rank, world)
+    else:
+        grid = {}
+        for i, lr in enumerate([float(x) for x in args.lrs.split(",")] if args.lrs else [args.lr]):
+            t0, args.lr = time.time(), lr
+            args.reuse = args.reuse or i > 0   # later learning rates keep each seed's SFT model and pairs
+            grid[lr] = run_seeds(args, rank, world)
+            if rank == 0:   # the results are rank 0's
+                print(table1(args, grid[lr], time.time() - t0), flush=True)
+        if rank == 0 and len(grid) > 1:
+            print(grid_table(args, grid), flush=True)
+        out = grid[args.lr]
     dist.barrier()
     if dist.is_initialized():
         dist.destroy_process_group()
-    return runs
+    return out
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@ blocks of code-integrated solutions run in sandbox.Kernel as they are sampled), 
 
 The pipeline (METHOD.md sections 1-2), per question: sample at temperature 1 until there is a preferred
 and a dispreferred solution or --k-max samples (the naive pair); then cut the preferred solution after
-each eligible step (--cut all) or one (--cut random), continue from each cut --tries times with the
-ramp T_j = min(start + j * inc, max), and keep the first wrong, clean continuation (the step-controlled
-pair), at most --sc-per-question per question. Grading, steps, filters and the pair record are data.py's.
+each eligible step, in ascending order (--cut all) or a random order (--cut random), continue from each
+cut --tries times with the ramp T_j = min(start + j * inc, max), and keep the first wrong, clean
+continuation (the step-controlled pair), at most --sc-per-question per question; only questions with a
+naive pair are cut (--sc-from naive, the paper's D_naive). Grading, steps, filters and the pair record
+are data.py's.
 Progress is kept in <out>.parts/: kill the run at any time and rerun the same command to go on. It
 records the settings and the model's hashes, and a rerun with others is refused (--restart starts over).
 When it finishes, <out>.meta.json records the model's and tokenizer's hashes (data.write_pairs_meta), so
@@ -369,8 +371,9 @@ class PairSettings:
     top_p: float = 1.0
     k_max: int = 100             # naive: most samples per question
     naive_batch: int = 8         # naive: samples per question per round
-    cut: str = "all"             # step-controlled: every eligible cut in order, or one at random
+    cut: str = "all"             # step-controlled: eligible cuts in ascending order, or in random order
     cut_mode: str = "paper"      # which steps are eligible (data.cut_points)
+    sc_from: str = "naive"       # cut the preferred solutions of questions with a naive pair | of "any"
     sc_per_question: dict = field(default_factory=dict)   # most step-controlled pairs, by source
     tries: int = 8               # continuations per cut before giving up
     ramp: tuple = RAMPS["paper"]
@@ -382,7 +385,8 @@ class PairSettings:
 
     def recorded(self, first, **rest):
         """What a pair's `sampling` field records of how it was made."""
-        return {**first, "max_new_tokens": self.max_new_tokens, "top_p": self.top_p, **rest, "seed": self.seed}
+        return {**first, "max_new_tokens": self.max_new_tokens, "top_p": self.top_p, **rest,
+                "seed": self.seed}
 
 
 def _seed(*parts):
@@ -431,21 +435,26 @@ def naive_pairs(model, tok, recs, s):
 
 
 def sc_pairs(model, tok, recs, st, s):
-    """METHOD.md section 2: cut each question's preferred solution after step k, continue it with the
-    ramp `tries` times, and keep the first continuation that is wrong (and not noise), adding the pair
-    to st[i]["pairs"]. Waves: the w-th cut of every question that still wants pairs, so that cutting
-    stops once a question has its quota; a cut left without a pair counts why (drop_sc_*)."""
+    """METHOD.md section 2: cut a question's preferred solution after step k, continue it with the ramp
+    `tries` times, and keep the first continuation that is wrong (and not noise), adding the pair to
+    st[i]["pairs"]. The preferred solutions are D_naive's (sc_from "naive": only questions with a naive
+    pair, as in the paper) or any question's ("any"). The cuts k of a question are tried in ascending
+    order (cut "all") or in a random order (cut "random": the paper draws k at random), in waves: the w-th
+    cut of every question that still wants pairs, so that cutting stops once a question has its quota; a
+    cut left without a pair counts why (drop_sc_*)."""
     limit = {**SC_PER_QUESTION, **s.sc_per_question}
     cuts = []
     for rec, q in zip(recs, st):
         ks = []
-        if q["pref"] is not None:
+        if q["pref"] is not None and s.sc_from == "naive" and not q["pairs"]:
+            q["stats"]["drop_sc_no_naive_pair"] += 1
+        elif q["pref"] is not None:
             steps = data.split_steps(q["pref"], s.fmt, s.delimiter)
             ks = data.cut_points(steps, s.cut_mode)
             if not ks:
                 q["stats"]["drop_sc_no_cut_point"] += 1
-            if s.cut == "random" and ks:
-                ks = [random.Random(_seed(s.seed, rec["id"], "cut")).choice(ks)]
+            if s.cut == "random":
+                random.Random(_seed(s.seed, rec["id"], "cut")).shuffle(ks)
         cuts.append([(k, "".join(steps[:k + 1])) for k in ks])
     wave = 0
     while True:
@@ -453,8 +462,8 @@ def sc_pairs(model, tok, recs, st, s):
                 sum(p["kind"] == "sc" for p in st[i]["pairs"]) < limit.get(recs[i]["source"], 2)]
         if not jobs:
             break
-        out = sample_solutions(model, tok, [recs[i]["question"] for i, _, _ in jobs], s.sampling(ramp=s.ramp),
-                               n=s.tries, prefixes=[p for _, _, p in jobs],
+        out = sample_solutions(model, tok, [recs[i]["question"] for i, _, _ in jobs],
+                               s.sampling(ramp=s.ramp), n=s.tries, prefixes=[p for _, _, p in jobs],
                                seed=[_seed(s.seed, recs[i]["id"], "sc", k) for i, k, _ in jobs])
         for (i, k, prefix), texts in zip(jobs, out):
             stats = st[i]["stats"]
@@ -472,8 +481,9 @@ def sc_pairs(model, tok, recs, st, s):
                     why = "noisy_" + noise
                     continue
                 chosen = st[i]["pref"][len(prefix):]
+                made = s.recorded({"ramp": list(s.ramp)}, tries=s.tries)
                 st[i]["pairs"].append(data.make_pair(recs[i], chosen, t, prefix=prefix, k=k, fmt=s.fmt,
-                                                     sampling=s.recorded({"ramp": list(s.ramp)}, tries=s.tries)))
+                                                     sampling=made))
                 why = None
                 break
             if why:
@@ -634,7 +644,9 @@ def add_pair_flags(p):
     p.add_argument("--naive-batch", type=int, default=8, help="samples per question per round")
     # step-controlled pairs
     p.add_argument("--cut", default="all", choices=["all", "random"],
-                   help="every eligible step, or one at random")
+                   help="the order in which eligible cuts are tried: ascending, or random (the paper)")
+    p.add_argument("--sc-from", default="naive", choices=["naive", "any"], help="cut the preferred "
+                   "solutions of questions with a naive pair (the paper), or of any question")
     p.add_argument("--cut-points", default="paper", choices=["paper", "scripts"],
                    help="eligible steps: data.cut_points")
     p.add_argument("--sc-per-question", default="gsm8k=2,math=3", help="most step-controlled pairs per "
@@ -649,8 +661,8 @@ def pair_settings(args, max_new_tokens):
     per_q = {k: int(v) for k, v in (x.split("=") for x in args.sc_per_question.split(",") if x)}
     return PairSettings(fmt=args.fmt, delimiter=args.delimiter.encode().decode("unicode_escape"),
                         max_new_tokens=max_new_tokens, k_max=args.k_max, naive_batch=args.naive_batch,
-                        cut=args.cut, cut_mode=args.cut_points, sc_per_question=per_q, tries=args.tries,
-                        ramp=parse_ramp(args.ramp), seed=args.seed)
+                        cut=args.cut, cut_mode=args.cut_points, sc_from=args.sc_from, sc_per_question=per_q,
+                        tries=args.tries, ramp=parse_ramp(args.ramp), seed=args.seed)
 
 
 def main(argv=None):

@@ -188,7 +188,9 @@ def select_kind(rows, kind, seed):
         return list(range(len(rows)))
     if kind == "naive":
         return naive
-    # data-equal: every naive pair as often as fits into len(rows), the rest a seeded random subset
+    # data-equal: every naive pair as often as fits into len(rows), the rest a seeded random subset. The
+    # paper's baseline has as many DISTINCT naive pairs: sample more questions' naive pairs into their own
+    # file and train it with --pairs-kind naive (mini.py's DPO (data-equal) does that)
     if not naive:
         raise ValueError("--pairs-kind data-equal needs naive pairs; the file has none")
     reps, rest = divmod(len(rows), len(naive))

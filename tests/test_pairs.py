@@ -232,13 +232,17 @@ def test_code_format_runs_the_code_of_every_sample(tmp_path):
     model = Scripted(tok.encode(prompt + script) + [tok.eos_id], tok.vocab_size)
     rec = {"id": "t/0", "source": "math", "question": "What is 6 * 7 + 1?", "gold": "43"}
     res = pairs_for_chunk(model, tok, [rec], PairSettings(fmt="code", k_max=4, naive_batch=2, tries=2,
-                                                         max_new_tokens=200))[0]
+                                                         max_new_tokens=200, sc_from="any"))[0]
     # continuing after a prefix that defines x works only because the prefix's code re-runs in each
     # continuation's kernel first (else `x + 1` fails, the output differs, the script derails, a pair appears)
     assert res["pairs"] == []
     assert res["stats"]["samples_preferred"] == 4 and res["stats"]["drop_naive_no_dispreferred"] == 1
     # cuts after text and output blocks only (never after a code block): k = 0, 2, 3, 5, 2 tries each
     assert res["stats"]["drop_sc_no_wrong_continuation"] == 4 and res["stats"]["samples_sc"] == 8
+    # with the paper's sc_from="naive", a question without a naive pair is never cut
+    res = pairs_for_chunk(model, tok, [rec], PairSettings(fmt="code", k_max=4, naive_batch=2, tries=2,
+                                                         max_new_tokens=200))[0]
+    assert res["stats"]["drop_sc_no_naive_pair"] == 1 and "samples_sc" not in res["stats"]
 
 
 def test_one_question_answer_file_loads_the_same_through_every_command(setup, tmp_path):
