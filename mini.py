@@ -213,6 +213,36 @@ def check(question, text):
     return (-1, "none", kinds) if len(lines) == len(want) + 1 else (len(lines), "format", kinds)
 
 
+def borrows(question, order):
+    """How many subtractions of a route (a list of (op, n)) need a borrow, computed with right values."""
+    v, b = nodes(question)[0][3], 0
+    for op, n in order:
+        b += op == "-" and needs_borrow(v, n)
+        v = v + n if op == "+" else v - n
+    return b
+
+
+def fewest_borrows(question, text):
+    """Whether a solution's route needs the fewest borrows of the question's routes: 1 or 0, and -1 when
+    all routes need as many (nothing to choose). The route is the order in which its lines apply the
+    question's operations, read off the lines as written (a solution whose lines are not a valid route
+    counts as 0). What a model that learned to avoid its error by its choice of route would raise."""
+    valid = routes(question)
+    counts = [borrows(question, o) for o in valid]
+    if min(counts) == max(counts):
+        return -1
+    left, order = [(op, y) for op, _, y, _ in nodes(question)[1:]], []
+    for line in data.split_steps(text, "cot", DELIM)[1:len(left) + 1]:
+        m = _STEP.match(line)
+        ops = [] if m is None else [(m[2], int(m[3]))] + ([(m[2], int(m[1]))] if m[2] == "+" else [])
+        hit = [o for o in ops if o in left]
+        if not hit:
+            return 0
+        left.remove(hit[0])
+        order.append(hit[0])
+    return int(tuple(order) in valid and borrows(question, order) == min(counts))
+
+
 def first_wrong_step(question, text):
     """Index of the first wrong step of a solution (check), -1 when every step is right."""
     return check(question, text)[0]
@@ -512,6 +542,7 @@ def accuracy(model, tok, recs, rank, world):
     for r in rows:
         r["first_wrong_step"], r["error"] = error_kind(r["question"], r["completion"])
         r["borrow"] = any(op == "-" and needs_borrow(x, y) for op, x, y, _ in nodes(r["question"]))
+        r["fewest_borrows"] = fewest_borrows(r["question"], r["completion"])
     return sum(r["correct"] for r in rows) / len(rows), rows
 
 
@@ -591,6 +622,7 @@ def run_seed(args, seed, rank, world):
         row["dev_acc"] = accuracy(row["model"], tok, dev_recs, rank, world)[0] if dev_recs else float("nan")
         row["correct"] = [int(r["correct"]) for r in rows]
         row["borrow"] = [int(r["borrow"]) for r in rows]
+        row["fewest_borrows"] = [r["fewest_borrows"] for r in rows]
         row["errors"] = dict(Counter(r["error"] for r in rows))
         if rank == 0:
             data.write_jsonl(os.path.join(out, f"preds-{file_tag(name)}.jsonl"), rows)
@@ -623,7 +655,7 @@ def run_seed(args, seed, rank, world):
                                 summary=credit_header(table, labels, stats), n=len(shown))
     times["credit"] = time.time() - t1
     times["total"] = time.time() - t0
-    keep = ("acc", "dev_acc", "correct", "borrow", "errors", "loc", "step_rewards", "pairs")
+    keep = ("acc", "dev_acc", "correct", "borrow", "fewest_borrows", "errors", "loc", "step_rewards", "pairs")
     result = ({name: {k: v for k, v in row.items() if k in keep} for name, row in table.items()}, stats,
               times)
     if rank == 0:
@@ -708,21 +740,29 @@ def subset_acc(row, borrow=None):
     return sum(sel) / max(1, len(sel))
 
 
+def fewest(row):
+    """The fraction of greedy test solutions whose route needs the fewest borrows, over the questions
+    whose routes differ in borrows (fewest_borrows)."""
+    sel = [f for f in row["fewest_borrows"] if f >= 0]
+    return sum(sel) / max(1, len(sel))
+
+
 def table1(args, runs, seconds):
     """Table 1 in miniature: accuracy (all / borrow problems / the rest) on the test problems, the pairs
-    and steps of each run, the threshold-free credit scores, then SCDPO minus each control."""
+    and steps of each run, how often the greedy route needs the fewest borrows (fewest), the
+    threshold-free credit scores, then SCDPO minus each control."""
     n = len(runs)
     mean = lambda vals: sum(vals) / len(vals)
     lines = [f"Table 1 in miniature: reorder {args.reorder:g}, {args.n_eval} test problems (greedy), "
              f"{args.n_credit} credit samples; {n} seed(s) (means); {seconds:.0f} s in all",
              f"{'method':<18} {'pairs':>6} {'steps':>6} {'accuracy':>9} {'borrow':>7} {'other':>7} "
-             f"{'top-1':>7} {'chance':>7} {'AUC':>6} {'loc.F1':>7}"]
+             f"{'fewest':>7} {'top-1':>7} {'chance':>7} {'AUC':>6} {'loc.F1':>7}"]
     for name in ("SFT",) + METHODS:
         rows = [r[0][name] for r in runs]
         acc, bor, oth = (mean([subset_acc(x, w) for x in rows]) for w in (None, 1, 0))
         trained = "-" if name == "SFT" else round(mean([x["pairs"] for x in rows]))
         line = (f"{name:<18} {trained:>6} {'-' if name == 'SFT' else args.steps:>6} {100 * acc:>9.1f} "
-                f"{100 * bor:>7.1f} {100 * oth:>7.1f}")
+                f"{100 * bor:>7.1f} {100 * oth:>7.1f} {100 * mean([fewest(x) for x in rows]):>7.1f}")
         if "loc" in rows[0]:
             sc = [x["loc"]["scores"] for x in rows]
             avg = lambda key: mean([s[key] for s in sc])
@@ -823,16 +863,24 @@ def run_sweep(args, rank, world):
         runs = run_seeds(args, rank, world)
         if rank == 0:
             print(table1(args, runs, time.time() - t0), flush=True)
-            d = differences(runs, args.boot)["DPO (data-equal)"]["accuracy"]
-            points.append({"reorder": r, "seeds": len(runs), "diff": [100 * v for v in d],
-                           "differ_route": sum(x[1]["naive_differ_route"] for x in runs) / len(runs),
-                           "differ_text": sum(x[1]["naive_differ_text"] for x in runs) / len(runs)})
+            d = differences(runs, args.boot)["DPO (data-equal)"]
+            mean = lambda f: sum(f(x) for x in runs) / len(runs)
+            points.append({"reorder": r, "seeds": len(runs), "diff": [100 * v for v in d["accuracy"]],
+                           "diff_top1": [100 * v for v in d["top-1"]],
+                           "differ_route": mean(lambda x: x[1]["naive_differ_route"]),
+                           "differ_text": mean(lambda x: x[1]["naive_differ_text"]),
+                           "fewest": {m: mean(lambda x: fewest(x[0][m])) for m in ("SFT",) + METHODS}})
     args.out = root
     if rank == 0:
-        lines = [f"Sweep: SCDPO minus DPO (data-equal), accuracy points, {args.seeds} seed(s) each",
-                 f"{'reorder':>8} {'route differs':>14} {'text differs':>13}  SCDPO - data-equal [95%]"]
-        lines += [f"{p['reorder']:>8g} {100 * p['differ_route']:>13.1f}% {100 * p['differ_text']:>12.1f}%  "
-                  f"{fmt_ci([v / 100 for v in p['diff']])}" for p in points]
+        lines = [f"Sweep: SCDPO minus DPO (data-equal) in points, {args.seeds} seed(s) each; naive pairs "
+                 f"that differ before the error; greedy routes with the fewest borrows",
+                 f"{'reorder':>7} {'route':>6} {'text':>6} {'fewest SFT/eq/SC':>17}  "
+                 f"{'accuracy [95%]':<21} top-1 [95%]"]
+        for p in points:
+            few = "/".join(f"{100 * p['fewest'][m]:.0f}" for m in ("SFT", "DPO (data-equal)", "SCDPO"))
+            acc, top1 = (fmt_ci([v / 100 for v in p[k]]) for k in ("diff", "diff_top1"))
+            lines.append(f"{p['reorder']:>7g} {100 * p['differ_route']:>5.1f}% "
+                         f"{100 * p['differ_text']:>5.1f}% {few:>17}  {acc:<21} {top1}")
         text = "\n".join(lines)
         print(text, flush=True)
         data.write_json(os.path.join(root, "sweep.json"), points)

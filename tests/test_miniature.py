@@ -60,6 +60,20 @@ def test_reordered_routes_are_right_and_differ_in_borrows():
     assert mini.routes(Q)[0] != mini.routes(Q)[1] and (("+", 3), ("-", 8), ("-", 5)) in mini.routes(Q)
 
 
+def test_fewest_borrows_by_hand():
+    """Q's routes need 1 borrow (the question's order: 45-8) or 2 (42-8 then 34-5); the route is read off
+    the lines as written, a wrong value does not change it, a solution that stops early has none."""
+    assert mini.borrows(Q, [("-", 8), ("-", 5), ("+", 3)]) == 2
+    assert mini.borrows(Q, [("+", 3), ("-", 8), ("-", 5)]) == 1
+    assert mini.fewest_borrows(Q, RIGHT) == 1
+    assert mini.fewest_borrows(Q, "7*6=42\n42-8=34\n34-5=29\n3+29=32\nThe answer is 32") == 0
+    assert mini.fewest_borrows(Q, "6*7=42\n3+42=45\n45-8=47\n47-5=42\nThe answer is 42") == 1   # habit
+    assert mini.fewest_borrows(Q, "6*7=42\n42+3=45\n45-5=40\n40-8=32\nThe answer is 32") == 1   # 40-8 only
+    assert mini.fewest_borrows(Q, "6*7=42\n42+3=45") == 0
+    adds = "Ann has 2 bags of 3 nuts. Ann gets 3, gets 4, gets 5. How many now?"
+    assert mini.fewest_borrows(adds, "2*3=6\n6+3=9\n9+4=13\n13+5=18\nThe answer is 18") == -1
+
+
 def test_distinct_pairs_have_no_repeat_and_the_size_asked():
     ps = [{"question": f"q{i % 7}", "prefix": "", "chosen": "c", "rejected": f"r{i % 5}"} for i in range(60)]
     out = mini.distinct(ps, 20)
