@@ -12,6 +12,9 @@ seconds. Without transformers (a test-only dependency) only ours is timed, and t
 On the CPU both run on --threads threads (default 1): for matrices this small more threads mostly wait on
 each other, and on a machine shared with other jobs they spin against them.
 
+Floor: the time of the decode steps' weight GEMMs alone (gemm_floor), and transformers' time over it,
+the most any sampler could gain over transformers on this shape.
+
 Memory: rows that end at random steps (sampling, n=4 samples of each of 64 short prompts, a few EOS ids),
 so that rows finish all along and the sampler skips and compacts them. Peak memory during generate()
 above what was in use before it, over the bytes of one KV cache of all rows: a second cache alive at once
@@ -174,6 +177,28 @@ if hf is not None:
           flush=True)
 else:
     print(f"transformers    : not importable ({why}); no ratio", flush=True)
+
+
+@torch.no_grad()
+def gemm_floor():
+    """The decode steps' weight GEMMs alone: for every new token, x @ W.T of every nn.Linear (the four per
+    layer and the vocabulary projection) with x of shape [B, in_features]; no attention, no sampling, no
+    Python. Any implementation of this model does at least this work, so transformers' time over it is
+    the most any sampler could gain on this shape."""
+    ws = [mod.weight for mod in ours.modules() if isinstance(mod, torch.nn.Linear)]
+    xs = [torch.randn(B, w.shape[1], device=args.device, dtype=dtype) for w in ws]
+    def steps():
+        for _ in range(args.new):
+            for x, w in zip(xs, ws):
+                torch.mm(x, w.t())
+    steps()
+    return min(timed(steps)[0] for _ in range(3))
+
+
+floor = gemm_floor()
+print(f"weight GEMMs alone: {floor:.2f} s, {100 * floor / best['ours']:.0f}% of ours"
+      + (f"; transformers / GEMMs = {best['hf'] / floor:.2f}x, the ceiling of any ratio on this shape"
+         if hf is not None else ""), flush=True)
 
 if gpu:
     m = peak_cache_memory()
