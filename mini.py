@@ -531,7 +531,8 @@ def op_of(step):
 # One seed
 # ----------------------------------------------------------------------------------------------
 def train(reuse, **kw):
-    """scdpo.train with the miniature's shared settings; --reuse resumes (finished runs are read back)."""
+    """scdpo.train with the miniature's shared settings; --reuse resumes (finished runs are read back).
+    Quiet but for the step lines every log_every steps, so that a long stage shows it is moving."""
     return scdpo.train(scdpo.settings(quiet=True, max_len=128, max_prompt=100, resume=reuse,
                                       overwrite=not reuse, **kw)).eval()
 
@@ -594,7 +595,7 @@ def run_seed(args, seed, rank, world):
     epochs = math.ceil(args.sft_steps * args.sft_batch / len(sft_recs))
     sft = train(args.reuse, objective="sft", model=init, data=os.path.join(out, "sft.jsonl"), out=sft_dir,
                 lr=args.sft_lr, epochs=epochs, max_steps=args.sft_steps, global_batch=args.sft_batch,
-                micro_batch=args.sft_batch // world, warmup_ratio=0.05, seed=seed)
+                micro_batch=args.sft_batch // world, warmup_ratio=0.05, seed=seed, log_every=100)
     sft_path = os.path.join(sft_dir, "final")
     times["sft"] = time.time() - t0
     # --- 2. the four pair sets, sampled by the SFT model (METHOD.md sections 1-2) ----------------------
@@ -611,7 +612,7 @@ def run_seed(args, seed, rank, world):
         res[name] = {"model": train(args.reuse, model=sft_path, pairs=files[name], out=os.path.join(
             out, f"{file_tag(name)}-{tag(args)}"), lr=args.lr, beta=args.beta, nll_weight=args.nll_weight,
             epochs=math.ceil(args.steps * args.batch / n), max_steps=args.steps, global_batch=args.batch,
-            micro_batch=args.batch // world, seed=seed), "pairs": n}
+            micro_batch=args.batch // world, seed=seed, log_every=60), "pairs": n}
         times[name] = time.time() - t1
     # --- 4. evaluation: greedy accuracy on test (and dev, for selection), credit on held-out samples ----
     stage(seed, f"greedy accuracy: {args.n_eval} test + {args.n_dev} dev questions, 5 models", t0)

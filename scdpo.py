@@ -149,8 +149,10 @@ def get_parser():
     p.add_argument("--eval", default=None, help="after training: greedy accuracy on this set (gsm8k, "
                    "math500, FILE ...)")
     p.add_argument("--eval-limit", type=int, default=None, help="first N problems of --eval")
-    p.add_argument("--quiet", action="store_true", help="no per-step lines on stdout (log.jsonl still "
-                   "written)")
+    p.add_argument("--quiet", action="store_true", help="nothing on stdout but the step lines that "
+                   "--log-every asks for (log.jsonl still has every step)")
+    p.add_argument("--log-every", type=int, default=None, help="the per-step line on every N-th step and the "
+                   "last (default 1; with --quiet 0, none)")
     # pair sampling, the stage run when --pairs is not given (as `sample.py pairs`; each solution or
     # continuation gets at most --max-len minus --max-prompt new tokens)
     sample.add_pair_flags(p)
@@ -172,6 +174,7 @@ def resolve_defaults(args):
     args.lr = args.lr if args.lr is not None else (1e-5 if sft else 1e-7)
     args.epochs = args.epochs if args.epochs is not None else (3 if sft else 2)
     args.max_len = args.max_len if args.max_len is not None else (2048 if sft else 1024)
+    args.log_every = args.log_every if args.log_every is not None else (0 if args.quiet else 1)
     return args
 
 
@@ -670,6 +673,8 @@ def check_settings(args, world):
     if args.global_batch < 1 or args.micro_batch < 1 or args.global_batch % (world * args.micro_batch):
         raise ValueError(f"--global-batch {args.global_batch} must be a positive multiple of world size x "
                          f"--micro-batch ({world} x {args.micro_batch})")
+    if args.log_every < 0:
+        raise ValueError(f"--log-every {args.log_every} must be 0 (no step lines) or positive")
     if args.objective == "dpo" and not 0 < args.max_prompt < args.max_len:
         raise ValueError(f"--max-prompt {args.max_prompt} must be positive and less than --max-len "
                          f"{args.max_len} (each continuation gets --max-len minus --max-prompt tokens)")
@@ -789,7 +794,8 @@ def train(args):
             rec["mfu"] = flops / dt / peak   # this rank's FLOPs over its own peak
         if rank == 0:
             append_log(log_path, rec)
-            log(log_line(rec, total))
+            if args.log_every and ((step + 1) % args.log_every == 0 or step + 1 == total):
+                print0(log_line(rec, total))
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
             save_checkpoint(args.out, net, opt, step + 1, args, rank)
         if args.stop_after and step + 1 >= args.stop_after and step + 1 < total:

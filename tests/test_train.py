@@ -199,6 +199,22 @@ def test_the_log_says_how_many_items_each_epoch_leaves_out(tiny, tmp_path, capsy
     assert len(scdpo.batch_order(16, 2, 6, seed=0)) == 2 * (16 // 6)
 
 
+def test_quiet_prints_only_the_step_lines_log_every_asks_for(tiny, tmp_path, capsys):
+    """--quiet alone: nothing on stdout; --log-every 2 over 5 steps: the lines of steps 2, 4 and the last;
+    log.jsonl has every step either way."""
+    root, _, _, pairs, _ = tiny
+    common = ["--global-batch", "4", "--micro-batch", "4", "--max-steps", "5"]
+    for extra, want in (([], []), (["--log-every", "2"], [2, 4, 5])):
+        out = str(tmp_path / f"run{len(want)}")
+        scdpo.train(args_for(str(root / "model"), pairs, out, *common, *extra))
+        printed = [l for l in capsys.readouterr().out.splitlines() if l.strip()]
+        assert [int(l.split()[1].split("/")[0]) for l in printed] == want and all(
+            l.startswith("step ") for l in printed)
+        assert [json.loads(l)["step"] for l in open(os.path.join(out, "log.jsonl"))] == [1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match="--log-every -1"):
+        scdpo.train(args_for(str(root / "model"), pairs, str(tmp_path / "bad"), *common, "--log-every", "-1"))
+
+
 def test_bad_pairs_are_refused_up_front(tiny, tmp_path):
     root, _, _, pairs, _ = tiny
     lines = open(pairs).read().splitlines()
