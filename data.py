@@ -150,26 +150,30 @@ def read_jsonl(path, check=None):
     return rows
 
 
-def write_jsonl(path, rows, append=False):
-    """One JSON object a line. `append` adds to the end, flushed (resumable runs append question by
-    question); otherwise the file is written whole into path.tmp and renamed over path, so that a kill
-    mid-write leaves the old file, never half a new one."""
-    if append:
-        with open(path, "a", encoding="utf-8") as f:
-            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        return
+def write_text(path, text):
+    """The one atomic writer: text written whole into path.tmp, synced, then renamed over path, so that a
+    kill mid-write leaves the old file, never half a new one."""
     with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
 
 
+def write_jsonl(path, rows, append=False):
+    """One JSON object a line. `append` adds to the end, flushed (resumable runs append question by
+    question); otherwise the file is written whole by write_text."""
+    lines = (json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    if append:
+        with open(path, "a", encoding="utf-8") as f:
+            f.writelines(lines)
+        return
+    write_text(path, "".join(lines))
+
+
 def write_json(path, obj):
-    """One JSON document, written and renamed like write_jsonl."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
+    """One JSON document, written by write_text."""
+    write_text(path, json.dumps(obj, indent=1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1017,11 +1021,7 @@ def write_pairs_meta(pairs_path, model_dir, summary=None):
     """Write `<pairs>.meta.json` ({model, tokenizer} hashes of model_dir, plus the summary counts) atomically:
     a temporary file renamed into place. Call it once the pairs file is complete, on one process."""
     path = pairs_meta_path(pairs_path)
-    with open(path + ".tmp", "w") as f:
-        json.dump({**model_fingerprint(model_dir), "summary": summary}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    write_json(path, {**model_fingerprint(model_dir), "summary": summary})
     return path
 
 

@@ -413,7 +413,7 @@ def html_compare(examples, columns, path, title="Credit assignment", summary=Non
     token_rewards) with token_rewards[i] = {offsets, rewards} for examples[i] (as token_rewards returns);
     summary: optional (header, rows), a table at the top. The first n examples are shown; red < 0 <
     green, opacity |r| / (98th percentile of |r| over all columns shown); framed: the true first wrong
-    step. Written to path + ".tmp", then renamed, so a reader never sees half a page."""
+    step. Written by data.write_text, so a reader never sees half a page."""
     shown = list(range(min(n, len(examples))))
     names = [name for name, _ in columns]
     scale = _page_scale([trs[i] for _, trs in columns for i in shown])
@@ -430,9 +430,7 @@ def html_compare(examples, columns, path, title="Credit assignment", summary=Non
         parts.append(f"<h3>{html.escape(str(head))}</h3><div class=q>{html.escape(ex['question'])}</div>")
         parts.append(_solution_table(ex, [trs[i] for _, trs in columns], names, scale))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write("\n".join(parts))
-    os.replace(path + ".tmp", path)
+    data.write_text(path, "\n".join(parts))
     return path
 
 

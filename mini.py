@@ -844,14 +844,8 @@ def sweep_svg(points, path):
         el.append(f'<circle cx="{X(x)}" cy="{Y(m)}" r="4" fill="#c00"><title>reorder {p["reorder"]:g}'
                   f'</title></circle>')
     el.append("</svg>")
-    _write(path, "\n".join(el))
+    data.write_text(path, "\n".join(el))
     return path
-
-
-def _write(path, text):
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 def run_sweep(args, rank, world):
@@ -885,7 +879,7 @@ def run_sweep(args, rank, world):
         text = "\n".join(lines)
         print(text, flush=True)
         data.write_json(os.path.join(root, "sweep.json"), points)
-        _write(os.path.join(root, "sweep.txt"), text + "\n")
+        data.write_text(os.path.join(root, "sweep.txt"), text + "\n")
         sweep_svg(points, os.path.join(root, "sweep.svg"))
         print(f"wrote {os.path.join(root, 'sweep.svg')}")
     return points
