@@ -92,8 +92,11 @@ def test_printed_accuracy_equals_recount_when_some_are_right(ckpts, problems, tm
 
 def test_eval_under_torchrun_matches_one_process(ckpts, problems, tmp_path):
     one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
-    common = ["--model", ckpts[0], "--data", problems[0], "--max-new-tokens", "16"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # Each record decoded alone, on one thread, with MKL's run-to-run reproducible kernels: the greedy
+    # argmax of a random model meets near-ties, which the GEMMs' low bits decide, and those bits depend on
+    # the batch's shape and, in MKL, on the memory's alignment. So the rows must come out the same here.
+    common = ["--model", ckpts[0], "--data", problems[0], "--max-new-tokens", "16", "--batch-size", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_CBWR="AUTO,STRICT")
     subprocess.run([sys.executable, "eval.py", *common, "--out", str(one)], cwd=ROOT, check=True, env=env, capture_output=True)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "eval.py",
                         *common, "--out", str(two)], cwd=ROOT, env=env, capture_output=True, text=True)
