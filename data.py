@@ -213,12 +213,6 @@ def _boxes(text):
     return out
 
 
-def last_boxed(text):
-    """Content of the last \\boxed{..} or \\fbox{..}, or None (no box, or the last one never closes)."""
-    boxes = _boxes(text)
-    return boxes[-1][2] if boxes else None
-
-
 def _hash_answer(text):
     found = re.findall(r"####\s*(.+)", text)
     return found[-1].strip() if found else None

@@ -4,7 +4,7 @@
 #
 #     bash bench/gpu.sh 2>&1 | tee gpu.log       # ~5 minutes, never more than 8 (a time limit per part)
 #     bash bench/gpu.sh --dry-run                # the same scripts on the CPU with small shapes
-#     PYTHON=/path/to/python bash bench/gpu.sh   # another interpreter than `python`
+#     PYTHON=/path/to/python bash bench/gpu.sh   # another interpreter than python3 (python if none)
 #
 # Parts, each guarded so that one failure or timeout does not hide the others:
 #   1. environment: GPU, torch, triton, whether transformers / liger_kernel import
@@ -19,7 +19,7 @@
 #      target MFU >= 40%
 set -u
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python3 || command -v python)}   # GPU images often have python3 alone
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
