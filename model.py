@@ -257,7 +257,13 @@ class KVCache:
 
     def update(self, layer, pos, k, v):
         """Write k, v (len(rows), nkv, T, hd) into slots pos..pos+T of `rows`; returns the layer's keys and
-        values of every row up to slot pos + T, (B, nkv, pos + T, hd)."""
+        values of every row up to slot pos + T, (B, nkv, pos + T, hd). `pos` a (1,) tensor (the sampler's
+        static step: every row, one token): written there, and every slot returned, so that no shape
+        depends on the position."""
+        if torch.is_tensor(pos):
+            self.k[layer].index_copy_(2, pos, k)
+            self.v[layer].index_copy_(2, pos, v)
+            return self.k[layer], self.v[layer]
         rows, T = slice(None) if self.rows is None else self.rows, k.shape[2]
         self.k[layer][rows, :, pos:pos + T] = k
         self.v[layer][rows, :, pos:pos + T] = v
@@ -414,7 +420,8 @@ class Transformer(nn.Module):
                 rope=None):
         """input_ids (B, T). positions (B, T), default arange(T) + cache_pos. mask (B, T, S) bool, True where
         a query may attend a key; S = T without a cache, cache_pos + T with one; default causal. With a cache
-        whose `rows` are set, the input is those rows and the mask covers every row of the cache.
+        whose `rows` are set, the input is those rows and the mask covers every row of the cache. cache_pos
+        may be a (1,) tensor, one new token a row (the sampler's static step): the mask covers every slot.
         rope: the (cos, sin) of rope_tables for `positions`, from a caller that keeps a table (the sampler).
         Returns logits (B, T, V), or the final normed hidden states (B, T, D) with return_hidden=True."""
         B, T = input_ids.shape
@@ -424,8 +431,10 @@ class Transformer(nn.Module):
         a = self.args
         if a.sliding_window is not None or a.rope_scaling is not None:
             # with a cache a position never passes its slot, so the slots bound it with no host sync (a
-            # decode step's only one is the sampler's); without, positions.max() is one
-            longest = cache_pos + T if cache is not None else max(T, int(positions.max()) + 1)
+            # decode step's only one is the sampler's; a tensor cache_pos, by the cache's length); without,
+            # positions.max() is one
+            slots = cache.max_len if torch.is_tensor(cache_pos) else cache_pos + T
+            longest = slots if cache is not None else max(T, int(positions.max()) + 1)
         if a.sliding_window is not None and longest > a.sliding_window:
             raise ValueError(f"sequence of {longest} tokens is longer than this model's sliding window "
                              f"({a.sliding_window}); sliding-window attention is not implemented, so "

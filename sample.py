@@ -136,6 +136,50 @@ class _State:
         valid[:, 1:], npos[:, 1:] = valid[:, :1], npos[:, :1]
 
 
+class _StaticStep:
+    """The decode step with shapes that never change: every row of the cache (a finished row goes on
+    decoding tokens nobody reads) over every slot (those not yet written, and ragged prompts' holes, are
+    masked by state.valid), the slot a device tensor. On a GPU it is captured once as a CUDA graph and
+    replayed, one launch for the ~50 kernels of a layer: a small model's decode step is launch-bound
+    (gpt-fast's idea, written without torch.compile). On a CPU it runs as it is."""
+
+    def __init__(self, model, cache, state):
+        self.model, self.cache, self.state = model, cache, state
+        self.tok = torch.zeros(cache.batch_size, dtype=torch.long, device=state.valid.device)
+        self.slot = torch.tensor([state.cache_pos], device=state.valid.device)
+        self.graph = self.out = None
+
+    def _run(self):
+        s, pos = self.state, self.state.npos[:, None]   # a view: the replays see npos as it is then
+        h = self.model(self.tok[:, None], positions=pos, mask=s.valid[:, None], cache=self.cache,
+                       cache_pos=self.slot, return_hidden=True, rope=(s.rope[0][pos], s.rope[1][pos]))
+        return self.model.output(h[:, -1])
+
+    def __call__(self, rid, nxt):
+        """Feed the new ids `nxt` of the live rows `rid`; returns their logits (len(rid), V)."""
+        s = self.state
+        self.tok[rid] = nxt
+        s.valid[:, s.cache_pos] = True
+        if not self.tok.is_cuda:
+            out = self._run()
+        else:
+            if self.graph is None:
+                side = torch.cuda.Stream()   # warm up off the capture (kernels chosen, workspaces allocated)
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    self._run()              # writes this step's slot, which the replay writes again
+                torch.cuda.current_stream().wait_stream(side)
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    self.out = self._run()
+            self.graph.replay()
+            out = self.out
+        s.npos += 1
+        s.cache_pos += 1
+        self.slot += 1
+        return out if len(rid) == len(self.tok) else out[rid]
+
+
 # Finished rows stay in the cache (skipped, not moved) until the live ones are at most this fraction of
 # its rows; then one compaction moves the live rows together. So attention over dead rows costs at most
 # 1 / COMPACT_BELOW times the live ones', and the cache is copied about log2(batch) times, not once a row.
@@ -194,7 +238,8 @@ class Sampling:
     boundaries in its own text (`delimiter` for cot; the ends of text and code blocks for code).
     A row ends at an end-of-turn id, at a `stop` string, or after max_new_tokens new tokens
     (execution output included). fmt "code": each closed code block runs in the row's sandbox kernel
-    and its output block is appended to the row before decoding goes on."""
+    and its output block is appended to the row before decoding goes on. `static` (not with code): see
+    _StaticStep; its logits equal the plain step's up to float rounding."""
     max_new_tokens: int = 512
     temperature: float = 0.0
     top_p: float = 1.0
@@ -203,6 +248,7 @@ class Sampling:
     stop: tuple = ()
     fmt: str = "cot"
     delimiter: str = "\n\n"
+    static: bool = False   # decode steps of fixed shapes, one CUDA graph replay each on a GPU (_StaticStep)
 
 
 GREEDY = Sampling()
@@ -233,6 +279,8 @@ def generate(model, prompts, cfg=GREEDY, n=1, seed=None, tok=None, eos_id=None, 
     if eos_id is None:
         eos_id = tok.stop_ids if tok is not None else model.args.eos_token_id
     eos = set([eos_id] if isinstance(eos_id, int) else eos_id or [])
+    if cfg.static and cfg.fmt == "code":
+        raise ValueError("static decoding does not run code (execution output makes rows' steps uneven)")
     if tok is None and (stop or ramp or cfg.fmt == "code"):
         raise ValueError("stop strings, the ramp and code execution need tok")
     sandbox = sandbox or Kernel
@@ -248,6 +296,7 @@ def generate(model, prompts, cfg=GREEDY, n=1, seed=None, tok=None, eos_id=None, 
         state.spread(n)
         cache.rows, logits = None, logits.repeat_interleave(n, 0)
     greedy = ramp is None and cfg.temperature == 0
+    static = _StaticStep(model, cache, state) if cfg.static else None
     rows = [_Row(r, prompts[r // n][-6:]) for r in range(B)]
     if not greedy:   # one uniform per (row, step) from the row's own generator; greedy decoding draws none
         noise = torch.empty(B, max_new_tokens)
@@ -324,13 +373,16 @@ def generate(model, prompts, cfg=GREEDY, n=1, seed=None, tok=None, eos_id=None, 
                 break
             sel = _rows_tensor(keep, dev)   # the finished rows are skipped from now on, not moved
             rid, nxt_t = rid[sel], nxt_t[sel]
-            cache.rows = sel if cache.rows is None else cache.rows[sel]
             active, feed = [active[k] for k in keep], [feed[k] for k in keep]
-            if len(keep) <= COMPACT_BELOW * cache.batch_size:   # few are left: move them together
-                state.compact(cache.rows)
-                cache = cache.compact(cache.rows)
-        # the plain step feeds the sampled ids as they are on the device; execution output comes as lists
-        logits = forward_step(model, cache, state, feed if todo else nxt_t)
+            if static is None:
+                cache.rows = sel if cache.rows is None else cache.rows[sel]
+                if len(keep) <= COMPACT_BELOW * cache.batch_size:   # few are left: move them together
+                    state.compact(cache.rows)
+                    cache = cache.compact(cache.rows)
+        if static is not None:
+            logits = static(rid, nxt_t)
+        else:   # the plain step feeds the sampled ids as they are on the device; execution output as lists
+            logits = forward_step(model, cache, state, feed if todo else nxt_t)
     bar.close()
     return rows
 

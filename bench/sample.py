@@ -5,6 +5,10 @@ and the sampler's peak cache memory against the size of one cache.
     python bench/sample.py --size tiny       # CPU: the miniature's size (0.2M parameters)
     python bench/sample.py --device cuda     # GPU: Qwen2.5-0.5B-shaped, batch 64, bf16 (target: 3x)
 
+Both of our decoding modes are timed: the plain one, and Sampling(static=True), whose every step has the
+same shapes and is one CUDA graph replay on a GPU (on a CPU it runs as it is, with more work: all rows,
+all slots).
+
 Speed: both decode greedily with no EOS (every row makes exactly --new tokens) from ragged prompts
 (left-padded for transformers), so both do the same work; one warm-up run each, then --reps timed runs
 of each, alternating between the two, and the best of each. tokens/s counts new tokens only: batch * new /
@@ -139,6 +143,10 @@ def run_ours():
     return [r.ids for r in generate(ours, prompts, Sampling(max_new_tokens=args.new), eos_id=[])]
 
 
+def run_static():   # every row over every slot: one CUDA graph replay a step on a GPU
+    return [r.ids for r in generate(ours, prompts, Sampling(max_new_tokens=args.new, static=True), eos_id=[])]
+
+
 @torch.no_grad()
 def run_hf():
     out = hf.generate(input_ids=ids, attention_mask=att, max_new_tokens=args.new, min_new_tokens=args.new,
@@ -156,7 +164,7 @@ def timed(fn):
 
 # Alternate the two, so that both see the same machine load (CPUs shared with other jobs drift by 2x
 # within seconds); each keeps its best run.
-fns = {"ours": run_ours, "hf": run_hf} if hf is not None else {"ours": run_ours}
+fns = {"ours": run_ours, "static": run_static, **({"hf": run_hf} if hf is not None else {})}
 for fn in fns.values():   # warm-up
     fn()
 best, outs = {k: float("inf") for k in fns}, {}
@@ -169,14 +177,16 @@ where = torch.cuda.get_device_name() if gpu else f"{torch.get_num_threads()} thr
 print(f"device {args.device} ({where}) | "
       f"model {size}, {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M params, {dtype} | batch {B} | "
       f"prompts {lo}-{hi} tokens | {args.new} new tokens/row", flush=True)
-print(f"sample.generate : {n_tok / best['ours']:9.1f} tok/s ({best['ours']:.2f} s)", flush=True)
+print(f"sample.generate          : {n_tok / best['ours']:9.1f} tok/s ({best['ours']:.2f} s)", flush=True)
+print(f"sample.generate (static) : {n_tok / best['static']:9.1f} tok/s ({best['static']:.2f} s)"
+      + (" (a CUDA graph a step)" if gpu else " (on a CPU: no graph, all rows and slots)"), flush=True)
 if hf is not None:
-    same = sum(a == b for a, b in zip(outs["ours"], outs["hf"]))
-    print(f"transformers    : {n_tok / best['hf']:9.1f} tok/s ({best['hf']:.2f} s)")
-    print(f"ratio {best['hf'] / best['ours']:.2f}x | greedy rows identical to transformers: {same}/{B}",
-          flush=True)
+    same = {k: sum(a == b for a, b in zip(outs[k], outs["hf"])) for k in ("ours", "static")}
+    print(f"transformers             : {n_tok / best['hf']:9.1f} tok/s ({best['hf']:.2f} s)")
+    print(f"ratio {best['hf'] / best['ours']:.2f}x, static {best['hf'] / best['static']:.2f}x | greedy rows "
+          f"identical to transformers: {same['ours']}/{B}, static {same['static']}/{B}", flush=True)
 else:
-    print(f"transformers    : not importable ({why}); no ratio", flush=True)
+    print(f"transformers             : not importable ({why}); no ratio", flush=True)
 
 
 @torch.no_grad()

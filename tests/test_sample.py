@@ -68,9 +68,11 @@ def test_shared_prompt_reuse_equals_separate_prefills():
     assert len({tuple(r) for r in shared}) > 2   # samples differ from one another
 
 
-def test_rows_ending_at_different_steps_equal_their_full_forward_references():
+@pytest.mark.parametrize("static", [False, True])
+def test_rows_ending_at_different_steps_equal_their_full_forward_references(static):
     # 12 rows that end one after another, so that the finished ones are skipped, then compacted away (the
     # live rows fall to half and below while others still run); every row must equal its own reference.
+    # static: the finished rows go on decoding instead (Sampling.static), unread.
     model = tiny(seed=3)
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(1, 12, (12,), generator=g).tolist()
@@ -79,10 +81,36 @@ def test_rows_ending_at_different_steps_equal_their_full_forward_references():
     eos = sorted({r[k] for r, k in zip(ref, [2, 5, 9, 13, 17, 20])})
     ends = sorted(next((k + 1 for k, t in enumerate(r) if t in eos), 24) for r in ref)
     assert ends[5] < ends[-1] and len(set(ends)) > 4   # half of them end while the longest goes on
-    out = ids(model, prompts, 24, eos_id=eos)
+    out = ids(model, prompts, 24, eos_id=eos, static=static)
     for o, r in zip(out, ref):
         k = next((k + 1 for k, t in enumerate(r) if t in eos), 24)
         assert o == r[:k]
+
+
+def test_static_steps_have_one_shape_and_sample_as_the_plain_sampler():
+    """Sampling(static=True), the step a GPU captures as one CUDA graph: every decode step's forward gets
+    the same shapes (all rows, all slots, the slot a tensor) while rows finish, and it samples what the
+    plain sampler samples for the same seed (n=3 samples of ragged prompts, top-p, a row ending at EOS)."""
+    model = tiny(seed=1)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [13]]
+    cfg = dict(temperature=1.0, top_p=0.9, seed=3, n=3)
+    plain = ids(model, prompts, 16, **cfg)
+    eos = plain[4][5]   # row 4 ends at its 6th token, and the others wherever they meet it
+    plain = ids(model, prompts, 16, eos_id=eos, **cfg)
+    assert len(set(map(len, plain))) > 2
+    shapes, forward = [], model.forward
+
+    def record(input_ids, positions=None, mask=None, cache=None, cache_pos=0, **kw):
+        if torch.is_tensor(cache_pos):
+            shapes.append((input_ids.shape, positions.shape, mask.shape, cache_pos.shape))
+        return forward(input_ids, positions, mask, cache, cache_pos, **kw)
+    model.forward = record
+    assert ids(model, prompts, 16, eos_id=eos, static=True, **cfg) == plain
+    assert len(shapes) == 15 and len(set(shapes)) == 1, set(shapes)   # 15 decode steps after the prefill
+    (tok, pos, mask, slot), = set(shapes)
+    assert tok == pos == (9, 1) and mask[:2] == (9, 1) and slot == (1,)
+    with pytest.raises(ValueError, match="static decoding does not run code"):
+        ids(model, prompts, 4, static=True, fmt="code")
 
 
 class HostReads(torch.overrides.TorchFunctionMode):
@@ -100,7 +128,7 @@ class HostReads(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("cfg", [dict(), dict(temperature=0.9, top_k=20, top_p=0.9)])
+@pytest.mark.parametrize("cfg", [dict(), dict(temperature=0.9, top_k=20, top_p=0.9), dict(static=True)])
 def test_a_plain_decode_step_reads_the_device_once(cfg):
     # Llama 3's RoPE scaling too: the forward's length check must not read positions back
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
