@@ -77,21 +77,21 @@ def format_report(report):
     return "\n".join(lines)
 
 
-def generate_greedy(model, tok, questions, max_new_tokens, batch_size):
+def generate_greedy(model, tok, questions, max_new_tokens, batch_size, static=False):
     """Greedy completions for `questions`, with the training prompt, through sample.py's sampler."""
     prompts = [tok.encode(tok.render_prompt(q)) for q in questions]
-    cfg, out = sample.Sampling(max_new_tokens=max_new_tokens), []
+    cfg, out = sample.Sampling(max_new_tokens=max_new_tokens, static=static), []
     for b in range(0, len(prompts), batch_size):
         out += [tok.decode(r.ids) for r in sample.generate(model, prompts[b:b + batch_size], cfg, tok=tok)]
     return out
 
 
-def evaluate(model, tok, records, max_new_tokens=512, batch_size=64, rank=0, world=1):
+def evaluate(model, tok, records, max_new_tokens=512, batch_size=64, rank=0, world=1, static=False):
     """Prediction rows for `records` (this rank grades records[rank::world]; rows gathered on all ranks,
-    sorted back into the records' order)."""
+    sorted back into the records' order). static: Sampling.static."""
     mine = list(range(rank, len(records), world))
     questions = [records[i]["question"] for i in mine]
-    completions = generate_greedy(model, tok, questions, max_new_tokens, batch_size)
+    completions = generate_greedy(model, tok, questions, max_new_tokens, batch_size, static)
     rows = [dict(grade(records[i], c), index=i) for i, c in zip(mine, completions)]
     rows = sorted(gather_rows(rows), key=lambda r: r["index"])
     for r in rows:
@@ -507,6 +507,8 @@ def main(argv=None):
     # decoding
     p.add_argument("--max-new-tokens", type=int, default=512, help="per completion")
     p.add_argument("--batch-size", type=int, default=64, help="questions per generation batch (per rank)")
+    p.add_argument("--static", action="store_true", help="decode steps of one shape, one CUDA graph replay "
+                   "each on a GPU (bench/sample.py times it); the same completions up to float rounding")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16")
     # credit assignment
     p.add_argument("--ref", default=None, help="reference model (the SFT model) for implicit rewards")
@@ -532,7 +534,7 @@ def main(argv=None):
     t0 = time.time()
     if args.data is not None:
         records = data.load_records(args.data, args.limit)
-        rows = evaluate(policy, tok, records, args.max_new_tokens, args.batch_size, rank, world)
+        rows = evaluate(policy, tok, records, args.max_new_tokens, args.batch_size, rank, world, args.static)
         if rank == 0:
             if args.out:
                 data.write_jsonl(args.out, rows)

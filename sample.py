@@ -430,10 +430,15 @@ class PairSettings:
     tries: int = 8               # continuations per cut before giving up
     ramp: tuple = RAMPS["paper"]
     seed: int = 0
+    static: bool = False         # Sampling.static: one-shape decode steps (a CUDA graph each on a GPU)
+
+    def __post_init__(self):
+        if self.static and self.fmt == "code":
+            raise ValueError("--static decodes no code: it needs --fmt cot")
 
     def sampling(self, **kw):
         return Sampling(max_new_tokens=self.max_new_tokens, top_p=self.top_p, fmt=self.fmt,
-                        delimiter=self.delimiter, **kw)
+                        delimiter=self.delimiter, static=self.static, **kw)
 
     def recorded(self, first, **rest):
         """What a pair's `sampling` field records of how it was made."""
@@ -605,7 +610,8 @@ def progress_mismatch(folder, record):
             return f"has an unreadable {path} ({e})"
     def flat(r):
         return {**r.get("settings", {}), **{k: v for k, v in r.items() if k != "settings"}}
-    was, now = flat(old), flat(record)
+    # a setting that an older record lacks had its default (a new setting's default keeps the old behaviour)
+    was, now = {**progress_record(PairSettings())["settings"], **flat(old)}, flat(record)
     diff = [f"{k} {json.dumps(was.get(k))} (now {json.dumps(now.get(k))})"
             for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
     return f"was sampled with other settings: {', '.join(diff)}" if diff else None
@@ -706,6 +712,8 @@ def add_pair_flags(p):
     p.add_argument("--tries", type=int, default=8, help="continuations per cut before giving up")
     p.add_argument("--ramp", default="paper",
                    help="paper (1.1,+0.05,1.4) | scripts (1.1,+0.1,1.4) | start,inc,max")
+    p.add_argument("--static", action="store_true", help="decode steps of one shape, one CUDA graph "
+                   "replay each on a GPU (bench/sample.py times it); the same samples up to float rounding")
 
 
 def pair_settings(args, max_new_tokens):
@@ -714,7 +722,7 @@ def pair_settings(args, max_new_tokens):
     return PairSettings(fmt=args.fmt, delimiter=args.delimiter.encode().decode("unicode_escape"),
                         max_new_tokens=max_new_tokens, k_max=args.k_max, naive_batch=args.naive_batch,
                         cut=args.cut, cut_mode=args.cut_points, sc_from=args.sc_from, sc_per_question=per_q,
-                        tries=args.tries, ramp=parse_ramp(args.ramp), seed=args.seed)
+                        tries=args.tries, ramp=parse_ramp(args.ramp), seed=args.seed, static=args.static)
 
 
 def main(argv=None):

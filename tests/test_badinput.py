@@ -153,11 +153,16 @@ def test_pairs_rerun_with_another_model_or_settings_is_refused(sampler, tmp_path
     before = {n: open(out.parent / "p.jsonl.parts" / n).read() for n in os.listdir(out.parent / "p.jsonl.parts")}
     for extra, model, says in [(["--seed", "1"], "a", r"seed 0 \(now 1\)"),
                                (["--k-max", "8"], "a", r"k_max 16 \(now 8\)"),
+                               (["--static"], "a", r"static false \(now true\)"),
                                ([], "b", r"model \"[0-9a-f]{16}\" \(now \"[0-9a-f]{16}\"\)")]:
         with pytest.raises(ValueError, match=rf"p.jsonl.parts was sampled with other settings: {says}.*--restart"):
             pairs_cli(d, out, *extra, model=model)
     after = {n: open(out.parent / "p.jsonl.parts" / n).read() for n in os.listdir(out.parent / "p.jsonl.parts")}
     assert after == before                      # nothing of the old progress was touched
+    # a record written before a setting existed (here: static) is read with that setting's default
+    record = json.load(open(out.parent / "p.jsonl.parts" / "settings.json"))
+    del record["settings"]["static"]
+    (out.parent / "p.jsonl.parts" / "settings.json").write_text(json.dumps(record))
     pairs_cli(d, out, "--limit", "6")          # the same settings: more questions continue the old progress
     # --restart: the file and its meta are those of a fresh run of model b
     pairs_cli(d, out, "--restart", model="b")

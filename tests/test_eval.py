@@ -71,6 +71,15 @@ def test_eval_end_to_end_on_gsm8k_and_math(ckpts, problems, tmp_path, capsys):
     assert all("subject" in r and "level" in r for r in data.read_jsonl(tmp_path / "math.jsonl"))
 
 
+def test_static_flag_reaches_the_sampler(ckpts, problems, tmp_path, monkeypatch):
+    """eval.py --static decodes with Sampling(static=True) (its decoding: tests/test_sample.py -k static)."""
+    seen, generate = [], E.sample.generate
+    monkeypatch.setattr(E.sample, "generate", lambda m, p, cfg, **kw: seen.append(cfg.static) or generate(m, p, cfg, **kw))
+    for extra in ([], ["--static"]):
+        E.main(["--model", ckpts[0], "--data", problems[0], "--limit", "2", "--max-new-tokens", "4", *extra])
+    assert seen == [False, True]
+
+
 def test_named_sets_and_breakdown(ckpts, tmp_path, capsys):
     E.main(["--model", ckpts[0], "--data", "math500", "--limit", "6", "--max-new-tokens", "8", "--out", str(tmp_path / "p.jsonl")])
     out = capsys.readouterr().out
