@@ -4,7 +4,7 @@
     python mini.py --seeds 3                        # mean and 95% interval over 3 seeds (SFT retrained)
     python mini.py --seeds 3 --reuse --lrs 1e-5,2e-5,5e-5   # lr chosen per method on DEV problems
     python mini.py --seeds 3 --reuse --cut-rejected # oracle ablations: --cut-rejected, --clean-chosen
-    python mini.py --sweep 0,0.5,1 --seeds 3 --out runs/sweep   # the knob: table + sweep.svg
+    python mini.py --sweep 0,0.5,1 --seeds 5 --out runs/sweep   # the knob: table + sweep.svg
     torchrun --standalone --nproc_per_node=2 mini.py
 
 The task: synthetic word problems in which every step is one computation that can be checked exactly,
