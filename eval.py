@@ -6,7 +6,7 @@
     python eval.py --model DPO_PATH --ref SFT_PATH --processbench gsm8k --html credit.html
 
 Accuracy: greedy decoding through sample.py with the training prompt (tok.render_prompt), the final
-answer taken by data.extract_answer and judged by data.is_equiv. One JSON line per question.
+answer taken by grade.extract_answer and judged by grade.is_equiv. One JSON line per question.
 
 Credit assignment: the DPO implicit reward of token x_i after prefix s_i (METHOD.md section 5)
     r(s_i, x_i) = beta * (log pi_theta(x_i | s_i) - log pi_ref(x_i | s_i))
@@ -37,6 +37,7 @@ from tqdm import tqdm
 import data
 import model as modeling
 import sample
+from grade import extract_answer, is_equiv
 from kernels import token_logprobs
 from model import gather_rows, print0
 
@@ -48,10 +49,10 @@ from model import gather_rows, print0
 
 def grade(rec, completion):
     """One prediction row: the record's fields, the completion, the extracted answer ('pred', None when the
-    completion states none: data.extract_answer) and correctness (data.is_equiv against the gold)."""
-    pred = data.extract_answer(completion)
+    completion states none: grade.extract_answer) and correctness (grade.is_equiv against the gold)."""
+    pred = extract_answer(completion)
     row = {"id": rec["id"], "question": rec["question"], "gold": rec["gold"], "completion": completion,
-           "pred": pred, "correct": bool(data.is_equiv(pred, rec["gold"]))}
+           "pred": pred, "correct": bool(is_equiv(pred, rec["gold"]))}
     for k in ("subject", "level"):
         if rec.get(k) is not None:
             row[k] = rec[k]

@@ -16,7 +16,7 @@ and real data lacks:
     42+3=45           step 1   one line per operation (+: operands in either order)
     45-8=37           step 2   (the additions and subtractions may come in any order that stays in 1..99)
     37-5=32           step 3
-    The answer is 32  step 4   (data.extract_answer reads it)
+    The answer is 32  step 4   (grade.extract_answer reads it)
 
 The SFT demonstrations carry a systematic "bad habit": in a subtraction that needs a borrow (45-8), a
 fraction `habit` of them forget it (45-8=47). The SFT model learns the habit as a probability, so

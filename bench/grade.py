@@ -1,4 +1,4 @@
-"""Answer grading speed: data.extract_answer + data.is_equiv against Math-Verify, on the same inputs.
+"""Answer grading speed: grade.extract_answer + grade.is_equiv against Math-Verify, on the same inputs.
 
     python bench/grade.py                    # the 5000 MATH test solutions, then ProcessBench's 1400
     python bench/grade.py --sets math        # only MATH
@@ -18,6 +18,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
+import grade  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument(
@@ -47,8 +48,8 @@ def load(name):
 
 
 def ours(pairs):
-    data._symbolic_equal.cache_clear()
-    return [data.is_equiv(data.extract_answer(text), gold) for text, gold in pairs]
+    grade._symbolic_equal.cache_clear()
+    return [grade.is_equiv(grade.extract_answer(text), gold) for text, gold in pairs]
 
 
 def math_verify(pairs):

@@ -1,5 +1,5 @@
 # python -m pytest -q tests/test_data.py
-# data.py: loaders, answer extraction and equivalence (each rule on a real MATH / GSM8K case), the
+# data.py and grade.py: loaders, answer extraction and equivalence (each rule on a real MATH / GSM8K case), the
 # acceptance numbers on the gold solutions, step splitting, the filters, pair records and TRL rows,
 # tokenised pairs on the real Mistral tokenizer, and the packed batch against per-sequence forwards.
 import json
@@ -11,7 +11,9 @@ import torch
 
 from conftest import DATA
 import data
-from data import extract_answer, is_equiv, split_steps
+import grade
+from data import split_steps
+from grade import extract_answer, is_equiv
 
 MISTRAL = os.path.join(DATA, "tokenizers", "mistral-7b-v0.1")
 
@@ -199,7 +201,7 @@ def test_shuffled_math_answers_are_not_equal(math_test):
     two golds really are the same value."""
     golds = [r["gold"] for r in math_test]
     wrong = [(a, b) for a, b in zip(golds, golds[1:] + golds[:1])
-             if is_equiv(a, b) and data.normalize_answer(a) != data.normalize_answer(b)]
+             if is_equiv(a, b) and grade.normalize_answer(a) != grade.normalize_answer(b)]
     assert wrong == []
 
 
@@ -207,24 +209,24 @@ def test_shuffled_math_answers_are_not_equal(math_test):
     "__import__('os').system('echo pwned')", "().__class__.__bases__", "lambda: 1", "x.y", "a_b", "[1][0]",
     "\\x\\y", "\\text{lambda}", "9!!", "(10^{6})!", "1001!"])
 def test_model_text_is_never_evaluated(text):
-    expr = data.latex_to_expr(data.normalize_answer(text))
+    expr = grade.latex_to_expr(grade.normalize_answer(text))
     if expr is not None:
         with pytest.raises(ValueError, match="refused"):
-            data._parse(expr)
+            grade._parse(expr)
     assert not is_equiv(text, "1")
 
 
 def test_python_syntax_is_refused():
     for expr in ("x if y else z", "lambda", "not x", "x.real", "x_1", "f'{x}'", "x[0]", "x = 1"):
         with pytest.raises(ValueError, match="refused"):
-            data._parse(expr)
+            grade._parse(expr)
 
 
 @pytest.mark.parametrize("text", ["open(1)", "exec", "eval(x)", "print"])
 def test_names_are_only_symbols(text):
     """Names outside the whitelist of sympy functions become symbols, never Python builtins."""
-    e = data._parse(data.latex_to_expr(text))
-    assert isinstance(e, data.sympy.Basic) and e.free_symbols
+    e = grade._parse(grade.latex_to_expr(text))
+    assert isinstance(e, grade.sympy.Basic) and e.free_symbols
 
 
 def test_sympy_work_is_bounded():
@@ -236,8 +238,8 @@ def test_sympy_work_is_bounded():
     assert is_equiv("1" * 2000, "1" * 2000)
     assert time.time() - t < 2
     t = time.time()
-    with pytest.raises(data._Timeout):
-        with data._time_limit(0.2):
+    with pytest.raises(grade._Timeout):
+        with grade._time_limit(0.2):
             while True:
                 pass
     assert time.time() - t < 1

@@ -13,6 +13,7 @@ import torch
 from conftest import DATA, tiny_checkpoint
 
 import data
+import grade
 import eval as E
 import model as M
 
@@ -51,7 +52,7 @@ def problems(tmp_path_factory):
 
 def recount(path):
     rows = data.read_jsonl(path)
-    return sum(data.is_equiv(data.extract_answer(r["completion"]), r["gold"]) for r in rows), len(rows)
+    return sum(grade.is_equiv(grade.extract_answer(r["completion"]), r["gold"]) for r in rows), len(rows)
 
 
 def printed_accuracy(out):

@@ -1,5 +1,5 @@
 # python -m pytest -q tests/test_grade.py
-# The answer grader (data.extract_answer + data.is_equiv) on real solutions: the endings of issue 12's
+# The answer grader (grade.extract_answer + grade.is_equiv) on real solutions: the endings of issue 12's
 # table, each answer kind of MATH, Math-Verify's own unit cases (math_verify_cases.py, ported), GSM8K and
 # MATH gold solutions rewritten into each ending format with Math-Verify (test-only) as the oracle, and
 # ProcessBench's model-written solutions against their human labels.
@@ -12,7 +12,8 @@ from math_verify import parse, verify
 
 from conftest import DATA
 import data
-from data import extract_answer, is_equiv
+import grade
+from grade import extract_answer, is_equiv
 from math_verify_cases import CASES
 
 
@@ -122,7 +123,7 @@ def test_answer_markers(text, answer):
 
 
 # ----------------------------------------------------------------------------------------------
-# Equivalence: each answer kind of MATH, and the decisions of data.py's docstring
+# Equivalence: each answer kind of MATH, and the decisions of grade.py's docstring
 # ----------------------------------------------------------------------------------------------
 EQUAL = [
     ("115{,}000", "115,000"),
@@ -452,7 +453,7 @@ def rewrite(rec):
             "free": lambda x: body + f"\nSo the total is {x}.",
         }
     else:  # the last box: kept (with x inside), unboxed before a closing sentence, or x in place and restated
-        s, e, ans = data._boxes(sol)[-1]
+        s, e, ans = grade._boxes(sol)[-1]
         inner, plain = sol.index("{", s) + 1, sol[:s] + ans + sol[e:]
         ends = {
             "boxed": lambda x: sol[:inner] + x + sol[e - 1 :],

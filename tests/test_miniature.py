@@ -11,6 +11,7 @@ import sys
 import pytest
 
 import data
+import grade
 import eval as eval_
 import mini
 import model as M
@@ -31,7 +32,7 @@ def test_first_wrong_step_by_hand():
     assert mini.first_wrong_step(Q, "6*7=42\n42+3=45\n45-8=37\n37-5=32\nThe answer is 31") == 4     # wrong final line
     assert mini.first_wrong_step(Q, RIGHT + "\n1+1=2") == 5                                          # trailing step
     assert mini.first_wrong_step(Q, "6*7=42\n42+3=45") == 2                                          # stops early
-    assert data.extract_answer(RIGHT) == "32" and mini.nodes(Q)[-1][3] == 32
+    assert grade.extract_answer(RIGHT) == "32" and mini.nodes(Q)[-1][3] == 32
     # another route: the additions and subtractions in another order that stays in 1..99
     assert mini.first_wrong_step(Q, "6*7=42\n42-8=34\n34-5=29\n3+29=32\nThe answer is 32") == -1
     assert mini.error_kind(Q, "6*7=42\n42-8=44\n44-5=39\n39+3=42\nThe answer is 42") == (1, "habit")
@@ -46,7 +47,7 @@ def test_reordered_routes_are_right_and_differ_in_borrows():
     for _ in range(200):
         p = mini.problem(rng)
         sol = mini.solution(p["question"], rng, reorder=1.0)
-        assert mini.first_wrong_step(p["question"], sol) == -1 and data.extract_answer(sol) == p["gold"]
+        assert mini.first_wrong_step(p["question"], sol) == -1 and grade.extract_answer(sol) == p["gold"]
         seen.add(tuple(mini.op_of(x)[0] for x in data.split_steps(sol, "cot", mini.DELIM)))
         borrows = set()
         for route in mini.routes(p["question"]):
@@ -108,7 +109,7 @@ def test_generated_solutions_and_the_habit():
     for _ in range(300):
         p = mini.problem(rng)
         right = mini.solution(p["question"], rng)
-        assert mini.first_wrong_step(p["question"], right) == -1 and data.extract_answer(right) == p["gold"]
+        assert mini.first_wrong_step(p["question"], right) == -1 and grade.extract_answer(right) == p["gold"]
         nodes = mini.nodes(p["question"])
         habit = mini.solution(p["question"], rng, habit=1.0)
         borrows = [i for i, (op, x, y, _) in enumerate(nodes) if op == "-" and mini.needs_borrow(x, y)]
@@ -171,7 +172,7 @@ def check_run(out, printed, seed=0, steps=6):
                       ("SCDPO", "scdpo")):
         rows = data.read_jsonl(os.path.join(folder, f"preds-{tag}.jsonl"))
         assert len(rows) == 64
-        right = sum(data.is_equiv(data.extract_answer(r["completion"]), r["gold"]) for r in rows)
+        right = sum(grade.is_equiv(grade.extract_answer(r["completion"]), r["gold"]) for r in rows)
         acc = float(table[name][2]) / 100
         assert abs(acc - right / len(rows)) < 0.0006, (name, acc, right)
         assert all(r["correct"] for r in rows if mini.first_wrong_step(r["question"], r["completion"]) == -1)

@@ -1,6 +1,6 @@
 # python -m pytest -q tests/test_pairs.py
 """The pair pipeline end to end: a tiny random checkpoint on a 20-question slice produces both pair
-kinds, graded by data.py for real; a run killed with SIGKILL and restarted writes the same file as an
+kinds, graded by grade.py for real; a run killed with SIGKILL and restarted writes the same file as an
 uninterrupted one.
 
 For right answers to happen by chance, the random model is tilted toward short digit strings: its
