@@ -10,8 +10,8 @@ and a dispreferred solution or --k-max samples (the naive pair); then cut the pr
 each eligible step, in ascending order (--cut all) or a random order (--cut random), continue from each
 cut --tries times with the ramp T_j = min(start + j * inc, max), and keep the first wrong, clean
 continuation (the step-controlled pair), at most --sc-per-question per question; only questions with a
-naive pair are cut (--sc-from naive, the paper's D_naive). Grading, steps, filters and the pair record
-are data.py's.
+naive pair are cut (--sc-from naive, the paper's D_naive). Grading is grade.py's; steps, filters and the
+pair record are data.py's.
 Progress is kept in <out>.parts/: kill the run at any time and rerun the same command to go on. It
 records the settings and the model's hashes, and a rerun with others is refused (--restart starts over).
 When it finishes, <out>.meta.json records the model's and tokenizer's hashes (data.write_pairs_meta), so
@@ -728,7 +728,7 @@ def pair_settings(args, max_new_tokens):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    a = sub.add_parser("pairs", help="sample naive and step-controlled pairs", description=PAIRS_HELP,
+    a = sub.add_parser("pairs", help="sample naive and step-controlled pairs", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     a.add_argument("--model", required=True, help="hub-format folder: the SFT model and its tokenizer")
     a.add_argument("--data", default="gsm8k:train,math:train", help="comma-separated sets or .jsonl files")
@@ -761,14 +761,6 @@ def main(argv=None):
         data.write_pairs_meta(args.out, args.model, summary)   # last, atomically: scdpo.check_pairs_match
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-
-
-PAIRS_HELP = """Sample naive and step-controlled pairs from an SFT model (METHOD.md sections 1-2).
-Per question: samples at temperature 1 until one is preferred and one dispreferred, or --k-max (the
-naive pair); then the preferred solution is cut after an eligible step and continued --tries times
-with the temperature ramp, keeping the first wrong, clean continuation (a step-controlled pair), at
-most --sc-per-question per question. Kill it at any time; rerun the same command to go on (a rerun
-with other settings or another model is refused: --restart starts over)."""
 
 
 if __name__ == "__main__":

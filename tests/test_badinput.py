@@ -484,7 +484,7 @@ def test_pairs_help_describes_the_command(capsys):
     with pytest.raises(SystemExit):
         sample.main(["pairs", "--help"])
     text = capsys.readouterr().out
-    assert "Sample naive and step-controlled pairs from an SFT model" in text and "--restart" in text
+    assert "The pipeline (METHOD.md sections 1-2), per question" in text and "--restart" in text
 
 
 def test_processbench_evaluation_shows_progress(tiny, capsys):
