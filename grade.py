@@ -1,7 +1,7 @@
 """Grading a solution's final answer: extract_answer takes it from the text, is_equiv judges it against
 the gold answer (LaTeX normalised, then compared as numbers, as structures of several answers, and
-symbolically with sympy under a time limit). Their behaviour is pinned against Math-Verify on real
-model-written solutions in tests/test_grade.py; README "Grading answers" says where the two differ.
+symbolically with sympy under a time limit). tests/test_grade.py holds them against Math-Verify and
+against human labels of real model-written solutions; README "Grading answers" has the numbers.
 """
 import contextlib
 import functools
