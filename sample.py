@@ -250,6 +250,10 @@ class Sampling:
     delimiter: str = "\n\n"
     static: bool = False   # decode steps of fixed shapes, one CUDA graph replay each on a GPU (_StaticStep)
 
+    def __post_init__(self):
+        if self.static and self.fmt == "code":   # execution output makes the rows' steps uneven
+            raise ValueError("static decoding does not run code (--static needs --fmt cot)")
+
 
 GREEDY = Sampling()
 
@@ -279,8 +283,6 @@ def generate(model, prompts, cfg=GREEDY, n=1, seed=None, tok=None, eos_id=None, 
     if eos_id is None:
         eos_id = tok.stop_ids if tok is not None else model.args.eos_token_id
     eos = set([eos_id] if isinstance(eos_id, int) else eos_id or [])
-    if cfg.static and cfg.fmt == "code":
-        raise ValueError("static decoding does not run code (execution output makes rows' steps uneven)")
     if tok is None and (stop or ramp or cfg.fmt == "code"):
         raise ValueError("stop strings, the ramp and code execution need tok")
     sandbox = sandbox or Kernel
@@ -433,8 +435,7 @@ class PairSettings:
     static: bool = False         # Sampling.static: one-shape decode steps (a CUDA graph each on a GPU)
 
     def __post_init__(self):
-        if self.static and self.fmt == "code":
-            raise ValueError("--static decodes no code: it needs --fmt cot")
+        self.sampling()   # refuses what Sampling refuses (--static with --fmt code) before a model loads
 
     def sampling(self, **kw):
         return Sampling(max_new_tokens=self.max_new_tokens, top_p=self.top_p, fmt=self.fmt,
