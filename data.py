@@ -1,7 +1,7 @@
-"""Data for Step-Controlled DPO: loading, step splitting, the pair filters of METHOD.md (answers
-graded by grade.py), pair records (JSONL and TRL's format), tokenised training rows and batches.
+"""Data for Step-Controlled DPO: loading, step splitting, the pair filters of METHOD.md, pair
+records (JSONL and TRL's format), tokenised training rows and batches.
 
-Everything here is a small pure function; `sample.py pairs` strings them together.
+Small functions, pure but for the file readers and writers; `sample.py pairs` strings them together.
 
 Solution formats (`fmt`):
 - "cot": chain of thought. A step is a paragraph: text up to and including a run of the delimiter
@@ -17,11 +17,9 @@ Solution formats (`fmt`):
       ```
       The sum is $\\boxed{45}$.
 
-  Each block is one step: text runs up to the next fence; a code block is CODE_START .. CODE_END and an
-  execution block OUTPUT_START .. OUTPUT_END, fences and their newline included. Output blocks are
-  written by running the code, never by the model. The sampler uses these same constants.
-
-Every step list satisfies "".join(steps) == solution.
+  Each block is one step: text runs up to the next fence; a code block is CODE_START .. CODE_END,
+  an execution block OUTPUT_START .. OUTPUT_END, fences and their newline included. Output blocks
+  come from running the code, never from the model. The sampler uses these same constants.
 """
 import glob
 import hashlib
@@ -37,16 +35,15 @@ CODE_START, CODE_END = "```python\n", "```\n"
 OUTPUT_START, OUTPUT_END = "```output\n", "```\n"
 
 # ----------------------------------------------------------------------------------------------
-# Loading. Records: {id, source, question, gold} plus solution / level / subject when the file has them.
-# One reader for every set: the named ones are files under the data root, and any JSONL is read the
-# same way, its fields found by name.
+# Loading. A record: {id, source, question, gold}, plus solution / level / subject if present.
+# Named sets and any other JSONL go through one reader, which finds fields by name.
 # ----------------------------------------------------------------------------------------------
 DATASETS = {"gsm8k:train": "gsm8k/train.jsonl", "gsm8k:test": "gsm8k/test.jsonl",
             "math:train": "math/train.jsonl", "math:test": "math/test.jsonl",
             "math:test500": "math/test500.jsonl", "svamp": "extra/svamp.jsonl",
             "asdiv": "extra/asdiv.jsonl", "mawps": "extra/mawps.jsonl"}
 ALIASES = {"gsm8k": "gsm8k:test", "math": "math:test", "math500": "math:test500"}   # the test sets
-# our field <- the first of the file's fields that a row has
+# our field <- the first of these that the row has
 FIELDS = {"question": ("question", "problem"), "gold": ("gold", "answer"), "solution": ("solution",),
           "id": ("id", "unique_id"), "level": ("level",), "subject": ("subject", "type")}
 
@@ -58,9 +55,8 @@ def data_root(root=None):
 
 
 def parse_record(row, where, source):
-    """One record from a JSON object: the question (`question` or `problem`), the gold answer (`gold`,
-    `answer`, or the '#### N' line of a GSM8K worked answer, which is then also the solution), and
-    optional id, solution, level, subject. ValueError names `where` and the field."""
+    """One record of a JSON object, its fields found through FIELDS. A GSM8K worked answer (ending
+    '#### N') gives both the solution and the gold N. ValueError names `where` and the field."""
     def get(name):
         key = next((k for k in FIELDS[name] if k in row), None)
         if key is None:
@@ -87,10 +83,10 @@ def parse_record(row, where, source):
 
 
 def load_records(spec, limit=None, root=None):
-    """Records of comma-separated sets: names of DATASETS or ALIASES, or paths of JSONL files (source =
-    the file's name), each cut to its first `limit` records. Ids are "<source>/<id>" where a row has
-    one, else "<set>/<line index>". A record with an empty gold answer cannot be graded (2 MATH
-    train problems): it is left out, and said."""
+    """Records of comma-separated sets: names of DATASETS or ALIASES, or JSONL paths (source = the
+    file's name), each cut to its first `limit` records. Ids are "<source>/<id>" where a row has one,
+    else "<set>/<record index>". A record with an empty gold answer cannot be graded (2 MATH train
+    problems): it is left out, with a printed note."""
     records = []
     for part in spec.split(","):
         name = ALIASES.get(part, part)
@@ -119,10 +115,10 @@ def load_records(spec, limit=None, root=None):
 
 def read_jsonl(path, check=None):
     """Rows of a JSONL file (blank lines skipped). A line that is not UTF-8 or not a JSON object is a
-    ValueError naming file and line; `check(row, "file:line")` may check fields (see check_pair) and
-    return the row."""
+    ValueError naming file and line. `check(row, "file:line")`, if given, returns the row to keep and
+    may raise (see check_pair)."""
     rows = []
-    with open(path, "rb") as f:   # bytes, decoded line by line, so that a bad byte's line can be named
+    with open(path, "rb") as f:   # bytes, so that a bad byte's line can be named
         for lineno, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")
@@ -142,8 +138,8 @@ def read_jsonl(path, check=None):
 
 
 def write_text(path, text):
-    """The one atomic writer: text written whole into path.tmp, synced, then renamed over path, so that a
-    kill mid-write leaves the old file, never half a new one."""
+    """The one atomic writer: path.tmp written whole, synced, then renamed over path. A kill mid-write
+    leaves the old file, never half a new one."""
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
@@ -152,8 +148,8 @@ def write_text(path, text):
 
 
 def write_jsonl(path, rows, append=False):
-    """One JSON object a line. `append` adds to the end, flushed (resumable runs append question by
-    question); otherwise the file is written whole by write_text."""
+    """One JSON object a line. `append` adds to the end (resumable runs append question by question);
+    otherwise write_text writes the file whole."""
     lines = (json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     if append:
         with open(path, "a", encoding="utf-8") as f:
@@ -225,9 +221,8 @@ def cut_points(steps, mode="paper"):
 
 
 # ----------------------------------------------------------------------------------------------
-# Filters (METHOD.md sections 1 and 2). A solution is preferred when its answer is right and it shows
-# no error or correction (the authors' scripts: no "error" / "apolog" anywhere, any case) and, for
-# code, no execution error; dispreferred when its answer is wrong or missing; else neither.
+# Filters (METHOD.md sections 1 and 2). As in the authors' scripts, a solution whose text holds
+# "error" or "apolog" (any case) is never preferred: it shows a mistake, even a corrected one.
 # ----------------------------------------------------------------------------------------------
 ERROR_MARKERS = ("error", "apolog")
 _EXEC_ERROR = re.compile(r"Traceback \(most recent call last\)|\b\w*(?:Error|Exception)\b|[Tt]imed? ?out")
@@ -239,9 +234,10 @@ def has_exec_error(solution):
 
 
 def judge(solution, gold, fmt="cot"):
-    """(label, answer): label is 'preferred', 'dispreferred', or 'flawed' (right answer but an
-    error/apology marker or an execution error: neither side of a pair). Chain-of-thought answers may
-    fall back to the last number; code-integrated ones must be \\boxed or stated."""
+    """(label, answer). label: 'preferred' (right answer, no marker, no execution error),
+    'dispreferred' (answer wrong or missing) or 'flawed' (right, but marked: on neither side of a
+    pair). Chain-of-thought answers may fall back to the last math expression; code-integrated ones
+    must be \\boxed or stated."""
     pred = extract_answer(solution, fallback=fmt == "cot")
     if not is_equiv(pred, gold):
         return "dispreferred", pred
@@ -282,9 +278,9 @@ PAIR_FIELDS = {"id": str, "source": str, "question": str, "prefix": str, "chosen
 
 
 def make_pair(record, chosen, rejected, prefix="", k=-1, fmt="cot", sampling=None):
-    """The pair record of a question `record` (from load_records). The answers are extracted from the
-    whole solutions (prefix + continuation); `sampling`: the settings that produced it (temperature,
-    ramp, tries, seed ...)."""
+    """The pair record of a question `record` (from load_records). Answers are extracted from the
+    whole solutions (prefix + continuation). `sampling`: the settings that produced the pair
+    (temperature, ramp, tries, seed ...)."""
     if bool(prefix) != (k >= 0):
         raise ValueError(f"a step-controlled pair has a prefix and k >= 0, a naive one neither (k={k}, "
                          f"prefix={prefix[:40]!r})")
@@ -297,9 +293,9 @@ def make_pair(record, chosen, rejected, prefix="", k=-1, fmt="cot", sampling=Non
 
 
 def check_pair(pair, where="pair"):
-    """The pair itself, after checking every field of PAIR_FIELDS (and the optional `prompt`: the exact
-    text before the continuations, for pairs read from TRL's format) and that the pair can be trained
-    on; else ValueError naming `where` and the field."""
+    """The pair itself, once every field of PAIR_FIELDS is checked, and the optional `prompt` (the
+    exact text before the continuations, in pairs read from TRL's format), and the pair can be
+    trained on; else ValueError naming `where` and the field."""
     for name, kind in PAIR_FIELDS.items():
         if name not in pair:
             raise ValueError(f"{where}: missing field {name!r}")
@@ -311,9 +307,8 @@ def check_pair(pair, where="pair"):
                          f"(k=-1) or 'sc' (k>=0)")
     if not isinstance(pair.get("prompt", ""), str):
         raise ValueError(f"{where}: field 'prompt' is {type(pair['prompt']).__name__}, expected str")
-    # pairs that would train on nothing, or on the wrong thing: a step-controlled pair without its shared
-    # steps, a naive one with some, nothing to prefer, or the same text on both sides (margin always 0).
-    # An empty rejected is allowed: a continuation that stops at once is a real wrong answer.
+    # Pairs that would train on nothing or on the wrong thing. The same text on both sides: the
+    # margin is always 0. An empty rejected is allowed: stopping at once is a real wrong answer.
     if (pair["kind"] == "sc") != bool(pair["prefix"]):
         raise ValueError(f"{where}: field 'prefix' is {'empty' if not pair['prefix'] else 'not empty'} in a "
                          f"{pair['kind']} pair (k={pair['k']}): a step-controlled pair's prefix is the "
@@ -338,9 +333,9 @@ def read_pairs(path, with_format=False):
     return (pairs, " + ".join(sorted(kinds, reverse=True)) or "scdpo") if with_format else pairs
 
 
-# Provenance of a pairs file: `<pairs>.meta.json` records hashes of the model and tokenizer that sampled it
-# (written last, so its presence also marks the file complete); scdpo.check_pairs_match refuses to train a
-# model whose hashes differ. sample.py's CLI and scdpo.py's sampling stage both write it.
+# Provenance: `<pairs>.meta.json` holds hashes of the model and tokenizer that sampled a pairs file.
+# Written last, it also marks the file complete. scdpo.check_pairs_match refuses to train a model
+# whose hashes differ.
 def sha256_file(path, sample=None):
     """sha256 of a file; with `sample` bytes, of its size and 16 evenly spaced slices (a fingerprint of
     multi-GB weights that changes whenever training changes the weights, without reading them all)."""
@@ -374,8 +369,8 @@ def pairs_meta_path(pairs_path):
 
 
 def write_pairs_meta(pairs_path, model_dir, summary=None):
-    """Write `<pairs>.meta.json` ({model, tokenizer} hashes of model_dir, plus the summary counts) atomically:
-    a temporary file renamed into place. Call it once the pairs file is complete, on one process."""
+    """Write `<pairs>.meta.json` ({model, tokenizer} hashes of model_dir, plus the summary counts) with
+    write_text; returns its path. Call it once the pairs file is complete, on one process."""
     path = pairs_meta_path(pairs_path)
     write_json(path, {**model_fingerprint(model_dir), "summary": summary})
     return path
@@ -390,29 +385,28 @@ def read_pairs_meta(pairs_path):
         return json.load(f)
 
 
-# TRL's preference format: prompt, chosen, rejected. to_trl writes the prompt as the text the model
-# sees (the chat template rendered around the question, then the prefix), since TRL feeds a string
-# prompt verbatim; our other fields ride along, so that from_trl gives our record back. A foreign
-# string row keeps its prompt verbatim too (field `prompt`, which tokenize_pair then uses as is); a
-# conversational row (message lists) is rendered with the model's chat template, as TRL does.
+# TRL's preference format: prompt, chosen, rejected. TRL feeds a string prompt verbatim, so to_trl
+# writes the text the model sees (the chat template around the question, then the prefix), and
+# tokenize_pair uses a string prompt read back as is. Our other fields ride along, so from_trl gives
+# our record back. A conversational row (message lists) is rendered with the chat template, as TRL does.
 def to_trl(pair, tok):
-    """A TRL preference row of a pair record, the prompt rendered with `tok`'s chat template."""
+    """A TRL row of a pair record; `prompt` rendered with `tok`'s chat template unless the pair has one."""
     prompt = pair.get("prompt", tok.render_prompt(pair["question"], pair["prefix"]))
     return {**pair, "prompt": prompt}
 
 
 def from_trl(row, where="TRL row"):
-    """A pair record of a TRL row (see above): ours back exactly (with the prompt kept), a foreign
-    string row as a naive pair with its prompt verbatim, a conversational one with the question from
-    the user message and the prefix from an open assistant message after it (k: the prefix's last
-    step). Other message lists, or a missing field, are a ValueError naming `where`."""
+    """A pair record of a TRL row: ours back exactly; a foreign string row as a naive pair; a
+    conversational one with the question from the user message and the prefix from an open assistant
+    message after it (k: the prefix's last step). Other message lists, or a missing field, are a
+    ValueError naming `where`."""
     for side in ("prompt", "chosen", "rejected"):
         if side not in row:
             raise ValueError(f"{where}: missing field {side!r} (TRL rows have prompt, chosen, rejected)")
     if isinstance(row["prompt"], str) and all(k in row for k in PAIR_FIELDS):
         return check_pair(dict(row), where)
 
-    def texts(x, roles):   # [x] for a string; the contents of messages whose roles are one of `roles`
+    def texts(x, roles):   # [x] for a string, else the contents of messages with roles in `roles`
         if isinstance(x, str):
             return [x]
         if not isinstance(x, list) or [m.get("role") for m in x] not in roles:
@@ -433,12 +427,11 @@ def from_trl(row, where="TRL row"):
 
 # ----------------------------------------------------------------------------------------------
 # Tokenised rows and batches. The prompt is tok.render_prompt(question, prefix): the question as the
-# user turn, then the prefix as the start of the assistant turn, left open. Prompt + continuation is
-# tokenised once and split at the character boundary (tok.encode_prompt_response). Every chosen and
-# rejected of this project is a complete solution (sample.py drops samples cut off at max_new_tokens),
-# so the end-of-turn token (tok.end_id: EOS, or the template's own, e.g. ChatML's <|im_end|>) follows it,
-# unless max_len cut it short.
-# A pair whose prompt is longer than max_prompt_len is dropped (never cut), and counted.
+# user turn, the prefix as the start of the assistant turn, left open. Prompt + continuation is
+# tokenised once and split at the character boundary (tok.encode_prompt_response).
+# Every chosen and rejected is a complete solution (sample.py drops samples cut at max_new_tokens),
+# so the end-of-turn token tok.end_id (EOS, or the template's own, e.g. ChatML's <|im_end|>) follows
+# it, unless max_len cuts it. A pair whose prompt is over max_prompt_len is dropped (never cut).
 # ----------------------------------------------------------------------------------------------
 def _cap(ids, room, end_id):
     """ids + [end of turn] cut to `room` tokens; (ids, truncated)."""
@@ -454,10 +447,10 @@ def tokenize_pair(pair, tok, max_len=1024, max_prompt_len=512):
         raise ValueError(f"need 0 < max_prompt_len ({max_prompt_len}) < max_len ({max_len})")
     text = pair["prompt"] if "prompt" in pair else tok.render_prompt(pair["question"], pair["prefix"])
     (ids_c, n_c), (ids_r, n_r) = (tok.encode_prompt_response(text, pair[s]) for s in ("chosen", "rejected"))
-    n = 0  # both encodings share the prompt's ids; a token straddling the boundary is the continuation's
+    n = 0  # the shared ids are the prompt; a token across the boundary is the continuation's
     while n < min(n_c, n_r) and ids_c[n] == ids_r[n]:
         n += 1
-    if n == 0:  # the first continuation token is predicted by the last prompt token: there must be one
+    if n == 0:  # the last prompt token predicts c_0: there must be one
         raise ValueError(f"pair {pair['id']}: the rendered prompt has no tokens")
     if n > max_prompt_len:
         return None
@@ -518,7 +511,7 @@ def tokenize_sft(question, solution, tok, max_len=2048):
 # The prompt (for a step-controlled pair: question and the shared prefix) is computed once, and both
 # continuations see exactly what they would in a row of their own.
 # Unpacked layout: rows 2p = prompt + chosen and 2p + 1 = prompt + rejected, right-padded, plain causal
-# (mask None); every real query only sees keys before it, padding included.
+# (mask None): padding comes after every real token, so no real query sees it.
 def collate_pairs(rows, packed=True, pad_id=0):
     """dict(input_ids, positions (B, L) long, mask (B, L, L) bool or None, idx, tgt, seg, lengths) of
     tokenised pairs; B = len(rows) packed, 2 * len(rows) unpacked."""

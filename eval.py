@@ -5,23 +5,23 @@
     torchrun --standalone --nproc_per_node=8 eval.py --model PATH --data math   # questions strided by rank
     python eval.py --model DPO_PATH --ref SFT_PATH --processbench gsm8k --html credit.html
 
-Accuracy: greedy decoding through sample.py with the training prompt (tok.render_prompt), the final
-answer taken by grade.extract_answer and judged by grade.is_equiv. One JSON line per question.
+Accuracy: greedy decoding through sample.py with the training prompt (tok.render_prompt); the final
+answer is read by grade.extract_answer and judged by grade.is_equiv. --out: one JSON line per question.
 
-Credit assignment: the DPO implicit reward of token x_i after prefix s_i (METHOD.md section 5)
+Credit assignment (METHOD.md section 5): the DPO implicit reward of token x_i after prefix s_i is
     r(s_i, x_i) = beta * (log pi_theta(x_i | s_i) - log pi_ref(x_i | s_i))
-summed over a step's tokens is that step's reward. A DPO-trained model is its own process reward
-model this way; the question is whether it puts the low reward on the step that is actually wrong.
-Given step labels (ProcessBench's `label`: the index of the earliest wrong step, -1 when every step
-is right; or the miniature's exact checker) we predict the first wrong step from the step rewards and
-score it as ProcessBench does:
+and a step's reward is the sum over its tokens. So a DPO-trained model is its own process reward
+model; the question is whether it gives the low reward to the step that is actually wrong.
+Given step labels (ProcessBench's `label`, the index of the first wrong step, -1 when all are right;
+or the miniature's exact checker), we predict the first wrong step from the step rewards and score it
+as ProcessBench does:
     acc_err = exact first-wrong-step accuracy on solutions with an error
     acc_cor = accuracy on error-free solutions (predicting -1)
     F1      = 2 acc_err acc_cor / (acc_err + acc_cor)
-That needs a threshold on the rewards; step_scores adds scores that only compare rewards with each other
-(top-1: the first wrong step is the lowest so far; AUC: a wrong step scores below a right one), and
-bootstrap / seed_interval give their intervals over examples and over seeds. html_compare draws the
-token rewards of several methods side by side on the same solutions.
+That needs a threshold on the rewards. step_scores adds scores that only compare rewards with each
+other (top-1: the first wrong step is the lowest so far; AUC: a wrong step scores below a right one);
+bootstrap and seed_interval give their intervals over examples and over seeds. html_compare shows
+several methods' token rewards side by side on the same solutions.
 """
 import argparse
 import html
@@ -48,8 +48,8 @@ from model import gather_rows, print0
 
 
 def grade(rec, completion):
-    """One prediction row: the record's fields, the completion, the extracted answer ('pred', None when the
-    completion states none: grade.extract_answer) and correctness (grade.is_equiv against the gold)."""
+    """One prediction row: the record's id, question, gold (and subject, level if set), the completion,
+    the extracted answer 'pred' (None when there is none) and 'correct' (grade.is_equiv with the gold)."""
     pred = extract_answer(completion)
     row = {"id": rec["id"], "question": rec["question"], "gold": rec["gold"], "completion": completion,
            "pred": pred, "correct": bool(is_equiv(pred, rec["gold"]))}
@@ -88,8 +88,8 @@ def generate_greedy(model, tok, questions, max_new_tokens, batch_size, static=Fa
 
 
 def evaluate(model, tok, records, max_new_tokens=512, batch_size=64, rank=0, world=1, static=False):
-    """Prediction rows for `records` (this rank grades records[rank::world]; rows gathered on all ranks,
-    sorted back into the records' order). static: Sampling.static."""
+    """Prediction rows for `records`, in their order, on every rank. Each rank grades
+    records[rank::world]; the rows are gathered. static: Sampling.static."""
     mine = list(range(rank, len(records), world))
     questions = [records[i]["question"] for i in mine]
     completions = generate_greedy(model, tok, questions, max_new_tokens, batch_size, static)
@@ -107,10 +107,11 @@ def evaluate(model, tok, records, max_new_tokens=512, batch_size=64, rank=0, wor
 
 @torch.no_grad()
 def response_logprobs(model, tok, prompts, responses, batch_size=16, progress=None):
-    """Per response token: (ids, char offsets into the response, log-probs), one tuple per pair.
-    prompt + response is tokenised once (tok.encode_prompt_response), as in training; as in scdpo.SeqLogprobs,
-    kernels.token_logprobs takes the final hidden states of the response positions only, never the
-    (B, L, V) logits (fp32: 10 GB for a 152k vocabulary at batch 16 and L = 1024)."""
+    """Per pair, a tuple (ids, char offsets into the response, log-probs) of its response tokens.
+    prompt + response is tokenised once and split as tok.encode_prompt_response splits it, as in
+    training. As in scdpo.SeqLogprobs, kernels.token_logprobs reads only the final hidden states of
+    the response positions, never the (B, L, V) logits (fp32: 10 GB for a 152k vocabulary at batch 16
+    and L = 1024)."""
     device = next(model.parameters()).device
     out = []
     batches = range(0, len(prompts), batch_size)
@@ -197,7 +198,8 @@ def processbench_metric(preds, labels):
 
 
 def fit_threshold(all_step_sums, labels, rule="first"):
-    """The threshold (among 0 and the midpoints of the observed step rewards) with the best F1."""
+    """The threshold (among 0 and the midpoints of the observed step rewards) with the best F1; on a
+    tie, the one nearest 0."""
     vals = sorted({round(s, 6) for sums in all_step_sums for s in sums})
     outside = [vals[0] - 1, vals[-1] + 1] if vals else []   # "every step wrong" and "none wrong"
     cands = [0.0] + [(a + b) / 2 for a, b in zip(vals, vals[1:])] + outside
@@ -208,9 +210,10 @@ def fit_threshold(all_step_sums, labels, rule="first"):
 
 
 def localisation(all_step_sums, labels, threshold="fit", rule="first"):
-    """The ProcessBench metric of reward-based first-wrong-step prediction. threshold "fit": two-fold
-    cross-fitting (the threshold that maximises F1 on one half scores the other half, and back), so that
-    the reported number never sees its own labels; a float: that threshold for all. Returns dict."""
+    """The ProcessBench metric of first-wrong-step prediction from step rewards. threshold "fit":
+    two-fold cross-fitting, so the reported number never sees its own labels (the threshold with the
+    best F1 on one half scores the other half, and back; under 4 examples, 0). A float: that threshold
+    for all. Returns {acc_err, acc_cor, f1, thresholds, preds, n_err, n_cor}."""
     n = len(labels)
     if threshold == "fit" and n >= 4:
         halves = [list(range(0, n, 2)), list(range(1, n, 2))]
@@ -231,8 +234,8 @@ def localisation(all_step_sums, labels, threshold="fit", rule="first"):
 # ----------------------------------------------------------------------------------------------
 # Threshold-free scores of the step rewards, and their intervals
 # ----------------------------------------------------------------------------------------------
-# The ProcessBench metric above needs a threshold, so a drift of every reward (a longer run, another
-# beta) moves it. These scores only compare rewards with one another, so such a drift cannot decide them.
+# The ProcessBench metric needs a threshold, so a shift of all rewards (a longer run, another beta)
+# moves it. These scores only compare rewards with one another; such a shift cannot change them.
 
 # 0.975 quantiles of Student's t for 1..30 degrees of freedom (no scipy); 1.96 (the normal) beyond
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -256,10 +259,10 @@ def auc(low, high):
 
 
 def _wrong_and_right(step_sums, labels, kinds=None):
-    """Split the step rewards: wrong = each erroneous solution's first wrong step; right = (reward,
-    kind) of the steps before it and of every step of an error-free solution. Steps after the first
-    error are left out (they are conditioned on an error), and so is every solution whose label is past
-    its last step (the error is a missing step: no step to score). Returns (wrong, right, n_skipped)."""
+    """Split the step rewards. wrong: the first wrong step of each erroneous solution. right: (reward,
+    kind) of the steps before it, and of every step of an error-free solution. Steps after the first
+    error are left out, as they are conditioned on an error. So is a solution whose label is past its
+    last step (the error is a missing step: nothing to score). Returns (wrong, right, n_skipped)."""
     wrong, right, skipped = [], [], 0
     for i, (sums, label) in enumerate(zip(step_sums, labels)):
         if label >= len(sums):
@@ -310,13 +313,13 @@ def step_scores(step_sums, labels, kinds=None):
 
 
 def bootstrap(stat, n, B=1000, seed=0, level=0.95):
-    """Percentile bootstrap over n items: point = stat(list(range(n))); B index lists of size n drawn with
-    replacement (numpy Generator, `seed`) give stat's resampled values, whose (1 - level) / 2 and
-    (1 + level) / 2 quantiles are (lo, hi). stat takes a list of indices. A paired difference of two
-    methods is a stat that scores both on the same indices and subtracts, e.g.
+    """Percentile bootstrap over n items; returns (point, lo, hi). stat takes a list of indices;
+    point = stat(list(range(n))). B index lists of size n, drawn with replacement (numpy Generator,
+    `seed`), give the resampled values; lo and hi are their (1 - level) / 2 and (1 + level) / 2
+    quantiles. For a paired difference, score both methods on the same indices and subtract, e.g.
         lambda ix: np.mean([a[i] for i in ix]) - np.mean([b[i] for i in ix])
     so that what the items share cancels. Resamples where stat is nan (an empty class) are dropped;
-    returns (point, nan, nan) when all are."""
+    (point, nan, nan) when all are."""
     rng = np.random.default_rng(seed)
     point = float(stat(list(range(n))))
     vals = np.array([stat(rng.integers(0, n, size=n).tolist()) for _ in range(B)], dtype=np.float64)
@@ -328,9 +331,9 @@ def bootstrap(stat, n, B=1000, seed=0, level=0.95):
 
 
 def seed_interval(values, level=0.95):
-    """Student-t interval over seeds: mean +- t_{(1 + level) / 2, n - 1} * sd / sqrt(n), sd with n - 1 in
-    the denominator; t from the table for df <= 30, 1.96 beyond. Only level 0.95 (ValueError otherwise).
-    One value: (v, nan, nan), as one seed says nothing about the spread."""
+    """Student-t interval over seeds, (mean, lo, hi): mean +- t_{(1 + level) / 2, n - 1} * sd / sqrt(n),
+    sd with n - 1 in the denominator; t from the table for df <= 30, 1.96 beyond. Only level 0.95
+    (ValueError otherwise). One value: (v, nan, nan), as one seed says nothing about the spread."""
     if level != 0.95:
         raise ValueError(f"seed_interval: only level 0.95 is tabulated, got {level}")
     v = np.asarray(values, dtype=np.float64).ravel()
@@ -374,8 +377,7 @@ def _page_scale(token_lists):
 
 
 def _step_cells(tr, steps, scale):
-    """Per step: (the step's tokens as coloured <span>s, its reward sum); a token goes to the step that
-    holds its first character (step_of_tokens), as in step_rewards."""
+    """Per step: (its tokens as coloured <span>s, its reward sum), tokens assigned as in step_rewards."""
     text, cells = "".join(steps), [[] for _ in steps]
     for j, (s, e), r in zip(step_of_tokens(tr["offsets"], steps), tr["offsets"], tr["rewards"]):
         cells[j].append(f'<span style="background:{_colour(r, scale)}" title="{r:+.4f}">'
@@ -409,12 +411,12 @@ def _solution_table(ex, trs, names, scale):
 
 
 def html_compare(examples, columns, path, title="Credit assignment", summary=None, n=8):
-    """One HTML page comparing methods' token rewards on the same solutions (the paper's Figures 2-3,
-    e.g. DPO beside SCDPO). examples: dicts {question, steps, label, [title], [kinds]}; columns: (name,
-    token_rewards) with token_rewards[i] = {offsets, rewards} for examples[i] (as token_rewards returns);
-    summary: optional (header, rows), a table at the top. The first n examples are shown; red < 0 <
-    green, opacity |r| / (98th percentile of |r| over all columns shown); framed: the true first wrong
-    step. Written by data.write_text, so a reader never sees half a page."""
+    """One HTML page of several methods' token rewards on the same solutions (the paper's Figures 2-3,
+    e.g. DPO beside SCDPO); returns path. examples: dicts {question, steps, label, [title], [kinds]}.
+    columns: (name, token_rewards), token_rewards[i] = {offsets, rewards} of examples[i], as
+    token_rewards returns them. summary: optional (header, rows), a table at the top. Shows the first n
+    examples: red < 0 < green, opacity min(|r| / scale, 1) with _page_scale's scale, the true first
+    wrong step framed. Written by data.write_text, so a reader never sees half a page."""
     shown = list(range(min(n, len(examples))))
     names = [name for name, _ in columns]
     scale = _page_scale([trs[i] for _, trs in columns for i in shown])
@@ -446,11 +448,11 @@ def credit_summary(res):
 
 def credit_assignment(policy, ref, tok, examples, beta, threshold="fit", rule="first", html_path=None,
                       n_html=8, batch_size=16, title="Credit assignment", rank=0, world=1, progress=False):
-    """examples: dicts {question, steps (list, "".join = the solution), label, [kinds]}. Per-step rewards
-    (each rank scores examples[rank::world]; gathered on every rank), the localisation metric, the
-    threshold-free scores (res["scores"], step_scores; by kind when every example has kinds), the token
-    rewards (res["tokens"], in examples' order) and, on rank 0, the HTML page of the first n_html
-    examples, erroneous ones first."""
+    """examples: dicts {question, steps (list; "".join is the solution), label, [kinds]}. Returns, on
+    every rank, localisation's dict plus res["scores"] (step_scores; by kind when every example has
+    kinds), res["step_rewards"] and res["tokens"] (the token rewards), in examples' order. Each rank
+    scores examples[rank::world]. With html_path, rank 0 writes the page of the first n_html examples,
+    erroneous ones first."""
     mine = list(range(rank, len(examples), world))
     prompts = [tok.render_prompt(examples[i]["question"]) for i in mine]
     responses = ["".join(examples[i]["steps"]) for i in mine]
@@ -473,7 +475,8 @@ def credit_assignment(policy, ref, tok, examples, beta, threshold="fit", rule="f
 
 
 def load_processbench(subset, limit=None, root=None):
-    """ProcessBench examples {question, steps, label}. Steps are joined with a blank line."""
+    """ProcessBench examples {id, question, steps, label} from <data root>/processbench/<subset>.json,
+    steps as _pb_steps makes them. A record without id, problem, label or steps is a ValueError."""
     path = os.path.join(data.data_root(root), "processbench", f"{subset}.json")
     with open(path, encoding="utf-8") as f:
         rows = json.load(f)[:limit] if limit else json.load(f)

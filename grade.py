@@ -20,11 +20,11 @@ from sympy.parsing.sympy_parser import (implicit_multiplication_application, par
 # ----------------------------------------------------------------------------------------------
 # Final answers. A solution's answer is that of its LAST marker, by position: \boxed{..} / \fbox{..}
 # (boxes joined by commas or 'and' are one list), 'Final Answer: The final answer is X. I hope it is
-# correct.' (Minerva), 'The answer is: X' (MetaMath), 'Answer: X', '#### N' (GSM8K). A marker's answer
-# is the math span right after it, else its sentence (to '. ' or the line end), or that sentence's last
-# math expression when it is prose ('The largest $n$ is 34.'). Without a marker: the text's last math
-# expression, i.e. the last $..$ / \(..\) / \[..\] span, bare \frac / \sqrt or number, whichever ends
-# last (never a piece of a fraction). A $ opens math only if its closing $ is not money's ('$5 and $6').
+# correct.' (Minerva), 'The answer is: X' (MetaMath), 'Answer: X', '#### N' (GSM8K).
+# A marker's answer is the math span right after it, else its sentence (to '. ' or the line end);
+# in a prose sentence, its last math expression ('The largest $n$ is 34.').
+# No marker: the last math expression, i.e. the $..$ / \(..\) / \[..\] span, bare \frac / \sqrt or
+# number that ends last (never a piece of a fraction).
 # ----------------------------------------------------------------------------------------------
 _NUMBER = re.compile(r"(?<![\w.{^_\\])[-+]?(?:(?:\d{1,3}(?: \d{3})+|\d+) +\d+/\d+(?![\d/])"     # 4 4/9
                      r"|(?:\d{1,3}(?:,\d{3})+(?!,\d)|\d{1,3}(?: \d{3})+|\d+(?:,\d{1,2}(?![\d,]))?)"
@@ -169,17 +169,18 @@ def extract_answer(text, fallback=True):
 
 
 # ----------------------------------------------------------------------------------------------
-# Equivalence. Both answers are brought to one canonical string (normalize_answer: \dfrac -> \frac,
-# \left/\right, spacing, \text{units}, degrees, dollars, thousands in every spelling (115{,}000, 1\,000,
-# 1 000), \frac12 -> \frac{1}{2}, 4 4/9 -> 4\frac{4}{9}, percent -> %, \le -> <=, 'and' / ';' -> ',').
-# Equal strings are equal answers. Then the gold decides what '=' means: a gold equation (one '=', a
-# digit on its left: x^2+y^2=13) needs an equation with the same solutions; else a chain a = b = c
-# states its last side ('\frac{28}{4}=7' is 7, 'k = 1/3' is 1/3, 'x \in [1,2]' is [1,2]). Structures:
-# unions, matrices (same shape), tuples and intervals (in order, brackets exact), sets and lists (any
-# order; \pm gives both values; named values match by name, bare ones in the gold's order); a < x <= b
-# is (a,b]. Single values compare as exact numbers, then through sympy: our own translator turns the
-# LaTeX into a plain expression whose every name is checked before sympy parses it, under a timer
-# (SIGALRM: main thread only; elsewhere the symbolic step is off, with a one-time message).
+# Equivalence, in four steps.
+# 1. normalize_answer brings both answers to one canonical string: \dfrac -> \frac, no \left/\right,
+#    spacing, \text{units}, degrees or dollars, thousands in every spelling (115{,}000, 1\,000, 1 000),
+#    \frac12 -> \frac{1}{2}, 4 4/9 -> 4\frac{4}{9}, percent -> %, \le -> <=, 'and' / ';' -> ','.
+#    Equal strings are equal answers.
+# 2. The gold decides what '=' means: a gold equation (x^2+y^2=13) needs an equation with the same
+#    solutions; else a chain a = b = c states its last side ('\frac{28}{4}=7' is 7).
+# 3. Structures: unions, matrices (same shape), tuples and intervals (in order, brackets exact), sets
+#    and lists (any order; named values match by name, bare ones in the gold's order).
+# 4. Single values compare as exact numbers, then through sympy, under a timer (SIGALRM: main thread
+#    only; elsewhere the symbolic step is off). Our own translator turns the LaTeX into a plain
+#    expression, and every name in it is checked before sympy parses it.
 # ----------------------------------------------------------------------------------------------
 _TEXT = re.compile(r"\\(?:text|textbf|textrm|textit|textnormal|mbox|mathrm)\s*\{([^{}]*)\}(?:\^\{?[23]\}?)?")
 _REL = {"leqslant": "<=", "geqslant": ">=", "leq": "<=", "geq": ">=", "le": "<=", "ge": ">=", "lt": "<",
@@ -349,7 +350,7 @@ def is_equiv(pred, gold, timeout=2.0):
         return str(pred).strip() == str(gold).strip()
     commas = re.search(r"\d,\d", str(pred) + str(gold))
     readings = ("thousands", "list", "decimal") if commas else ("thousands",)
-    try:  # '45,135' is 45135 or the list 45, 135: equal under any reading of its commas is equal
+    try:
         for comma in readings:
             a, b = normalize_answer(pred, comma), normalize_answer(gold, comma)
             if _is_equation(b) and "=" in a and _equiv(a, b, timeout):
@@ -613,7 +614,7 @@ def _symbolic_equal(a, b, timeout):
     """a == b through sympy (expressions: simplify(x - y) == 0; numbers: relative 1e-6; equations and
     inequalities: the sides' differences proportional) within `timeout` seconds; False when undecided."""
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGALRM"):
-        if not _warned_thread:  # the timer needs the main thread; outside it only string equality counts
+        if not _warned_thread:  # SIGALRM works in the main thread only
             _warned_thread.append(1)
             print("grade.is_equiv: not in the main thread, so no symbolic equivalence (string, number rules)")
         return False

@@ -7,9 +7,9 @@
     python mini.py --sweep 0,0.5,1 --seeds 5 --out runs/sweep   # the knob: table + sweep.svg
     torchrun --standalone --nproc_per_node=2 mini.py
 
-The task: synthetic word problems in which every step is one computation that can be checked exactly,
-so the first wrong step of ANY solution is known (check), which the credit-assignment metrics need
-and real data lacks:
+The task: synthetic word problems in which every step is one computation that can be checked exactly.
+So the first wrong step of ANY solution is known (check): the credit-assignment metrics need it, and
+real data lacks it.
 
     Eva has 7 bags of 6 pens. Eva gets 3, uses 8, uses 5. How many now?
     7*6=42            step 0   a*b (the checker takes either order; demonstrations keep the question's)
@@ -18,25 +18,30 @@ and real data lacks:
     37-5=32           step 3
     The answer is 32  step 4   (grade.extract_answer reads it)
 
-The SFT demonstrations carry a systematic "bad habit": in a subtraction that needs a borrow (45-8), a
-fraction `habit` of them forget it (45-8=47). The SFT model learns the habit as a probability, so
-greedy decoding repeats it while sampling sometimes does it right: outcome feedback can fix it.
+The SFT demonstrations carry a systematic "bad habit": a fraction `habit` of them forget the borrow in
+a subtraction that needs one (45-8=47). The SFT model learns the habit as a probability: greedy
+decoding repeats it, while sampling sometimes gets it right, so outcome feedback can fix it.
+
 The knob, --reorder: the fraction of demonstrations that apply the additions and subtractions in a
-random valid order. At 0 (the default) every solution takes the question's route and the choices made
-before the first error do not change its chance; towards 1 routes differ in how many subtractions need a
-borrow (42-8, 34-5 both borrow; 42+3, 45-8, 37-5 borrow once), so the route chosen before an error
-changes the chance of that error: the precondition of step control.
-Each seed: (1) a word tokenizer and a tiny Transformer SFT'd from scratch with scdpo.train; (2) pairs
-with sample.make_pairs (cut k in a random order, from the questions with a naive pair) and the
-controls' pairs; (3) four preference runs from that same SFT model, each for exactly --steps optimizer
-steps: DPO (naive pairs), DPO (data-equal: as many DISTINCT naive pairs as SCDPO has pairs), Hot naive
-(naive + one pair per step-controlled pair whose rejected is sampled with the ramp from the question
-alone) and SCDPO (naive + step-controlled); (4) greedy accuracy on test problems (eval.evaluate; dev
-problems only for --lrs selection) and the credit scores of the implicit reward on --n-credit held-out
-SFT samples (eval.credit_assignment, eval.step_scores: top-1, AUC, false alarms by step kind), with
-credit.html showing the four methods side by side. Every difference SCDPO - control comes with a 95%
-interval (eval.bootstrap within a seed, eval.seed_interval over seeds). README: "What the miniature
-shows".
+random valid order. At 0 (the default) every solution takes the question's route, and the choices
+made before the first error do not change its chance. Towards 1, routes differ in how many
+subtractions need a borrow (42-8, 34-5 both borrow; 42+3, 45-8, 37-5 borrow once). Then the route
+chosen before an error changes the chance of that error: the precondition of step control.
+
+Each seed:
+  1. A word tokenizer and a tiny Transformer, SFT'd from scratch with scdpo.train.
+  2. Pairs from sample.make_pairs (cuts in random order, from the questions with a naive pair), and
+     the controls' pairs.
+  3. Four preference runs from that same SFT model, each for exactly --steps optimizer steps:
+     DPO (naive pairs); DPO (data-equal: as many DISTINCT naive pairs as SCDPO has pairs); Hot naive
+     (naive + one pair per step-controlled pair, its rejected sampled with the ramp from the question
+     alone); SCDPO (naive + step-controlled).
+  4. Greedy accuracy on test problems (eval.evaluate; dev problems only for --lrs selection), and the
+     credit scores of the implicit reward on --n-credit held-out SFT samples (eval.credit_assignment,
+     eval.step_scores: top-1, AUC, false alarms by step kind). credit.html shows the four methods
+     side by side.
+Every difference SCDPO - control has a 95% interval (eval.bootstrap within a seed, eval.seed_interval
+over seeds). README: "What the miniature shows".
 """
 import argparse
 import itertools
@@ -133,15 +138,14 @@ def routes(question):
 
 
 def solution(question, rng, habit=0.0, vary=True, overborrow=0.0, reorder=0.0):
-    """A worked solution. vary: random operand order for + (the wording); habit: the chance that a
-    subtraction needing a borrow forgets it (result 10 too big); overborrow: the chance that one
-    needing none borrows anyway (10 too small; only from a two-digit number); reorder: the chance that
-    the additions and subtractions are applied in a random valid order (routes) instead of the
-    question's, which changes how many subtractions need a borrow. Every later step is right given the
-    mistake."""
+    """A worked solution. vary: random operand order for + (the wording). habit: the chance that a
+    subtraction needing a borrow forgets it (result 10 too big). overborrow: the chance that one
+    needing none borrows anyway (10 too small; only from a two-digit number). reorder: the chance of a
+    random valid order of the additions and subtractions (routes) instead of the question's. Each step
+    after a mistake is right given the mistake."""
     want = nodes(question)
     order = [(op, y) for op, _, y, _ in want[1:]]
-    if reorder and rng.random() < reorder:   # no draw at all when reorder = 0: today's task, unchanged
+    if reorder and rng.random() < reorder:   # reorder = 0 draws nothing: the same data as before the knob
         order = list(rng.choice(routes(question)))
     steps, v = [], None
     for op, x, y, r in [want[0]] + [(op, None, y, None) for op, y in order]:
@@ -164,15 +168,16 @@ def step_kind(x, op, y):
 
 
 def check(question, text):
-    """(first wrong step, error kind, step kinds) of a solution (steps = lines). Step 0 must be the
-    product (operands in either order); each later step i < n must apply one of the question's
-    additions or subtractions not used yet, in any order, to the value so far (operands of + in either
-    order) with the right result; step n must be 'The answer is <right>'. Anything more, or a solution
-    that stops early, is wrong at the first missing or extra line (-1: every step right). Error kinds:
-    "none", "habit" (a subtraction that needed a borrow written 10 too big), "overborrow" (one that
-    needed none written 10 too small), "arith" (the right operation on the right numbers, another
-    result), "format" (other numbers or operation, a missing, extra or garbled line). Step kinds:
-    step_kind of each line's own numbers, "answer", or "other"."""
+    """(first wrong step, error kind, step kinds) of a solution whose steps are lines (-1: all right).
+    A right solution: step 0 is the product (operands in either order). Each later step i < n, with n
+    the number of computations, applies to the value so far one of the question's additions or
+    subtractions not used yet, in any order (+ takes its operands in either order), with the right
+    result. Step n is 'The answer is <right>'. A solution too long or too short is wrong at its first
+    extra or missing line.
+    Error kinds: "none"; "habit" (a subtraction that needed a borrow, 10 too big); "overborrow" (one
+    that needed none, 10 too small); "arith" (the right operation on the right numbers, another
+    result); "format" (other numbers or operation; a missing, extra or garbled line).
+    Step kinds: step_kind of each line's own numbers, "answer", or "other"."""
     want = nodes(question)
     lines = data.split_steps(text, "cot", DELIM)
     kinds = []
@@ -223,10 +228,10 @@ def borrows(question, order):
 
 
 def fewest_borrows(question, text):
-    """Whether a solution's route needs the fewest borrows of the question's routes: 1 or 0, and -1 when
-    all routes need as many (nothing to choose). The route is the order in which its lines apply the
-    question's operations, read off the lines as written (a solution whose lines are not a valid route
-    counts as 0). What a model that learned to avoid its error by its choice of route would raise."""
+    """1 if a solution's route needs the fewest borrows of the question's routes, else 0; -1 when all
+    routes need as many (nothing to choose). The route is the order in which the lines, as written,
+    apply the question's operations; lines that are not a valid route count as 0. A model that learned
+    to avoid its error by its choice of route would raise this."""
     valid = routes(question)
     counts = [borrows(question, o) for o in valid]
     if min(counts) == max(counts):
@@ -275,9 +280,8 @@ def cut_rejected(pair):
     return pair
 
 
-# Words are one token each (" has", " bags", "Eva" ...); digits, operators and punctuation are single
-# characters, so arithmetic is done digit by digit, and a training row is half as long as with
-# characters alone.
+# One token a word (" has", " bags", "Eva" ...) and one a digit, operator or punctuation mark: so
+# arithmetic goes digit by digit, and a training row is half as long as with characters alone.
 CHARS = "\n ,.?*+-=0123456789"
 WORDS = tuple(" " + w for w in NAMES + ITEMS) + (
     " has", " bags", " of", " gets", " uses", " How", " many", " now", " answer", " is") + NAMES + ("The",)
@@ -287,10 +291,10 @@ TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{
 
 
 def write_tokenizer(path):
-    """A word tokenizer saved as tokenizer.json + tokenizer_config.json, so that
-    model.Tokenizer.from_pretrained(path) loads it like any hub tokenizer: BPE over characters whose
-    merges build each of WORDS left to right (" " + "h" -> " h", " h" + "a" -> " ha", ...). Chains
-    start with a space or a capital; the spaced ones rank first, so " Eva" is not cut into " " + "Eva"."""
+    """A word tokenizer in path (returned): tokenizer.json + tokenizer_config.json, which
+    model.Tokenizer.from_pretrained(path) loads like any hub tokenizer. BPE over characters, with merges
+    that build each of WORDS left to right (" " + "h" -> " h", " h" + "a" -> " ha", ...). Chains start
+    with a space or a capital; the spaced ones rank first, so " Eva" is not cut into " " + "Eva"."""
     vocab, merges = {"<pad>": 0, "<s>": 1, "</s>": 2}, []
     for c in CHARS + "".join(WORDS):
         vocab.setdefault(c, len(vocab))
@@ -420,9 +424,9 @@ def distinct(pairs, n):
 
 
 def hot_pairs(sft, tok, recs, sc, s, seed):
-    """The "hot naive" control: for each step-controlled pair, a naive pair of the same question whose
-    rejected solution is sampled with the same temperature ramp but from the question alone (no shared
-    prefix), beside the naive pair's chosen solution. It separates the prefix from the ramp."""
+    """The "hot naive" control, which separates the prefix from the ramp: for each step-controlled
+    pair, a pair of the same question whose rejected solution is sampled with the same ramp but from
+    the question alone (no shared prefix), beside the naive pair's chosen solution."""
     want = Counter(p["question"] for p in sc)
     chosen = {p["question"]: p["prefix"] + p["chosen"] for p in sc}
     by_q = {r["question"]: r for r in recs}
@@ -439,9 +443,9 @@ def hot_pairs(sft, tok, recs, sc, s, seed):
 
 
 def naive_pool(sft, tok, args, seed, out, s, need, rate, rank, world):
-    """At least `need` naive pairs from questions beyond the pair questions (naive procedure only), for
-    the data-equal control's distinct pairs; `rate`, the naive pairs per question so far, sizes each
-    round of new questions (at most 4 rounds)."""
+    """(pool, n_questions): naive pairs for the data-equal control from new questions (the naive
+    procedure only), and how many questions were drawn. Rounds of new questions, each sized by `rate`
+    (naive pairs per question so far), go on until the pool has `need` pairs, at most 4 rounds."""
     pool, n_q = [], 0
     for rnd in range(4):
         if len(pool) >= need:
@@ -499,10 +503,10 @@ def pair_sets(sft, tok, args, seed, out, pair_recs, rank, world):
 
 
 def describe(pairs, kind):
-    """What the pairs are: where each rejected solution's first wrong step falls relative to the cut k
-    (naive: k = -1), its kind (habit, arith, format); the fraction of pairs whose two solutions differ
-    before that step in text and in route (the order of operations: the knob's effect); and the rate of
-    chosen solutions with a wrong step but the right answer (noisy chosen)."""
+    """What the pairs are, keys prefixed by `kind`: where each rejected solution's first wrong step falls
+    relative to the cut k (naive: k = -1), and its error kind; the fraction of pairs whose two solutions
+    differ before that step, in text and in route (the order of operations: the knob's effect); and the
+    rate of chosen solutions with a wrong step but the right answer (noisy chosen)."""
     errs = [error_kind(p["question"], p["prefix"] + p["rejected"]) for p in pairs]
     text = route = 0
     for (e, _), p in zip(errs, pairs):
@@ -693,8 +697,8 @@ def log_seed(seed, result):
 
 # ----------------------------------------------------------------------------------------------
 # Statistics and tables. Within a seed, intervals come from a paired bootstrap over the test problems
-# (accuracy) or the credit solutions (top-1, AUC): both methods are scored on the same resampled items,
-# so what the items share cancels. Over seeds, a t interval of the per-seed differences.
+# (accuracy) or the credit solutions (top-1, AUC): both methods are scored on the same resampled
+# items, so what the items share cancels. Over seeds: a t interval of the per-seed differences.
 # ----------------------------------------------------------------------------------------------
 def accuracy_diff(a, b, B, seed=0):
     """(point, lo, hi) of mean(a) - mean(b), a and b 0/1 per test problem (the same problems)."""

@@ -6,10 +6,10 @@ Every supported family is the same pre-norm decoder:
     h = x + Attention(RMSNorm(x))          attention: RoPE on q, k; grouped-query (n_kv_heads <= n_heads)
     y = h + W2(silu(W1 RMSNorm(h)) * W3 RMSNorm(h))
 
-and the families differ only in fields of `ModelArgs`: qkv bias (Qwen2), tied embeddings (Qwen2 small
-models), RoPE scaling (Llama 3.1+), an explicit head_dim, a sliding window (Mistral v0.1), and how the
-checkpoint names its tensors (InternLM2 packs q, k, v into one `wqkv`). Here q, k, v are one projection
-(`wqkv`) and W1, W3 another (`w13`), so that a layer runs four GEMMs instead of seven.
+and the families differ only in fields of `ModelArgs`: qkv bias (Qwen2), tied embeddings (small Qwen2
+models), RoPE scaling (Llama 3.1+), head_dim, a sliding window (Mistral v0.1), and the checkpoint's
+tensor names (InternLM2 packs q, k, v into one `wqkv`). Here q, k, v are one projection (`wqkv`) and
+W1, W3 another (`w13`): four GEMMs a layer instead of seven.
 """
 import errno
 import json
@@ -69,8 +69,8 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, c: dict) -> "ModelArgs":
-        """Read a hub config.json dict: the classic keys (`rope_theta`, `rope_scaling` at the top level)
-        and the newer `rope_parameters` form are both accepted."""
+        """From a hub config.json dict, with RoPE in either form: the classic top-level `rope_theta`,
+        `rope_scaling`, or the newer `rope_parameters`."""
         _check_config_types(c)
         mt = c.get("model_type")
         if mt not in SUPPORTED:
@@ -93,7 +93,7 @@ class ModelArgs:
                 scaling = None
         window = c.get("sliding_window")
         if mt == "qwen2" and not c.get("use_sliding_window", False):
-            window = None  # Qwen2 configs carry a window size but leave it switched off
+            window = None  # Qwen2 configs set a window size but switch it off
         if mt == "llama" or mt == "internlm2":
             window = None
         used = {"model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -115,8 +115,8 @@ class ModelArgs:
             extra={k: v for k, v in c.items() if k not in used})
 
     def to_hf_config(self, dtype: torch.dtype = torch.float32) -> dict:
-        """A classic-keys hub config. InternLM2 models are written as Llama (the same network with q, k, v
-        unpacked), so that `transformers` loads them without remote code."""
+        """A classic-keys hub config. InternLM2 is written as Llama (the same network, q, k, v unpacked),
+        so that `transformers` loads it without remote code."""
         mt = "llama" if self.model_type == "internlm2" else self.model_type
         c = {**{k: v for k, v in self.extra.items() if not k.startswith("_")},
              "architectures": [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -138,8 +138,8 @@ class ModelArgs:
         return c
 
 
-# The JSON types of the config.json fields we read (null: the field's default, except for required
-# ones). A string where a number belongs would otherwise fail far from the file, e.g. in n_heads % n_kv_heads.
+# The JSON type of each config.json field we read (null: the default; not for required fields).
+# Checked up front: a string where a number belongs would fail far from the file (n_heads % n_kv_heads).
 CONFIG_TYPES = {**dict.fromkeys(("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                                  "intermediate_size"), "a positive integer"),
                 **dict.fromkeys(("num_key_value_heads", "head_dim", "max_position_embeddings",
@@ -205,8 +205,8 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
 
 
 def rope_tables(positions, inv_freq, dtype):
-    """cos, sin (B, T, 1, hd) for apply_rope at positions (B, T): angles p * inv_freq in fp32, as the
-    reference implementations compute them, then cast. `sin` comes with its first half negated."""
+    """cos, sin (B, T, 1, hd) for apply_rope at positions (B, T). The angles p * inv_freq are computed
+    in fp32, as in the reference implementations, then cast. `sin` has its first half negated."""
     ang = positions[..., None].float() * inv_freq.float()             # (B, T, hd/2)
     emb = torch.cat((ang, ang), dim=-1)[:, :, None]                   # (B, T, 1, hd)
     sin1, sin2 = emb.sin().to(dtype).chunk(2, dim=-1)
@@ -214,10 +214,10 @@ def rope_tables(positions, inv_freq, dtype):
 
 
 def apply_rope(x, cos, sin):
-    """x (B, T, heads, hd) rotated: x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1). Here `sin`
-    comes with its first half negated, cat(-sin1, sin2) (rope_tables), so that rotate_half(x) * sin ==
-    roll(x, hd/2) * sin exactly: 4 ops instead of 6, which the one-token decode step, where every op is
-    mostly overhead, notices. cos, sin (B, T, 1, hd)."""
+    """x (B, T, heads, hd) rotated: x * cos + rotate_half(x) * sin, with rotate_half(x) = cat(-x2, x1).
+    rope_tables negates sin's first half, so rotate_half(x) * sin is exactly roll(x, hd/2) * cat(-sin1,
+    sin2): 4 ops instead of 6, which the one-token decode step (mostly per-op overhead) notices.
+    cos, sin (B, T, 1, hd)."""
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
@@ -228,8 +228,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # x * rsqrt(mean(x^2) + eps), normalised in fp32 and cast back before the gain, written as the
-        # reference implementations write it (the same values; on a CPU also faster than F.rms_norm).
+        # x * rsqrt(mean(x^2) + eps) in fp32, cast back before the gain, as the reference
+        # implementations write it (the same values; on a CPU also faster than F.rms_norm).
         if x.dtype == torch.float32:   # nothing to cast (two dispatches fewer: the decode step notices)
             return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
         h = x.float()
@@ -237,12 +237,11 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys and values, one (B, n_kv_heads, max_len, head_dim) pair per layer. Every row writes
-    slot `cache_pos + t` for its t-th new token; ragged rows are left-padded and masked by the caller.
-    `rows`: which of the cache's rows the model's input rows are, ascending (None: all of them). A sampler
-    whose rows finish goes on with the others where they are, so that no cache row moves when one ends;
-    the finished rows stay until the next compact(). Attention then runs over every row of the cache and
-    the projections over the input's rows only."""
+    """Preallocated keys and values, one (B, n_kv_heads, max_len, head_dim) pair per layer. A row writes
+    slot `cache_pos + t` for its t-th new token; the caller left-pads ragged rows and masks the padding.
+    `rows`: the cache rows that the model's input rows are, ascending (None: all). When some of a
+    sampler's rows finish, the others go on in place, so no cache row moves; finished rows stay until
+    the next compact(). Attention runs over every cache row, the projections over the input rows only."""
 
     def __init__(self, k: list, v: list, rows: torch.Tensor | None = None):
         self.k, self.v, self.rows = k, v, rows
@@ -256,10 +255,9 @@ class KVCache:
         return self.k[0].shape[2]
 
     def update(self, layer, pos, k, v):
-        """Write k, v (len(rows), nkv, T, hd) into slots pos..pos+T of `rows`; returns the layer's keys and
-        values of every row up to slot pos + T, (B, nkv, pos + T, hd). `pos` a (1,) tensor (the sampler's
-        static step: every row, one token): written there, and every slot returned, so that no shape
-        depends on the position."""
+        """Write k, v (len(rows), nkv, T, hd) into slots pos..pos+T of `rows`; return the layer's keys and
+        values of every row up to slot pos + T, (B, nkv, pos + T, hd). If `pos` is a (1,) tensor (the
+        sampler's static step: every row, one token), return every slot, so no shape depends on pos."""
         if torch.is_tensor(pos):
             self.k[layer].index_copy_(2, pos, k)
             self.v[layer].index_copy_(2, pos, v)
@@ -270,10 +268,9 @@ class KVCache:
         return self.k[layer][:, :, :pos + T], self.v[layer][:, :, :pos + T]
 
     def compact(self, keep: torch.Tensor) -> "KVCache":
-        """Only the rows `keep` (ascending), moved to the front of the same memory: the cache of those rows.
-        Moved a sixteenth of the batch at a time, so that the copy in flight is a sixteenth of one layer's
-        keys, never a second cache. In place is safe: keep[i] >= i, so no chunk reads a row that an earlier
-        chunk wrote."""
+        """The cache of rows `keep` (ascending), moved to the front of the same memory. A sixteenth of
+        the batch moves at a time, so the copy in flight is a sixteenth of one layer's keys, never a
+        second cache. In place is safe: keep[i] >= i, so no chunk reads a row an earlier chunk wrote."""
         n, step = len(keep), max(1, self.batch_size // 16)
         for t in self.k + self.v:
             for i in range(0, n, step):
@@ -289,13 +286,13 @@ class KVCache:
             groups[:, 1:, :, :length] = groups[:, :1, :, :length]
 
 
-# SDPA's kernels, chosen here for every call of ours. With a mask, recent torch on H100/H200 prefers cuDNN,
-# whose backward returns NaN in dQ when the row length % 128 == 64 and a row's log-sum-exp is below -88.7
-# (pytorch issue 196678), which Qwen2.5's "massive activation" heads produce: DPO on packed rows, which are
-# always masked, goes NaN within a few steps. So a masked call runs the memory-efficient kernel, and an
-# unmasked causal one flash (memory-efficient where flash cannot: fp32, odd head sizes). FLASH in the
-# masked list is for CPUs, whose flash kernel takes a mask; CUDA's refuses one. Neither cuDNN nor the
-# math kernel (a (T, S) matrix per head) is ever chosen: a call that fits neither kernel fails loudly.
+# SDPA's kernels, chosen for every call of ours. With a mask, recent torch on H100/H200 prefers cuDNN,
+# whose backward gives NaN in dQ when row length % 128 == 64 and a row's log-sum-exp is below -88.7
+# (pytorch issue 196678). Qwen2.5's "massive activation" heads produce such rows, and DPO's packed
+# rows are always masked: NaN within a few steps. So a masked call runs memory-efficient, an unmasked
+# causal one flash (memory-efficient where flash cannot: fp32, odd head sizes). FLASH in the masked
+# list is for CPUs, whose flash kernel takes a mask; CUDA's refuses one. cuDNN and math (a (T, S)
+# matrix per head) are never chosen: a call that fits neither kernel fails loudly.
 MASKED_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION]
 CAUSAL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 
@@ -305,8 +302,8 @@ def attend(q, k, v, mask=None, causal=False):
     with nh a multiple of nkv (grouped-query); mask (B, 1, T, S) bool (True: may attend) or None."""
     g = q.shape[1] // k.shape[1]
     if q.is_cuda and g > 1 and (mask is not None or q.dtype == torch.float32):
-        # CUDA's memory-efficient kernel takes grouped-query heads only in recent torch (pytorch PR 191085):
-        # each kv head repeated for its g query heads, as Llama's repeat_kv does
+        # CUDA's memory-efficient kernel takes grouped-query heads only in recent torch (pytorch
+        # PR 191085): repeat each kv head for its g query heads (Llama's repeat_kv)
         k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
     with sdpa_kernel(MASKED_BACKENDS if mask is not None else CAUSAL_BACKENDS):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
@@ -317,16 +314,16 @@ class Attention(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
         self.nh, self.nkv, self.hd = a.n_heads, a.n_kv_heads, a.head_dim
-        # q, k and v in one projection, rows [q heads | k heads | v heads]: one GEMM instead of three (a
-        # one-token decode step is mostly per-op overhead). Hub checkpoints hold three matrices, stacked on
-        # load and split on save (Transformer.hub_names); InternLM2's own packing differs (unpack_wqkv).
+        # Rows [q heads | k heads | v heads]: one GEMM, not three (a decode step is mostly per-op
+        # overhead). The hub's three matrices are stacked on load and split on save
+        # (Transformer.hub_names); InternLM2 packs them its own way (unpack_wqkv).
         self.wqkv = nn.Linear(a.dim, (a.n_heads + 2 * a.n_kv_heads) * a.head_dim, bias=a.qkv_bias)
         self.wo = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=a.o_bias)
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0, cache_pos=0):
         B, T, _ = x.shape
-        # F.linear(x, w, b) is self.wqkv(x) without nn.Module's call overhead, which in a tiny model's
-        # one-token decode step is a tenth of the time (the same in the other projections)
+        # F.linear, not self.wqkv(x): nn.Module's call overhead is a tenth of a tiny model's
+        # one-token decode step (the other projections do the same)
         qkv = F.linear(x, self.wqkv.weight, self.wqkv.bias).view(B, T, self.nh + 2 * self.nkv, self.hd)
         qk = apply_rope(qkv[:, :, :self.nh + self.nkv], cos, sin)      # q and k heads rotated together
         q = qk[:, :, :self.nh].transpose(1, 2)                          # (B, nh, T, hd)
@@ -335,7 +332,7 @@ class Attention(nn.Module):
         rows = cache.rows if cache is not None else None
         if cache is not None:
             k, v = cache.update(layer, cache_pos, k, v)                 # (Bc, nkv, S, hd): every cache row
-        if rows is not None:   # the input is some of the cache's rows: its queries go to theirs
+        if rows is not None:   # the input is some cache rows: put its queries in those rows
             q = q.new_zeros(cache.batch_size, *q.shape[1:]).index_copy_(0, rows, q)
         if cache is not None and T == 1:
             y = self.decode_attention(q, k, v, mask)                    # (Bc, nkv, g, hd)
@@ -346,19 +343,18 @@ class Attention(nn.Module):
         return F.linear(y, self.wo.weight, self.wo.bias)
 
     def decode_attention(self, q, k, v, bias):
-        """Attention of one new query per row over the cache, softmax(q k^T / sqrt(hd) + bias) v, written
-        out, as transformers' eager attention writes it (scores in the model's dtype, an fp32 softmax). For a
-        single query SDPA's CPU kernels cost more to set up than this computation (~75 us against ~55 us a
-        call at batch 16), and on a GPU the step reads the cache once either way, with no kernel choice to
-        get wrong; so the decode step uses two batched matmuls on every device, and SDPA the prefill and
-        training. The g = nh / nkv query heads that share a kv head are stacked as that kv head's g queries
-        (GQA without repeating k, v). bias (B, 1, 1, S): additive, 0 or -inf, made once per step for all
-        layers; or None (all slots). Returns (B, nkv, g, hd): the heads in their order, contiguous."""
+        """softmax(q k^T / sqrt(hd) + bias) v for one new query a row over the cache, written out as
+        transformers' eager attention does (scores in the model's dtype, an fp32 softmax). Not SDPA: for
+        one query its CPU kernels cost more to set up than this (~75 us against ~55 us a call at batch
+        16), and on a GPU the step reads the cache once either way, with no kernel choice to get wrong.
+        SDPA runs the prefill and training. GQA without repeating k, v: the g = nh / nkv query heads of
+        a kv head are stacked as its g queries. bias (B, 1, 1, S): additive, 0 or -inf; or None (all
+        slots). Returns (B, nkv, g, hd): the heads in their order, contiguous."""
         B, g = q.shape[0], self.nh // self.nkv
         s = (q.view(B, self.nkv, g, self.hd) * self.hd ** -0.5) @ k.transpose(-1, -2)   # (B, nkv, g, S)
         if bias is not None:
             s += bias
-        p = torch.softmax(s, -1, dtype=torch.float32)               # fp32 softmax
+        p = torch.softmax(s, -1, dtype=torch.float32)
         return (p.to(v.dtype) if v.dtype != p.dtype else p) @ v     # (B, nkv, g, hd)
 
 
@@ -405,8 +401,8 @@ class Transformer(nn.Module):
         return self.output.weight
 
     def rope_table(self, n, dtype=None):
-        """cos, sin (n, 1, hd) for positions 0..n-1: a caller that keeps it passes (table[positions]) as
-        forward's `rope`, one lookup instead of the ~10 small ops of computing it each step."""
+        """cos, sin (n, 1, hd) for positions 0..n-1. A caller that keeps it passes table[positions] as
+        forward's `rope`: one lookup instead of ~10 small ops each step."""
         pos = torch.arange(n, device=self.inv_freq.device)[None]
         return tuple(t[0] for t in rope_tables(pos, self.inv_freq, dtype or self.tok_embeddings.weight.dtype))
 
@@ -422,7 +418,7 @@ class Transformer(nn.Module):
         a query may attend a key; S = T without a cache, cache_pos + T with one; default causal. With a cache
         whose `rows` are set, the input is those rows and the mask covers every row of the cache. cache_pos
         may be a (1,) tensor, one new token a row (the sampler's static step): the mask covers every slot.
-        rope: the (cos, sin) of rope_tables for `positions`, from a caller that keeps a table (the sampler).
+        rope: (cos, sin) for `positions`, from a caller that keeps a rope_table (the sampler).
         Returns logits (B, T, V), or the final normed hidden states (B, T, D) with return_hidden=True."""
         B, T = input_ids.shape
         dev = input_ids.device
@@ -430,9 +426,9 @@ class Transformer(nn.Module):
             positions = torch.arange(cache_pos, cache_pos + T, device=dev).expand(B, T)
         a = self.args
         if a.sliding_window is not None or a.rope_scaling is not None:
-            # with a cache a position never passes its slot, so the slots bound it with no host sync (a
-            # decode step's only one is the sampler's; a tensor cache_pos, by the cache's length); without,
-            # positions.max() is one
+            # With a cache a position never passes its slot, so the slot count bounds it without a host
+            # sync (a decode step's only sync is the sampler's); for a tensor cache_pos the bound is the
+            # cache's length. Without a cache, positions.max() syncs.
             slots = cache.max_len if torch.is_tensor(cache_pos) else cache_pos + T
             longest = slots if cache is not None else max(T, int(positions.max()) + 1)
         if a.sliding_window is not None and longest > a.sliding_window:
@@ -452,7 +448,7 @@ class Transformer(nn.Module):
         if mask is not None:
             mask = mask[:, None]                                         # (B, 1, T, S)
             if cache is not None and T == 1:
-                # Attention.decode_attention adds the mask: made additive here, once for all layers
+                # decode_attention adds the mask: made additive here, once for all layers
                 mask = torch.where(mask, 0.0, float("-inf")).to(self.tok_embeddings.weight.dtype)
         x = self.tok_embeddings(input_ids)
         cos, sin = rope if rope is not None else rope_tables(positions, self.inv_freq, x.dtype)
@@ -486,10 +482,10 @@ class Transformer(nn.Module):
         "model.norm.weight": ("norm.weight", None),
         "lm_head.weight": ("output.weight", None),
     }
-    # InternLM2 names its tensors after the Llama paper, and packs q, k, v in its own grouped layout.
+    # InternLM2 names its tensors after the Llama paper.
     INTERNLM2_NAMES = {
         "model.tok_embeddings.weight": ("tok_embeddings.weight", None),
-        # q, k, v in InternLM2's own packing: unpack_wqkv
+        # q, k, v packed its own way: unpack_wqkv
         "model.layers.{}.attention.wqkv.weight": ("layers.{}.attention.wqkv.weight", "internlm2"),
         "model.layers.{}.attention.wo.weight": ("layers.{}.attention.wo.weight", None),
         "model.layers.{}.feed_forward.w1.weight": ("layers.{}.feed_forward.w13.weight", "gate"),
@@ -522,9 +518,9 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None) -> "Transformer":
-        """Load a hub-format folder (config.json + model.safetensors, or shards with an index). Built on the
-        meta device, then each tensor read from the files straight into its parameter (load_weights), already
-        in the target dtype and on the target device, so peak memory is the model plus its largest tensor."""
+        """Load a hub folder (config.json + model.safetensors, or shards with an index). The model is
+        built on the meta device, allocated in the target dtype and device, then filled tensor by tensor
+        from the files (load_weights): peak memory is the model plus its largest tensor."""
         cfg, args = read_config(path)
         if dtype is None:
             dtype = getattr(torch, cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
@@ -537,9 +533,9 @@ class Transformer(nn.Module):
         return model
 
     def save_pretrained(self, path, max_shard_size: int = 5 * 2**30):
-        """Write config.json and safetensors shards (+ index) that transformers loads; written into a
-        temporary folder first and renamed, so a crash never leaves half a checkpoint. A full disk is a
-        DiskFull naming `path`, with the partial files removed."""
+        """Write config.json and safetensors shards (+ index) that transformers loads. They go to
+        `path`.tmp first, then are renamed, so a crash never leaves half a checkpoint. A full disk
+        raises DiskFull naming `path`, with the partial files removed."""
         params = dict(self.named_parameters())
         state = {hub: params[ours].detach()[self.rows(part)]
                  for hub, (ours, part) in self.hub_names().items()}
@@ -549,7 +545,7 @@ class Transformer(nn.Module):
         try:
             self._write_pretrained(tmp, state, dtype, max_shard_size)
         except Exception as e:
-            shutil.rmtree(tmp, ignore_errors=True)   # frees what the partial files took
+            shutil.rmtree(tmp, ignore_errors=True)
             if is_disk_full(e):
                 raise DiskFull(f"disk full at {path}: {e}") from e
             raise
@@ -587,17 +583,18 @@ class Transformer(nn.Module):
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(self.args.to_hf_config(dtype), f, indent=2)
-        # safetensors creates its files with mode 0600 whatever the umask; give them the mode open() gives
-        # (0644 under the usual umask), so that others on a shared cluster can read the model
+        # safetensors makes its files 0600 whatever the umask; give them open()'s mode (0644 under
+        # the usual umask), so that others on a shared cluster can read the model
         mask = os.umask(0)
         os.umask(mask)
         for fname in os.listdir(tmp):
             os.chmod(os.path.join(tmp, fname), 0o666 & ~mask)
 
 
-# A write that runs out of room surfaces differently per writer: OSError ENOSPC or EDQUOT, EFBIG past a
-# file size limit (RLIMIT_FSIZE; Python ignores SIGXFSZ), "(os error 28)" from safetensors, and "unexpected
-# pos" from torch's zip writer (torch.save, torch.distributed.checkpoint), a short write whose errno is lost.
+# Each writer reports a write out of room its own way:
+# OSError ENOSPC or EDQUOT; EFBIG past a file size limit (RLIMIT_FSIZE; Python ignores SIGXFSZ);
+# "(os error 28)" (or 27, 122) from safetensors;
+# "unexpected pos" from torch's zip writer (torch.save, torch.distributed.checkpoint), errno lost.
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 FULL_TEXTS = ("No space left", "Disk quota", "File too large", "unexpected pos", "os error 28", "os error 27",
               "os error 122")
@@ -631,9 +628,9 @@ def read_config(path):
 
 
 def _held_rows(p):
-    """(the part of parameter p this process holds, the index of its first row in the whole). A plain tensor
-    is all of itself; FSDP2 (fully_shard) cuts dim 0 into world-size chunks of ceil(rows / world), as
-    torch.chunk does: checked against the local shard, so that a different layout fails here."""
+    """(the part of parameter p this process holds, the index of its first row). A plain tensor is held
+    whole. FSDP2 (fully_shard) cuts dim 0 into chunks of ceil(rows / world), as torch.chunk does; this is
+    checked against the local shard, so that another layout fails here."""
     if not isinstance(p, DTensor):
         return p.data, 0
     local, mesh = p.to_local().detach(), p.device_mesh   # detached: written in place
@@ -647,11 +644,11 @@ def _held_rows(p):
 
 @torch.no_grad()
 def load_weights(model, path):
-    """Fill `model`'s parameters, in place, from the safetensors files of the hub folder `path`, and set its
-    RoPE buffer. A parameter is a plain tensor or a DTensor sharded on dim 0 by fully_shard: a process then
-    reads from the files only the rows it holds, straight into its shard (scdpo.load_sharded), so no process
-    ever holds more than its shards plus the rows of one tensor in flight. Errors name the file and the
-    tensors: shape mismatches, missing and unexpected tensors."""
+    """Fill `model`'s parameters in place from the safetensors files of hub folder `path`, and set its
+    RoPE buffer. A parameter may be a DTensor sharded on dim 0 by fully_shard (scdpo.load_sharded): a
+    process then reads only the rows it holds, straight into its shard, so it never holds more than its
+    shards plus the rows of one tensor in flight. Errors name the file and the tensors: shape
+    mismatches, missing and unexpected tensors."""
     args = model.args
     model.inv_freq = rope_inv_freq(args).to(model.inv_freq.device)   # non-persistent: not in the files
     params = dict(model.named_parameters())
@@ -698,9 +695,9 @@ def load_weights(model, path):
 
 
 def unpack_wqkv(w: torch.Tensor, a: ModelArgs):
-    """InternLM2's packed projection. Its modelling code views the output of `wqkv` as
-    (..., n_kv_heads, n_rep + 2, head_dim): for each kv group, its n_rep = n_heads / n_kv_heads query heads,
-    then that group's key head, then its value head. So the weight's rows are grouped the same way."""
+    """(wq, wk, wv) from InternLM2's packed `wqkv`. Its modelling code views wqkv's output as
+    (..., n_kv_heads, n_rep + 2, head_dim): per kv group, its n_rep = n_heads / n_kv_heads query heads,
+    then its key head, then its value head. The weight's rows are grouped the same way."""
     n_rep = a.n_heads // a.n_kv_heads
     g = w.view(a.n_kv_heads, n_rep + 2, a.head_dim, a.dim)
     return tuple(part.reshape(-1, a.dim) for part in (g[:, :n_rep], g[:, n_rep], g[:, n_rep + 1]))
@@ -763,11 +760,12 @@ def _safetensors_header(file) -> dict:
 
 
 def _read_tensor(file, dtype, shape, start, end, out=None) -> torch.Tensor:
-    """Read one tensor's bytes. With `out` on the CPU in the same dtype, the bytes land in out's memory."""
+    """One tensor's bytes, returned in `out` if given, else in a new tensor. With `out` on the CPU in
+    the same dtype, the bytes land in out's memory."""
     direct = out is not None and out.device.type == "cpu" and out.dtype == dtype and out.is_contiguous()
     buf = out if direct else torch.empty(shape, dtype=dtype)
     view, got = memoryview(buf.view(-1).view(torch.uint8).numpy()) if buf.numel() else b"", 0
-    with open(file, "rb", buffering=0) as f:   # unbuffered: only these bytes are read
+    with open(file, "rb", buffering=0) as f:
         f.seek(start)
         while got < end - start:   # one read() returns at most ~2 GiB
             n = f.readinto(view[got:])
@@ -794,16 +792,14 @@ def load(path, dtype=None, device=None):
 # ----------------------------------------------------------------------------------------------
 # Tokenizer: tokenizer.json through `tokenizers`, the chat template through jinja2
 # ----------------------------------------------------------------------------------------------
-# What `transformers`' apply_chat_template does, rebuilt in a few lines so that the library needs
-# neither transformers nor its Tokenizer classes: the rendered text is tokenized by `tokenizers` with
-# no special tokens added (a template writes its BOS as text, "<s>", which tokenizer.json maps to the
-# BOS id). tests/test_tokenizer.py checks the ids against transformers on real tokenizers.
+# transformers' apply_chat_template in a few lines, so that we need neither transformers nor its
+# Tokenizer classes. tests/test_tokenizer.py compares the ids with transformers' on real tokenizers.
 
 # The template for tokenizers that ship none (base models such as Mistral-7B-v0.1):
 #   {bos}Question: {question}\n\nAnswer:\n{answer}{eos}
 # The generation prompt ends in a newline, not in a space: SentencePiece and byte-level BPE glue a
 # space to the word after it ("▁The"), so "Answer: " would end the prompt in the middle of the first
-# response token. A system message, if any, goes first, followed by a blank line.
+# response token. A system message, if any, comes first, then a blank line.
 PLAIN_CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
@@ -867,9 +863,9 @@ def _read_json(file):
 
 
 class Tokenizer:
-    """tokenizer.json (through `tokenizers`) plus what tokenizer_config.json says: the special tokens
-    and the chat template. Nothing here adds special tokens behind your back: BOS/EOS appear exactly
-    where the chat template writes them."""
+    """tokenizer.json (through `tokenizers`) plus tokenizer_config.json's special tokens and chat
+    template. Nothing adds special tokens silently: BOS/EOS appear exactly where the template writes
+    them, as text ("<s>") that tokenizer.json maps to their ids."""
 
     def __init__(self, tokenizer, config, chat_template=None):
         self.tok = tokenizer          # a tokenizers.Tokenizer
@@ -877,8 +873,7 @@ class Tokenizer:
         self.has_chat_template = chat_template is not None
         self.chat_template = chat_template if chat_template is not None else PLAIN_CHAT_TEMPLATE
         self._template = compile_chat_template(self.chat_template)
-        # Named special tokens, handed to the template as variables (only those that are set): every
-        # "*_token" string of the config, bos_token, eos_token, pad_token... as transformers 5 does.
+        # The template's variables: every "*_token" string the config sets, as transformers 5 does.
         self.special_tokens = {k: _token_content(v) for k, v in config.items()
                                if k.endswith("_token") and isinstance(_token_content(v), str)}
         if isinstance(config.get("extra_special_tokens"), dict):  # transformers 5's named extra tokens
@@ -892,7 +887,7 @@ class Tokenizer:
         self.eos_token = self.special_tokens.get("eos_token")
         self.bos_id = tokenizer.token_to_id(self.bos_token) if self.bos_token else None
         self.eos_id = tokenizer.token_to_id(self.eos_token) if self.eos_token else None
-        # Padding positions are masked out, so any id serves; EOS when the tokenizer names no pad token.
+        # Padding is masked out, so any id serves; EOS when no pad token is named.
         pad = self.special_tokens.get("pad_token")
         self.pad_id = tokenizer.token_to_id(pad) if pad else self.eos_id
         # Ids can have holes (added tokens past the base vocabulary), so count up to the largest id.
@@ -906,8 +901,8 @@ class Tokenizer:
         tok_file, cfg_file = os.path.join(path, "tokenizer.json"), os.path.join(path, "tokenizer_config.json")
         if not os.path.isfile(tok_file):
             if os.path.isfile(os.path.join(path, "tokenizer.model")):
-                # InternLM2 ships this way. Converting SentencePiece's protobuf needs `sentencepiece`
-                # and `protobuf`, which this library does not depend on; the conversion is one line.
+                # InternLM2 ships this way. Converting it needs `sentencepiece` and `protobuf`, which
+                # we do not depend on; the message gives the one-line conversion.
                 raise FileNotFoundError(
                     f"{tok_file} not found: {path} has only a SentencePiece tokenizer.model. Write "
                     f"tokenizer.json once with transformers (pip install transformers sentencepiece "
@@ -920,7 +915,7 @@ class Tokenizer:
             raise FileNotFoundError(f"{cfg_file} not found: it names the special tokens (BOS, EOS) and the "
                                     f"chat template")
         tok, config = tokenizers.Tokenizer.from_file(tok_file), _read_json(cfg_file)
-        # special_tokens_map.json (older checkpoints) fills in the special tokens the config leaves unset.
+        # special_tokens_map.json (older checkpoints) fills in special tokens the config leaves unset.
         map_file = os.path.join(path, "special_tokens_map.json")
         if os.path.isfile(map_file):
             for k, v in _read_json(map_file).items():
@@ -963,8 +958,8 @@ class Tokenizer:
     def render_prompt(self, question, prefix=""):
         """The question as the user turn, the generation prompt, then `prefix` (for a step-controlled
         pair: the first k solution steps) as the start of the assistant turn, left open. For the
-        templates we support this is a prefix of the text of the whole conversation (see
-        tests/test_tokenizer.py), so that prompt + continuation is what the model saw in sampling."""
+        templates we support this is a prefix of the whole conversation's text (tests/test_tokenizer.py
+        checks it), so prompt + continuation is what the model saw in sampling."""
         user = [{"role": "user", "content": question}]
         return self.apply_chat_template(user, add_generation_prompt=True) + prefix
 
@@ -1009,12 +1004,12 @@ class Tokenizer:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def encode_prompt_response(self, prompt_text, response_text):
-        """(ids, n_prompt) for prompt_text + response_text, tokenized ONCE (tokenizing the halves
-        apart and gluing them gives ids the model never sees at generation time); ids[:n_prompt] is
-        the prompt. A token that straddles the boundary (e.g. SentencePiece's "▁The" when the prompt
-        ends in a space) counts as response: a prompt token is one whose characters all lie in
-        prompt_text, so the response loss never loses its first token. Prompts that end in a newline
-        (all our templates' generation prompts do) have no straddling token."""
+        """(ids, n_prompt) for prompt_text + response_text, tokenized ONCE (halves tokenized apart and
+        glued give ids the model never sees when generating); ids[:n_prompt] is the prompt. A token
+        that straddles the boundary (SentencePiece's "▁The" after a prompt ending in a space) counts
+        as response: a prompt token lies wholly in prompt_text, so the response loss never loses its
+        first token. Prompts that end in a newline, as all our templates' generation prompts do, have
+        no straddling token."""
         ids, offsets = self.encode_with_offsets(prompt_text + response_text)
         n = len(prompt_text)
         n_prompt = next((i for i, (_, end) in enumerate(offsets) if end > n), len(ids))
@@ -1034,9 +1029,9 @@ class Tokenizer:
 
 
 # ----------------------------------------------------------------------------------------------
-# Runtime: the one distributed set-up of every script (nanochat's compute_init / print0). Without
-# torchrun this is a process group of one (an in-memory store, no port), so one process runs exactly
-# the code of an 8-GPU job.
+# Runtime: the one distributed set-up of every script (nanochat's compute_init / print0).
+# Without torchrun this is a process group of one (an in-memory store, no port), so one
+# process runs the same code as an 8-GPU job.
 # ----------------------------------------------------------------------------------------------
 def compute_init():
     """(rank, world_size, local_rank, device); gloo on the CPU, nccl on GPUs. Idempotent, so in-process
@@ -1060,9 +1055,9 @@ def print0(*a, **k):
         print(*a, **k, flush=True)
 
 
-# The errors a user can fix (bad input, a missing path, a full disk) are printed once, as "error: ...",
-# instead of the traceback that torch's process-group excepthook prints with every line prefixed
-# "[rank0]:". Any other exception keeps its traceback, and SCDPO_TRACEBACK=1 keeps it for these too.
+# Errors a user can fix (bad input, a missing path, a full disk) print once, as "error: ...", not as
+# the traceback torch's process-group excepthook prints with every line prefixed "[rank0]:". Other
+# exceptions keep their traceback; SCDPO_TRACEBACK=1 keeps it for these too.
 EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError)
 
 

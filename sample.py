@@ -1,21 +1,25 @@
-"""Sampling for Step-Controlled DPO: a KV-cached batched sampler with a per-step temperature ramp (code
-blocks of code-integrated solutions run in sandbox.Kernel as they are sampled), and the pair pipeline.
+"""Sampling for Step-Controlled DPO: a batched sampler with a KV cache and a per-step temperature ramp,
+and the pair pipeline. Code blocks of code-integrated solutions run in sandbox.Kernel as they are sampled.
 
     python sample.py pairs --model PATH --data gsm8k:train,math:train --out pairs.jsonl
     python sample.py pairs --model PATH --data math:train --fmt code --k-max 100 --ramp scripts --cut random
     torchrun --standalone --nproc_per_node=8 sample.py pairs --model PATH --data gsm8k:train --out pairs.jsonl
 
-The pipeline (METHOD.md sections 1-2), per question: sample at temperature 1 until there is a preferred
-and a dispreferred solution or --k-max samples (the naive pair); then cut the preferred solution after
-each eligible step, in ascending order (--cut all) or a random order (--cut random), continue from each
-cut --tries times with the ramp T_j = min(start + j * inc, max), and keep the first wrong, clean
-continuation (the step-controlled pair), at most --sc-per-question per question; only questions with a
-naive pair are cut (--sc-from naive, the paper's D_naive). Grading is grade.py's; steps, filters and the
-pair record are data.py's.
-Progress is kept in <out>.parts/: kill the run at any time and rerun the same command to go on. It
-records the settings and the model's hashes, and a rerun with others is refused (--restart starts over).
-When it finishes, <out>.meta.json records the model's and tokenizer's hashes (data.write_pairs_meta), so
-scdpo.py refuses to train a different model on these pairs.
+The pipeline (METHOD.md sections 1-2), per question:
+  1. The naive pair: sample at temperature 1 until there is a preferred and a dispreferred solution,
+     or --k-max samples.
+  2. Step-controlled pairs: cut the preferred solution after each eligible step, in ascending order
+     (--cut all) or in random order (--cut random). Continue from each cut --tries times with the ramp
+     T_j = min(start + j * inc, max), and keep the first wrong, clean continuation. At most
+     --sc-per-question pairs per question. Only questions with a naive pair are cut (--sc-from naive,
+     the paper's D_naive).
+Grading is grade.py's; steps, filters and the pair record are data.py's.
+
+Progress is kept in <out>.parts/: kill the run at any time and rerun the same command to go on.
+The folder records the settings and the model's hashes; a rerun with others is refused (--restart
+starts over). At the end, <out>.meta.json records the model's and tokenizer's hashes
+(data.write_pairs_meta), so scdpo.py refuses to train a different model on these pairs.
+
 In Python: generate() (rows of token ids), sample_solutions() (text), make_pairs() (the pipeline).
 """
 import argparse
@@ -66,10 +70,10 @@ def logits_to_probs(logits, temperature, top_k=0, top_p=1.0):
 
 def sample(logits, temperature, u, top_k=0, top_p=1.0):
     """Next ids (B,): argmax where temperature == 0, else the inverse CDF of the probabilities at the
-    uniform u (B,). One uniform per (row, step), drawn from that row's own generator, makes a row's
-    samples independent of which other rows share its batch."""
+    uniform u (B,). u holds one draw per (row, step) from the row's own generator, so a row's samples
+    do not depend on which rows share its batch."""
     greedy = logits.argmax(-1)
-    hot = temperature > 0   # (no early return when no row is hot: `hot.any()` would be a host sync)
+    hot = temperature > 0   # no early return when no row is hot: hot.any() would sync with the host
     probs = logits_to_probs(logits, temperature.clamp_min(1e-6), top_k, top_p)
     cdf = probs.cumsum(-1)
     idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
@@ -77,12 +81,12 @@ def sample(logits, temperature, u, top_k=0, top_p=1.0):
 
 
 def forward_step(model, cache, state, seqs):
-    """Append new tokens to the live rows (cache.rows; None: every row) and return the logits after each
-    one's last token, (len(seqs), V). `seqs`: one token list per row (lengths may differ), or, in the
-    decode step, a (rows,) tensor of one token each, already on the device. Every row writes the same T
-    cache slots; a shorter row is right-aligned and its leading slots are holes (`state.valid` False) that
-    no query attends. So one function does the ragged prefill (left padding), the one-token decode step,
-    and appending execution output. Finished rows are left where they are (their slots stay, unused)."""
+    """Append tokens to the live rows (cache.rows; None: every row); return the logits after each row's
+    last token, (len(seqs), V). seqs: one token list per row (lengths may differ), or, in the decode
+    step, a (rows,) tensor of one token a row, already on the device.
+    Every row writes the same T cache slots. A shorter row is right-aligned: its leading slots are
+    holes (state.valid False) that no query attends. So one function does the ragged prefill, the
+    one-token decode step and the appending of execution output. Finished rows stay, their slots unused."""
     dev, c0 = state.valid.device, state.cache_pos
     rows = slice(None) if cache.rows is None else cache.rows
     if torch.is_tensor(seqs):   # the decode step: one real token a row, the mask is the valid slots
@@ -106,11 +110,11 @@ def forward_step(model, cache, state, seqs):
         ids[b, T - len(s):] = torch.tensor(s, dtype=torch.long)
         real[b, T - len(s):] = True
     ids, real = ids.to(dev), real.to(dev)
-    pos = state.npos[rows][:, None] + (real.cumsum(1) - 1).clamp_min(0)   # (B, T) positions restart per row
+    pos = state.npos[rows][:, None] + (real.cumsum(1) - 1).clamp_min(0)   # (B, T), on from each row's npos
     state.valid[rows, c0:c0 + T] = real
     slots = torch.arange(c0 + T, device=dev)
     q = c0 + torch.arange(T, device=dev)
-    # a query sees the valid slots up to its own; a hole sees itself only (so its output stays finite)
+    # a query sees the valid slots up to its own; a hole sees only itself, so its output stays finite
     mask = (state.valid[:, None, :c0 + T] & (slots <= q[:, None])) | (slots == q[:, None])   # (Bc, T, S)
     h = model(ids, positions=pos, mask=mask, cache=cache, cache_pos=c0, return_hidden=True,
               rope=tuple(t[pos] for t in state.rope))
@@ -137,11 +141,11 @@ class _State:
 
 
 class _StaticStep:
-    """The decode step with shapes that never change: every row of the cache (a finished row goes on
-    decoding tokens nobody reads) over every slot (those not yet written, and ragged prompts' holes, are
-    masked by state.valid), the slot a device tensor. On a GPU it is captured once as a CUDA graph and
-    replayed, one launch for the ~50 kernels of a layer: a small model's decode step is launch-bound
-    (gpt-fast's idea, written without torch.compile). On a CPU it runs as it is."""
+    """The decode step with shapes that never change: every cache row over every slot, the slot index a
+    device tensor. A finished row goes on decoding tokens nobody reads; state.valid masks the unwritten
+    slots and ragged prompts' holes. On a GPU the step is captured once as a CUDA graph and replayed:
+    one launch in place of ~50 kernel launches per layer, as a small model's decode step is
+    launch-bound (gpt-fast's idea, without torch.compile). On a CPU it runs as it is."""
 
     def __init__(self, model, cache, state):
         self.model, self.cache, self.state = model, cache, state
@@ -180,9 +184,9 @@ class _StaticStep:
         return out if len(rid) == len(self.tok) else out[rid]
 
 
-# Finished rows stay in the cache (skipped, not moved) until the live ones are at most this fraction of
-# its rows; then one compaction moves the live rows together. So attention over dead rows costs at most
-# 1 / COMPACT_BELOW times the live ones', and the cache is copied about log2(batch) times, not once a row.
+# Finished rows stay in the cache, skipped but not moved, until the live rows are at most this fraction
+# of it; then one compaction moves the live rows together. So attention over dead rows costs at most
+# 1 / COMPACT_BELOW times the live rows', and the cache is copied ~log2(batch) times, not once a row.
 COMPACT_BELOW = 0.5
 
 
@@ -214,9 +218,9 @@ class _Row:
 
 
 def _scan_steps(row, fmt, delimiter):
-    """Advance row.steps over the step boundaries completed in row.text since the last scan; returns the
-    code of a code block that has just been closed (fmt "code"), else None. cot: each `delimiter`;
-    code: the end of a text block (CODE_START written) and the end of a code block (CODE_END)."""
+    """Count in row.steps the step boundaries completed in row.text since the last scan. A boundary is,
+    for cot, each `delimiter`; for code, the end of a text block (CODE_START written) and the end of a
+    code block (CODE_END). Returns the code of a code block just closed (fmt "code"), else None."""
     code = None
     while True:
         d = delimiter if fmt == "cot" else data.CODE_END if row.in_code else data.CODE_START
@@ -233,13 +237,12 @@ def _scan_steps(row, fmt, delimiter):
 
 @dataclass(frozen=True)
 class Sampling:
-    """How generate() decodes. temperature 0 is greedy; `ramp` (start, inc, max) replaces the
-    temperature: a row's j-th step is sampled at min(start + j * inc, max), j counting the step
-    boundaries in its own text (`delimiter` for cot; the ends of text and code blocks for code).
-    A row ends at an end-of-turn id, at a `stop` string, or after max_new_tokens new tokens
-    (execution output included). fmt "code": each closed code block runs in the row's sandbox kernel
-    and its output block is appended to the row before decoding goes on. `static` (not with code): see
-    _StaticStep; its logits equal the plain step's up to float rounding."""
+    """How generate() decodes. temperature 0 is greedy. `ramp` (start, inc, max) replaces the temperature:
+    a row's j-th step is sampled at min(start + j * inc, max), j counting the step boundaries in the
+    row's own text (_scan_steps). A row ends at an end-of-turn id, at a `stop` string, or after
+    max_new_tokens new tokens, execution output included. fmt "code": each closed code block runs in
+    the row's sandbox kernel, and its output block is appended before decoding goes on. `static` (not
+    with code): see _StaticStep; its logits equal the plain step's up to float rounding."""
     max_new_tokens: int = 512
     temperature: float = 0.0
     top_p: float = 1.0
@@ -248,7 +251,7 @@ class Sampling:
     stop: tuple = ()
     fmt: str = "cot"
     delimiter: str = "\n\n"
-    static: bool = False   # decode steps of fixed shapes, one CUDA graph replay each on a GPU (_StaticStep)
+    static: bool = False
 
     def __post_init__(self):
         if self.static and self.fmt == "code":   # execution output makes the rows' steps uneven
@@ -258,27 +261,27 @@ class Sampling:
 GREEDY = Sampling()
 
 
-# inference_mode rather than no_grad: tensors made inside carry no version counters or view tracking,
-# which takes ~10% off a decode step of a small model (each step is ~200 tiny ops); nothing made here
-# leaves it as a tensor (rows come back as lists), so nothing can reach autograd later.
+# inference_mode, not no_grad: tensors made inside carry no version counter or view tracking, which
+# takes ~10% off a small model's decode step (~200 tiny ops). It is safe: no tensor made here leaves
+# (rows come back as lists), so none can reach autograd later.
 @torch.inference_mode()
 def generate(model, prompts, cfg=GREEDY, n=1, seed=None, tok=None, eos_id=None, setup=None, sandbox=None,
              progress=False):
-    """Sample continuations of `prompts` (lists of token ids, any lengths) as `cfg` says, each prompt n
-    times. Returns len(prompts) * n _Row objects, prompt-major: ids, text (when read), per-token
-    temperatures `temps`, `steps`, `finish` in eos | stop | length.
+    """Sample continuations of `prompts` (lists of token ids, any lengths) as `cfg` says, n per prompt.
+    Returns len(prompts) * n _Row objects, prompt-major, with ids, text (when read), per-token
+    temperatures `temps`, `steps`, and `finish` in eos | stop | length.
 
-    eos_id: an id or a list, default tok.stop_ids. `tok` is needed for stop strings, the ramp and code;
-    `sandbox()` makes a row's kernel (default Kernel), and `setup` (a list of code blocks per prompt:
-    those of a step-controlled prefix) runs in it before the row's first block. Each prompt is
-    prefilled once and its cache repeated for its n samples. Row r's sampling noise comes from its own
-    generator seeded (seed, r) (or (seed[p], i) with a list of per-prompt seeds): the same seed gives
-    the same rows whatever the batching, so n=3 equals the prompt given three times."""
+    eos_id: an id or a list; default tok.stop_ids. `tok` is needed for stop strings, the ramp and code
+    (ValueError without it). `sandbox()` makes a row's kernel (default Kernel). `setup`, a list of code
+    blocks per prompt (those of a step-controlled prefix), runs in the kernel before the row's first
+    block. Each prompt is prefilled once and its cache copied to its n rows. Row r draws its noise from
+    its own generator, seeded (seed, r), or (seed[p], i) with a list of per-prompt seeds. So the rows do
+    not depend on the batching: n=3 gives the same rows as the prompt given three times."""
     max_new_tokens, ramp, stop = cfg.max_new_tokens, cfg.ramp, list(cfg.stop)
     dev = model.output.weight.device
     if seed is None:
         seed = int(torch.randint(2**31, ()))
-    per_prompt = isinstance(seed, (list, tuple))   # one seed per prompt: rows (seed[p], i) for i < n
+    per_prompt = isinstance(seed, (list, tuple))
     seeds = list(seed) if per_prompt else [seed] * len(prompts)
     if eos_id is None:
         eos_id = tok.stop_ids if tok is not None else model.args.eos_token_id
@@ -290,7 +293,7 @@ def generate(model, prompts, cfg=GREEDY, n=1, seed=None, tok=None, eos_id=None, 
     max_len = max(len(p) for p in prompts) + max_new_tokens + 1
     cache = model.make_cache(B, max_len)   # the one cache of all B rows: never a second alive beside it
     state = _State(B, max_len, dev, model.rope_table(max_len))
-    if n > 1:   # each prompt is prefilled once, into the first of its n rows, then copied into the others
+    if n > 1:   # prefill only the first of each prompt's n rows
         cache.rows = torch.arange(0, B, n, device=dev)
     logits = forward_step(model, cache, state, [list(p) for p in prompts])
     if n > 1:
@@ -300,7 +303,7 @@ def generate(model, prompts, cfg=GREEDY, n=1, seed=None, tok=None, eos_id=None, 
     greedy = ramp is None and cfg.temperature == 0
     static = _StaticStep(model, cache, state) if cfg.static else None
     rows = [_Row(r, prompts[r // n][-6:]) for r in range(B)]
-    if not greedy:   # one uniform per (row, step) from the row's own generator; greedy decoding draws none
+    if not greedy:   # greedy decoding draws no noise
         noise = torch.empty(B, max_new_tokens)
         for r in range(B):
             g = torch.Generator().manual_seed(seeds[r // n] * 1_000_003 + (r % n if per_prompt else r))
@@ -310,9 +313,9 @@ def generate(model, prompts, cfg=GREEDY, n=1, seed=None, tok=None, eos_id=None, 
     temperature = torch.full((B,), float(cfg.temperature), device=dev)   # each row's, when no ramp
     active, done, ntok, t0 = list(rows), 0, 0, time.time()
     bar = tqdm(total=len(rows), disable=not progress, desc="generate", unit="row")
-    step = 0   # every active row samples one token per iteration, so this is each one's count of draws
-    # Rows are detokenized as they grow only when something reads their text (a stop string, the ramp's
-    # step boundaries, code blocks); plain token-id generation does no text work at all.
+    step = 0   # each live row's draws so far: it samples one token an iteration
+    # Detokenize only when something reads the text (stop strings, the ramp's step boundaries, code
+    # blocks); plain token-id generation does no text work.
     watch_text = tok is not None and bool(stop or ramp or cfg.fmt == "code")
     while active:
         if ramp is not None:
@@ -373,7 +376,7 @@ def generate(model, prompts, cfg=GREEDY, n=1, seed=None, tok=None, eos_id=None, 
             keep = [k for k, r in enumerate(active) if not r.finish]
             if not keep:
                 break
-            sel = _rows_tensor(keep, dev)   # the finished rows are skipped from now on, not moved
+            sel = _rows_tensor(keep, dev)   # finished rows are skipped, not moved (COMPACT_BELOW)
             rid, nxt_t = rid[sel], nxt_t[sel]
             active, feed = [active[k] for k in keep], [feed[k] for k in keep]
             if static is None:
@@ -383,17 +386,17 @@ def generate(model, prompts, cfg=GREEDY, n=1, seed=None, tok=None, eos_id=None, 
                     cache = cache.compact(cache.rows)
         if static is not None:
             logits = static(rid, nxt_t)
-        else:   # the plain step feeds the sampled ids as they are on the device; execution output as lists
+        else:   # ids stay on the device; all rows go as lists when one has execution output
             logits = forward_step(model, cache, state, feed if todo else nxt_t)
     bar.close()
     return rows
 
 
 def sample_solutions(model, tok, questions, cfg=GREEDY, n=1, prefixes=None, seed=None):
-    """Text in, text out: each question rendered with the chat template (plus its prefix, the open start
-    of the assistant turn), n continuations each. Returns one list of n (text, finish) pairs per
-    question, the end-of-turn token dropped and each text cut before its first stop string; finish is
-    generate's eos | stop | length ("length": cut off at max_new_tokens, not a complete solution)."""
+    """Text in, text out: n continuations of each question, rendered with the chat template (plus its
+    prefix, the open start of the assistant turn). Returns per question a list of n (text, finish):
+    the text without the end-of-turn token, cut before its first stop string; finish as in generate
+    ("length": cut off at max_new_tokens, not a complete solution)."""
     prefixes = prefixes or [""] * len(questions)
     prompts = [tok.encode(tok.render_prompt(q, p)) for q, p in zip(questions, prefixes)]
     setup = None
@@ -425,14 +428,14 @@ class PairSettings:
     top_p: float = 1.0
     k_max: int = 100             # naive: most samples per question
     naive_batch: int = 8         # naive: samples per question per round
-    cut: str = "all"             # step-controlled: eligible cuts in ascending order, or in random order
+    cut: str = "all"             # step-controlled: cuts in ascending ("all") or random order
     cut_mode: str = "paper"      # which steps are eligible (data.cut_points)
-    sc_from: str = "naive"       # cut the preferred solutions of questions with a naive pair | of "any"
+    sc_from: str = "naive"       # whose preferred solutions are cut: questions with a naive pair | "any"
     sc_per_question: dict = field(default_factory=dict)   # most step-controlled pairs, by source
     tries: int = 8               # continuations per cut before giving up
     ramp: tuple = RAMPS["paper"]
     seed: int = 0
-    static: bool = False         # Sampling.static: one-shape decode steps (a CUDA graph each on a GPU)
+    static: bool = False         # Sampling.static
 
     def __post_init__(self):
         self.sampling()   # refuses what Sampling refuses (--static with --fmt code) before a model loads
@@ -452,13 +455,13 @@ def _seed(*parts):
 
 
 # Every random choice is seeded by (seed, question id, round), so a question's pairs do not depend on
-# the rank or on a resumed run (given the same chunking). A sample cut off at max_new_tokens is no
-# complete solution (tokenize_pair would close it with the end-of-turn token), so it is never graded:
-# it is counted (samples_truncated, samples_sc_truncated) and dropped.
+# the rank or on resuming (given the same chunking). A sample cut off at max_new_tokens is not a whole
+# solution (tokenize_pair would close it with the end-of-turn token), so it is never graded: it is
+# counted (samples_truncated, samples_sc_truncated) and dropped.
 def naive_pairs(model, tok, recs, s):
-    """METHOD.md section 1 for a few questions sampled together: at temperature 1 until a question has
-    a preferred and a dispreferred solution, or k_max samples. Returns per question a dict {pref,
-    stats, pairs}: its first preferred solution (or None), its counts, and its naive pair if any."""
+    """METHOD.md section 1, for a few questions sampled together: sample at temperature 1 until a question
+    has a preferred and a dispreferred solution, or k_max samples. Returns per question a dict with pref
+    (its first preferred solution, or None), stats (its counts) and pairs (its naive pair, if any)."""
     st = [dict(pref=None, disp=None, n=0, stats=Counter(), pairs=[]) for _ in recs]
     rnd = 0
     while True:
@@ -493,13 +496,12 @@ def naive_pairs(model, tok, recs, s):
 
 
 def sc_pairs(model, tok, recs, st, s):
-    """METHOD.md section 2: cut a question's preferred solution after step k, continue it with the ramp
-    `tries` times, and keep the first continuation that is wrong (and not noise), adding the pair to
-    st[i]["pairs"]. The preferred solutions are D_naive's (sc_from "naive": only questions with a naive
-    pair, as in the paper) or any question's ("any"). The cuts k of a question are tried in ascending
-    order (cut "all") or in a random order (cut "random": the paper draws k at random), in waves: the w-th
-    cut of every question that still wants pairs, so that cutting stops once a question has its quota; a
-    cut left without a pair counts why (drop_sc_*)."""
+    """METHOD.md section 2: cut a question's preferred solution after step k, continue it `tries` times
+    with the ramp, and add the pair of the first wrong (and not noisy) continuation to st[i]["pairs"].
+    sc_from "naive" cuts only questions with a naive pair (D_naive, as in the paper); "any" cuts all.
+    A question's cuts go in ascending order (cut "all") or in random order (cut "random": the paper
+    draws k at random). They run in waves, the w-th cut of every question still short of its quota,
+    so cutting stops at the quota. A cut that yields no pair counts the reason (drop_sc_*)."""
     limit = {**SC_PER_QUESTION, **s.sc_per_question}
     cuts = []
     for rec, q in zip(recs, st):
@@ -589,9 +591,9 @@ def _read_parts(folder):
     return done
 
 
-# A progress folder holds the samples of one model under one set of settings: <out>.parts/settings.json
-# records them (the PairSettings and the caller's `provenance`, e.g. data.model_fingerprint), and a rerun
-# with others is refused, since it would mix its pairs with the old ones under the new model's hashes.
+# A progress folder holds the samples of one model under one set of settings. <out>.parts/settings.json
+# records them (the PairSettings and the caller's `provenance`, e.g. data.model_fingerprint). A rerun
+# with others is refused: it would mix its pairs with the old ones under the new model's hashes.
 def progress_record(s, provenance=None):
     """What settings.json records of a run, as JSON values (tuples become lists)."""
     return json.loads(json.dumps({"settings": asdict(s), **(provenance or {})}))
@@ -611,7 +613,7 @@ def progress_mismatch(folder, record):
             return f"has an unreadable {path} ({e})"
     def flat(r):
         return {**r.get("settings", {}), **{k: v for k, v in r.items() if k != "settings"}}
-    # a setting that an older record lacks had its default (a new setting's default keeps the old behaviour)
+    # a setting missing from an older record had its default (new settings default to the old behaviour)
     was, now = {**progress_record(PairSettings())["settings"], **flat(old)}, flat(record)
     diff = [f"{k} {json.dumps(was.get(k))} (now {json.dumps(now.get(k))})"
             for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
@@ -620,13 +622,13 @@ def progress_mismatch(folder, record):
 
 def make_pairs(model, tok, records, out_path, s=PairSettings(), chunk=16, rank=0, world=1, progress=True,
                provenance=None, restart=False):
-    """The whole pipeline, resumable. Questions are sharded by rank (record i goes to rank i % world) and
-    sampled `chunk` at a time; each finished chunk's questions are appended at once (one line per
-    question, its pairs and counts) to `<out>.parts/rank<r>.jsonl`. A rerun skips the questions found
-    there, so a killed run resumes without duplicates; a rerun with other settings or provenance (see
-    progress_record) is a ValueError, unless `restart`, which first removes the progress, out_path and its
-    meta file. At the end rank 0 writes every pair to out_path in record order and returns the summary
-    counts (call it on every rank; it barriers when distributed)."""
+    """The whole pipeline, resumable. Call it on every rank; it barriers when distributed.
+    Record i goes to rank i % world; questions are sampled `chunk` at a time. Each finished chunk is
+    appended in one write to <out>.parts/rank<r>.jsonl, one line per question (its pairs and counts).
+    A rerun skips the questions found there, so a killed run resumes without duplicates. A rerun with
+    other settings or provenance (progress_record) is a ValueError, unless `restart`, which first
+    removes the progress, out_path and its meta file. At the end rank 0 writes every pair to out_path
+    in record order and returns the summary counts (other ranks: None)."""
     folder = out_path + ".parts"
     record = progress_record(s, provenance)
     if restart:
@@ -646,8 +648,9 @@ def make_pairs(model, tok, records, out_path, s=PairSettings(), chunk=16, rank=0
         data.write_json(os.path.join(folder, "settings.json"), record)   # before any progress
     part = os.path.join(folder, f"rank{rank}.jsonl")
     done = _read_parts(folder)
-    if os.path.exists(part):   # rewrite our own file without a torn last line before appending to it
-        # (renamed over it: a kill loses nothing)
+    # drop a torn last line from our own file before appending (the rewrite is renamed over it, so a
+    # kill loses nothing)
+    if os.path.exists(part):
         data.write_jsonl(part, [r for r in done.values() if r["rank"] == rank])
     shard = records[rank::world]
     chunks = [shard[i:i + chunk] for i in range(0, len(shard), chunk)]
@@ -682,8 +685,8 @@ def make_pairs(model, tok, records, out_path, s=PairSettings(), chunk=16, rank=0
 
 
 def truncation_warnings(summary, flag):
-    """Loud warnings when most samples, or most continuations, ran into max_new_tokens (and so were never
-    graded): `flag` says what to raise."""
+    """The warnings (a list of strings) for when most samples, or most continuations, hit max_new_tokens
+    and so went ungraded; `flag` names the flag to raise."""
     n = summary.get
     what = "hit max_new_tokens and were dropped ungraded"
     return [m for m in (data.most_lost(n("samples_truncated", 0), n("samples", 0), f"samples {what}", flag),

@@ -1,10 +1,10 @@
-"""The code sandbox of code-integrated solutions: one persistent Python process per solution, which runs
-its code blocks as they are sampled (a notebook kernel: variables persist across blocks) under the policy
-SANDBOX, stated once below. sample.generate(..., fmt="code") starts one Kernel per row.
+"""The code sandbox of code-integrated solutions: one persistent Python process per solution. It runs
+the code blocks as they are sampled, like a notebook kernel (variables persist across blocks), under
+the policy SANDBOX. sample.generate(..., fmt="code") starts one Kernel per row.
 
-Layout: the policy; the kernel program (the _kernel_* functions, shipped to the child as their own source,
-so the child imports nothing of this project); Kernel, the sampler's side. README "The code sandbox" says
-which layer enforces what, and what is not enforced.
+Layout: the policy; the kernel program (the _kernel_* functions, shipped to the child as their own
+source, so the child imports nothing of this project); Kernel, the sampler's side. README "The code
+sandbox" says which layer enforces what, and what is not enforced.
 """
 import json
 import os
@@ -17,33 +17,34 @@ import tempfile
 import time
 
 # ----------------------------------------------------------------------------------------------
-# Code sandbox: one persistent interpreter per solution (notebook-kernel-like state across blocks)
+# The policy, stated once. The kernel gets it as JSON, with "dir" added: the sandbox directory, the
+# one place it may write.
 # ----------------------------------------------------------------------------------------------
-# The policy, stated once (README "The code sandbox" says which layer enforces each part). The kernel
-# gets it as JSON, with "dir": the sandbox directory, the one place it may write.
 SANDBOX = {
     "timeout": 6.0,   # s per block (SIGALRM in the worker); the sampler kills the kernel at timeout + 2 s
     "mem_mb": 1024, "file_mb": 16, "nofile": 64, "cpu_s": 600,   # RLIMIT_AS, _FSIZE, _NOFILE, _CPU
     "disk_mb": 64,        # all of the sandbox directory
     "max_output": 1000,   # characters kept of a block's output
     "read": ["/usr", "/lib", "/lib64", "/dev/null", "/dev/zero", "/dev/urandom"],   # + Python's own dirs
-    # audit events refused ("x." a family); imports refused (ImportError: optional imports fall back;
-    # _posixsubprocess only anew, as a fresh copy brings fork_exec back); functions that raise no audit
-    # event, replaced by refusals
+    # audit events refused ("x." refuses a family)
     "events": ["os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn", "os.system", "pty.spawn",
                "subprocess.Popen", "os.killpg", "os.link", "os.symlink", "os.chown", "os.chflags",
                "os.setxattr", "os.removexattr", "shutil.chown", "resource.setrlimit", "resource.prlimit",
                "sys.addaudithook", "sys.settrace", "sys.setprofile", "gc.get_objects", "gc.get_referrers",
                "gc.get_referents", "code.__new__", "sqlite3.connect", "ctypes.", "socket.", "syslog.",
                "webbrowser."],
+    # imports refused with ImportError, so optional imports fall back. _posixsubprocess is refused
+    # only when loaded anew: a fresh copy would bring fork_exec back
     "imports": ["ctypes", "_ctypes", "_sqlite3", "_dbm", "_gdbm", "_multiprocessing", "_posixshmem",
                 "readline", "_xxsubinterpreters", "_testcapi", "_testinternalcapi", "_curses",
                 "_posixsubprocess"],
+    # functions that raise no audit event, replaced by refusals
     "removed": ["os.mkfifo", "os.mknod", "os.pidfd_open", "signal.pidfd_send_signal", "os.setsid",
                 "os.setpgid", "os.setpgrp", "_posixsubprocess.fork_exec", "time.clock_settime",
                 "time.clock_settime_ns", "_imp.create_builtin"],
-    # seccomp, (x86_64, aarch64) numbers: "deny"; "self" unless aimed at the worker itself; "thread" unless
-    # it makes a thread; "enosys" answered ENOSYS (glibc then falls back to clone)
+    # seccomp rules, syscall numbers as (x86_64, aarch64). "deny": always; "self": unless aimed at the
+    # worker itself; "thread": unless it makes a thread; "enosys": answered ENOSYS, so glibc falls back
+    # to clone
     "syscalls": {
         "deny": {"fork": (57, None), "vfork": (58, None), "execve": (59, 221), "execveat": (322, 281),
                  "ptrace": (101, 117), "process_vm_readv": (310, 270), "process_vm_writev": (311, 271),
@@ -59,10 +60,10 @@ SANDBOX = {
 }
 
 
-# The kernel program: the _kernel_* functions, shipped as their own source to `python -I -B -c`. It reads
-# requests on fd 0 and writes the code's output on fds 1 and 2 and, on policy["ctl"], an end-of-block line:
-# that block's nonce from the sampler, which takes the output up to it. So whatever the code writes, to any
-# fd, is output, never a reply.
+# The kernel program, run as `python -I -B -c <source>`. Requests come on fd 0; the code's output goes
+# to fds 1 and 2. After each block the kernel writes that block's nonce (sent by the sampler) on
+# policy["ctl"], and the sampler takes the output up to it. So whatever the code writes, to any fd,
+# is output, never a reply.
 def _kernel_main():
     policy, ns = json.loads(sys.argv[1]), False
     if policy["isolate"]:
@@ -130,10 +131,11 @@ def _kernel_worker(policy, ns):
 
 
 def _kernel_contain(policy, ns):
-    """The OS layers; returns the names of those that ran. In the namespaces, a mount namespace whose root
-    is a tmpfs of disk_mb holding the readable paths (bound read-only where they are), the sandbox directory
-    (the one writable mount) and a /proc of this PID namespace. Then no capabilities, no new privileges and
-    a seccomp filter (classic BPF over seccomp_data: nr at offset 0, arch at 4, args[0] at 16)."""
+    """The OS layers; returns the names of those that ran. In the namespaces: a mount namespace whose
+    root is a tmpfs of disk_mb holding the readable paths (bound read-only at their own paths), the
+    sandbox directory (the one writable mount) and a /proc of this PID namespace. Then no capabilities,
+    no new privileges, and a seccomp filter (classic BPF over seccomp_data: nr at offset 0, arch at 4,
+    args[0] at 16)."""
     import ctypes
     import struct
     libc, layers, d, safe = ctypes.CDLL(None, use_errno=True), [], policy["dir"], 0xE   # nosuid|nodev|noexec
@@ -193,10 +195,10 @@ def _kernel_contain(policy, ns):
 
 
 def _kernel_hook(policy):
-    """Takes away what the audit hook (PEP 578; it cannot be removed) would not see, then installs it. The
-    hook uses only C functions and immutable values bound here and keeps no mutable state a frame could
-    show, so code can neither change its lists nor monkeypatch what it calls (gc, which could reach it, is
-    refused)."""
+    """Takes away what the audit hook (PEP 578; it cannot be removed) would not see, then installs it.
+    The hook uses only C functions and immutable values bound here, and keeps no mutable state a frame
+    could show: code can neither change its lists nor monkeypatch what it calls. gc, which could reach
+    it, is refused."""
     import gc
     import importlib
     import posix
@@ -215,7 +217,7 @@ def _kernel_hook(policy):
             if f is not None and getattr(m, name, None) is f:
                 setattr(m, name, stand_in)
     for name in [m for m in sys.modules if m.split(".")[0] in ("ctypes", "_ctypes")]:
-        del sys.modules[name]   # set-up's; code gets a stand-in with sympy's one import, sizeof(c_long)
+        del sys.modules[name]   # set-up's; code gets a stand-in with the one name sympy uses, sizeof(c_long)
     sys.modules["ctypes"] = stub = types.ModuleType("ctypes", "the sandbox refuses ctypes")
     stub.c_long = type("c_long", (), {})
     stub.sizeof = {stub.c_long: struct.calcsize("l")}.__getitem__
@@ -248,7 +250,7 @@ def _kernel_hook(policy):
                 return True
         return False
 
-    def real(p, base):   # as the kernel resolves p, symlinks followed here (os.path.realpath is Python code)
+    def real(p, base):   # p resolved as the OS does; os.path.realpath is Python code, so patchable
         p = decode(p, "utf-8", "surrogateescape") if type(p) is bytes else p
         if type(p) is not str or not starts(p, "/") and ".." in split(p, "/"):   # "open" has no dir_fd
             refuse("a path that is not str or bytes, or '..' in a relative path")
@@ -338,9 +340,9 @@ _KERNEL_SOURCE = None
 
 class Kernel:
     """One solution's interpreter: a separate process whose globals persist across run() calls, held to
-    SANDBOX (README "The code sandbox": its layers, and what is not enforced). After the first result,
-    `layers` names the layers that ran. isolate=False (or SCDPO_SANDBOX_ISOLATE=0) leaves out the OS layers
-    (namespaces, seccomp), so that the audit hook can be tested alone; other keywords override SANDBOX."""
+    SANDBOX. After the first result, `layers` names the layers that ran. isolate=False (or
+    SCDPO_SANDBOX_ISOLATE=0) leaves out the OS layers (namespaces, seccomp), so that the audit hook can
+    be tested alone; other keywords override SANDBOX."""
 
     def __init__(self, timeout=SANDBOX["timeout"], mem_mb=SANDBOX["mem_mb"], max_output=SANDBOX["max_output"],
                  isolate=None, **policy):

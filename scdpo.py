@@ -56,17 +56,17 @@ def warn(msg):
 # ----------------------------------------------------------------------------------------------
 # The losses (METHOD.md section 3). Pure functions of summed log-probs.
 # ----------------------------------------------------------------------------------------------
-# For a pair (x, y_w, y_l), with x the prompt (for a step-controlled pair: question + the shared
-# steps t_0..t_k) and y the continuation only, DPO (Rafailov et al. 2023, eq. 7) writes
+# A pair is (x, y_w, y_l): x the prompt (step-controlled pair: question + the shared steps
+# t_0..t_k), y the continuation only. DPO (Rafailov et al. 2023, eq. 7):
 #   h = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]
 #   sigmoid:  L = -(1-eps) log sigma(beta h) - eps log sigma(-beta h)
-# (eps = label smoothing, the "conservative DPO" of Mitchell 2023; eps = 0 is plain DPO) and
-#   dL/dh = -beta [(1-eps) sigma(-beta h) - eps sigma(beta h)].
-# IPO (Azar et al. 2023, eq. 17) regresses the same margin on a fixed target instead:
-#   ipo:      L = (h - 1/(2 beta))^2,   dL/dh = 2 (h - 1/(2 beta)).
-# The implicit rewards r = beta (log pi - log pi_ref) (METHOD.md section 5, summed over the
-# continuation) are returned detached, for logging and reward accuracy (r_w > r_l).
-# SCDPO changes nothing here: L_SCDPO = L_naive + L_sc is this loss on a batch mixing both kinds.
+#             dL/dh = -beta [(1-eps) sigma(-beta h) - eps sigma(beta h)]
+# eps: label smoothing, the "conservative DPO" of Mitchell 2023; eps = 0 is plain DPO.
+# IPO (Azar et al. 2023, eq. 17) regresses the same margin on a fixed target:
+#   ipo:      L = (h - 1/(2 beta))^2,   dL/dh = 2 (h - 1/(2 beta))
+# Implicit rewards r = beta (log pi - log pi_ref), summed over the continuation (METHOD.md
+# section 5), are returned detached, for logging and reward accuracy (r_w > r_l).
+# SCDPO changes nothing here: L_SCDPO = L_naive + L_sc is this loss on a batch of both kinds.
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
              beta, loss_type="sigmoid", label_smoothing=0.0):
     """Per-pair loss (P,), NOT reduced (the loop divides by the global batch size, which keeps
@@ -84,16 +84,16 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     return loss, chosen_rewards, rejected_rewards
 
 
-# The optional NLL term on the chosen continuation ("RPO", Pang et al. 2024, eq. 3), per pair
-#   L_nll = -log pi(y_w|x) / |y_w|   (per-token mean over the chosen continuation),
-# added as L = L_dpo + nll_weight * L_nll; the reference model plays no part in it.
+# Optional NLL term on the chosen continuation ("RPO", Pang et al. 2024, eq. 3), per pair:
+#   L_nll = -log pi(y_w|x) / |y_w|,   L = L_dpo + nll_weight * L_nll
+# The reference model plays no part in it.
 def nll_loss(policy_chosen_logps, chosen_ntokens):
     """Per-pair length-normalised NLL of the chosen continuation, (P,)."""
     return -policy_chosen_logps / chosen_ntokens.clamp(min=1)
 
 
 # ----------------------------------------------------------------------------------------------
-# Flags. Defaults are the paper's; None means "the default of the objective" (SFT: METHOD.md sec. 3).
+# Flags. None means "the objective's default" (resolve_defaults; SFT: METHOD.md sec. 3).
 # ----------------------------------------------------------------------------------------------
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -153,8 +153,7 @@ def get_parser():
                    "--log-every asks for (log.jsonl still has every step)")
     p.add_argument("--log-every", type=int, default=None, help="the per-step line on every N-th step and the "
                    "last (default 1; with --quiet 0, none)")
-    # pair sampling, the stage run when --pairs is not given (as `sample.py pairs`; each solution or
-    # continuation gets at most --max-len minus --max-prompt new tokens)
+    # pair sampling: the stage run without --pairs (as `sample.py pairs`)
     sample.add_pair_flags(p)
     return p
 
@@ -179,10 +178,10 @@ def resolve_defaults(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Data. Pairs are tokenised once by data.tokenize_pairs; the reference log-probs are indexed by the
-# row number of the WHOLE file, so the three --pairs-kind runs share one reference cache.
-# Each global batch of the shuffled order is split between ranks by stride (rank r: items r, r + W, ..),
-# so the global batch, and hence every step, is the same for any world size.
+# Data. Pairs are tokenised once (data.tokenize_pairs). Reference log-probs are indexed by row
+# number in the WHOLE file, so the three --pairs-kind runs share one reference cache.
+# Each global batch is split between ranks by stride (rank r: items r, r + W, ...), so every
+# step is the same for any world size.
 # ----------------------------------------------------------------------------------------------
 def select_kind(rows, kind, seed):
     """Indices of the training rows for --pairs-kind (METHOD.md section 3's baselines)."""
@@ -191,9 +190,9 @@ def select_kind(rows, kind, seed):
         return list(range(len(rows)))
     if kind == "naive":
         return naive
-    # data-equal: every naive pair as often as fits into len(rows), the rest a seeded random subset. The
-    # paper's baseline has as many DISTINCT naive pairs: sample more questions' naive pairs into their own
-    # file and train it with --pairs-kind naive (mini.py's DPO (data-equal) does that)
+    # data-equal: each naive pair as often as fits in len(rows), the rest a seeded random subset.
+    # The paper's baseline has as many DISTINCT naive pairs: sample naive pairs for more questions
+    # into their own file and train it with --pairs-kind naive (as mini.py's "DPO (data-equal)" does).
     if not naive:
         raise ValueError("--pairs-kind data-equal needs naive pairs; the file has none")
     reps, rest = divmod(len(rows), len(naive))
@@ -272,17 +271,17 @@ def sample_pairs(args, rank, world, device, log):
 
 
 # ----------------------------------------------------------------------------------------------
-# Log-probs. The continuation tokens' log-probs come from kernels.token_logprobs on the final hidden
-# states (never the (tokens, vocab) logits), summed per segment (2p: pair p's chosen, 2p + 1: its
-# rejected; SFT: row p) with the index arrays of data.collate_pairs / collate_sft. Prompt positions
-# are not in `idx`, so nothing in the loss depends on their predictions.
+# Log-probs. kernels.token_logprobs gives each continuation token's log-prob from the final hidden
+# states (never the (tokens, vocab) logits). They are summed per segment (2p: pair p's chosen,
+# 2p + 1: its rejected; SFT: row p) with the index arrays of data.collate_pairs / collate_sft.
+# Prompt positions are not in `idx`, so nothing in the loss depends on their predictions.
 #
-# Why a wrapper module: under FSDP2 a module's own parameters are all-gathered by the pre-forward
-# hook of the module that fully_shard was applied to, and their gradients reduce-scattered by the
-# hooks that forward registers. The LM head belongs to the root. Reading model.lm_head_weight outside
-# a forward gives the sharded DTensor (or, depending on reshard timing, a stale unsharded view);
-# doing the head inside the root's forward makes it one more use of an ordinary unsharded parameter,
-# exactly like the embedding. So fully_shard goes on each block and then on this wrapper.
+# Why a wrapper module: FSDP2 all-gathers a module's parameters in the pre-forward hook of the
+# module that fully_shard was applied to, and reduce-scatters their gradients through hooks that
+# forward registers. The LM head belongs to the root. Read outside a forward, model.lm_head_weight
+# is the sharded DTensor (or, depending on reshard timing, a stale unsharded view). Inside the
+# root's forward it is an ordinary unsharded parameter, like the embedding.
+# So fully_shard goes on each block, then on this wrapper.
 # ----------------------------------------------------------------------------------------------
 class SeqLogprobs(nn.Module):
     def __init__(self, model):
@@ -301,9 +300,9 @@ def run_logprobs(net, batch, device):
 
 
 def load_sharded(path, margs, device, trainable=True, checkpointing=False):
-    """SeqLogprobs of the hub model at `path`, sharded, in fp32, without any rank ever holding the whole
-    model: built on the meta device (no memory), sharded, then each rank's shards read from the safetensors
-    files (model.load_weights: each rank reads only the rows it holds)."""
+    """SeqLogprobs of the hub model at `path`, sharded, in fp32; no rank ever holds the whole model.
+    Built on the meta device (no memory), sharded, then each rank reads only the rows it holds from
+    the safetensors files (model.load_weights)."""
     with torch.device("meta"):
         model = modeling.Transformer(margs)
     model.checkpointing = checkpointing
@@ -340,18 +339,18 @@ def reference_logprobs(net, rows, collate, args, device, rank, world):
         keep = torch.tensor([i < n for i in chunk], device=device)
         out[torch.tensor([i % n for i in chunk], device=device)[keep]] = lp[keep]
     net.train()
-    # a forward without backward leaves the root's parameters unsharded (FSDP2 reshards the root only
-    # after backward); put the sharded DTensors back, which the optimizer and checkpoints refer to
+    # FSDP2 reshards the root only after backward, so a forward alone leaves its parameters unsharded.
+    # Put back the sharded DTensors that the optimizer and checkpoints refer to.
     net.reshard()
-    dist.all_reduce(out)   # each row is written by exactly one rank, the others hold 0
+    dist.all_reduce(out)   # one rank wrote each row; the others hold 0
     return out.float().cpu()
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints. Sharded (torch.distributed.checkpoint: every rank writes its own shards), written into
-# step-N.tmp and renamed when complete, so a kill at any moment leaves the last good checkpoint. The
-# data position is the step (the order is a pure function of the seed); the lr schedule is a pure
-# function of the step too, so no scheduler object needs saving.
+# Checkpoints. Sharded (torch.distributed.checkpoint: each rank writes its own shards) into
+# step-N.tmp, renamed when complete: a kill at any moment leaves the last good checkpoint.
+# The step is the data position (the order is a pure function of the seed), and the lr is a
+# pure function of the step: there is no scheduler state to save.
 # ----------------------------------------------------------------------------------------------
 def save_checkpoint(out, net, opt, step, args, rank):
     """The checkpoint of `step` (its path), or None when the disk is full: then the partial files are
@@ -417,8 +416,8 @@ def failures_on_ranks(fn):
     return "; ".join(f"rank {r}: {text}" if len(every) > 1 else text for r, text, _ in every)
 
 
-# Settings that change the result: a resumed run must have the same ones as the checkpoint's (the
-# others, e.g. --micro-batch, --packed, --checkpointing, change only rounding or speed).
+# Settings that change the result: a resume must match the checkpoint's. The others
+# (e.g. --micro-batch, --packed, --checkpointing) change only rounding or speed.
 RESUME_MUST_MATCH = ("objective", "model", "pairs", "data", "pairs_kind", "global_batch", "epochs",
                      "max_steps", "seed", "lr", "min_lr_ratio", "warmup_ratio", "weight_decay", "adam_betas",
                      "grad_clip", "max_len", "max_prompt", "loss", "beta", "label_smoothing", "nll_weight")
@@ -511,15 +510,15 @@ def save_model(plain, tok, path):
     if second:
         shutil.rmtree(os.path.dirname(spare), ignore_errors=True)
         return f"{first}; and {second}: the trained weights are lost"
-    open(os.path.join(spare, "DONE"), "w").close()   # the whole final model: moved, a --resume sees it done
+    open(os.path.join(spare, "DONE"), "w").close()   # once moved to `path`, a --resume sees it done
     return f"{first}. The trained model is in {spare} instead: free space and move it to {path}"
 
 
 # ----------------------------------------------------------------------------------------------
-# Throughput. Training FLOPs per step (Kaplan et al. / nanoGPT's 6N + attention, adapted): every input
-# token goes through the blocks (6 * block params) and attends over its row (12 * L * H * hd * T,
-# no causal discount); only the target tokens go through the LM head (6 * V * D). Peak bf16 FLOP/s
-# of the GPU gives MFU; on a CPU it is not reported.
+# Throughput. Training FLOPs per step (Kaplan et al. / nanoGPT's 6N + attention, adapted):
+# every input token goes through the blocks (6 * block params) and attends over its row
+# (12 * L * H * hd * T, no causal discount); only target tokens go through the LM head (6 * V * D).
+# MFU divides by the GPU's peak bf16 FLOP/s; on a CPU it is not reported.
 # ----------------------------------------------------------------------------------------------
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
               "4090": 165e12}
@@ -547,9 +546,9 @@ def get_lr(step, total, args):
 
 
 # ----------------------------------------------------------------------------------------------
-# The two objectives. They differ in their rows and in the loss of a micro-batch; train() does the
-# rest the same way. A micro-batch's loss is its share of the mean over the global batch (pairs for
-# DPO, response tokens for SFT), so that summing over micro-batches and ranks gives the step's loss.
+# The two objectives differ only in their rows and their micro-batch loss. A micro-batch's loss
+# is its share of the mean over the global batch (pairs for DPO, response tokens for SFT), so the
+# sum over micro-batches and ranks is the step's loss.
 # ----------------------------------------------------------------------------------------------
 def dpo_rows(args, tok, margs, rank, world, device, log):
     """Tokenised pairs, the indices to train on (--pairs-kind), and their collate function."""
@@ -592,8 +591,8 @@ def dpo_objective(args, net, rows, collate, rank, world, device, log):
         key = hashlib.sha256(json.dumps([data.model_fingerprint(args.model), data.sha256_file(args.pairs),
                                          args.max_len, args.max_prompt, str(device.type == "cuda")]).encode())
         cache = f"{args.pairs}.ref-{key.hexdigest()[:16]}.pt"
-        # beside the pairs, so that the three --pairs-kind runs share it; where that folder is not
-        # writable, in --out (decided before computing, so the work is not lost to a failed write)
+        # Beside the pairs, so the three --pairs-kind runs share it. In --out if that folder is
+        # not writable (checked before computing, so a failed write cannot lose the work).
         spare = os.path.join(args.out, os.path.basename(cache))
         found = next((c for c in (cache, spare) if os.path.exists(c)), None)
         if found:
@@ -658,7 +657,7 @@ def save_reference(ref, cache, log):
 def sft_objective(args, net, rows, collate, rank, world, device, log):
     """The micro-batch loss of SFT: the summed NLL of the response tokens over the global batch's count."""
     def loss(batch, ids, step_ids):
-        n_tokens = sum(len(rows[i]["response"]) for i in step_ids)   # whichever rank holds them
+        n_tokens = sum(len(rows[i]["response"]) for i in step_ids)   # the whole step, on whichever rank
         part = -run_logprobs(net, batch, device).sum() / n_tokens
         return part, torch.stack([part.detach(), *[torch.zeros((), device=device)] * 3])
     return loss
@@ -735,7 +734,7 @@ def train(args):
     # --- model, optimizer, the objective's loss --------------------------------------------------
     net = load_sharded(args.model, margs, device, checkpointing=args.checkpointing)   # fp32 master weights
     n_block_params = sum(p.numel() for p in net.model.layers.parameters()) + net.model.norm.weight.numel()
-    # AdamW over the sharded parameters (each rank holds and updates 1/world of every tensor)
+    # each rank holds and updates 1/world of every tensor
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=tuple(args.adam_betas),
                             weight_decay=args.weight_decay)
     loss_fn = (dpo_objective if dpo else sft_objective)(args, net, rows, collate, rank, world, device, log)
@@ -746,8 +745,8 @@ def train(args):
         start = load_checkpoint(latest_checkpoint(args.out), net, opt, rank, args)
         log(f"resumed from {latest_checkpoint(args.out)} at step {start}")
     if args.resume and rank == 0 and os.path.exists(log_path):
-        # the killed run logged steps past its checkpoint, which are redone now: keep steps <= start
-        # (a line without its newline was torn by the kill)
+        # The killed run logged steps past its checkpoint; they are redone, so keep steps <= start.
+        # A line without its newline was torn by the kill.
         with open(log_path) as f:
             logged = [json.loads(line) for line in f if line.endswith("\n")]
         data.write_jsonl(log_path, [r for r in logged if r["step"] <= start])
@@ -775,7 +774,7 @@ def train(args):
         clip = args.grad_clip if args.grad_clip > 0 else float("inf")
         gnorm = nn.utils.clip_grad_norm_(net.parameters(), clip)
         gnorm = (gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm).item()
-        # both are the same on every rank (all-reduced), so every rank stops here, before opt.step()
+        # loss and gnorm are the same on every rank: all ranks stop here together, before opt.step()
         for what, val in (("loss", loss_val), ("gradient norm", gnorm)):
             if not math.isfinite(val):
                 raise FloatingPointError(f"step {step + 1}: {what} is {val}; stopping. Last good checkpoint: "
