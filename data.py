@@ -113,24 +113,29 @@ def load_records(spec, limit=None, root=None):
     return records
 
 
-def read_jsonl(path, check=None):
+def read_jsonl(path, check=None, torn=False):
     """Rows of a JSONL file (blank lines skipped). A line that is not UTF-8 or not a JSON object is a
     ValueError naming file and line. `check(row, "file:line")`, if given, returns the row to keep and
-    may raise (see check_pair)."""
+    may raise (see check_pair). A last line that lacks its newline and does not parse is the torn tail
+    of a write killed midway: skipped with `torn` (for files a run appends to), else an error that
+    says so."""
     rows = []
     with open(path, "rb") as f:   # bytes, so that a bad byte's line can be named
         for lineno, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte "
-                                 f"{e.start + 1} of the line)") from None
-            if not line.strip():
+                row = json.loads(line) if line.strip() else None
+            except ValueError as e:   # UnicodeDecodeError or JSONDecodeError
+                if torn and not raw.endswith(b"\n"):   # only the last line can lack one
+                    break
+                why = (f"not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)"
+                       if isinstance(e, UnicodeDecodeError) else
+                       f"not valid JSON ({e.msg} at column {e.colno})")
+                if not raw.endswith(b"\n"):
+                    why += "; it is the last line and has no newline: torn by a write killed midway?"
+                raise ValueError(f"{path}:{lineno}: {why}") from None
+            if row is None:
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             rows.append(check(row, f"{path}:{lineno}") if check else row)

@@ -562,33 +562,23 @@ PART_FIELDS = {"id": str, "pairs": list, "stats": dict, "rank": int}   # one lin
 
 
 def _read_parts(folder):
-    """Finished questions of every rank's part file (rank<r>.jsonl), by id. Only a last line without its
-    newline, the torn tail of a kill in the middle of a write, is skipped (make_pairs rewrites it away);
-    any other line that is not a question record is a ValueError naming file, line and field."""
-    done = {}
-    names = os.listdir(folder) if os.path.isdir(folder) else []
-    names = [n for n in names if n.startswith("rank") and n.endswith(".jsonl")]
-    for name in sorted(names):
-        path = os.path.join(folder, name)
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
-        for lineno, line in enumerate(lines, 1):
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                if lineno == len(lines) and not line.endswith("\n"):
-                    break
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-            for field, kind in PART_FIELDS.items():
-                if not isinstance(row, dict) or field not in row:
-                    raise ValueError(f"{path}:{lineno}: missing field {field!r}")
-                if not isinstance(row[field], kind):
-                    raise ValueError(f"{path}:{lineno}: field {field!r} is {type(row[field]).__name__}, "
-                                     f"expected {kind.__name__}")
-            for p in row["pairs"]:
-                data.check_pair(p, f"{path}:{lineno}")
-            done[row["id"]] = row
-    return done
+    """Finished questions of every rank's part file (rank<r>.jsonl), by id. Only a torn last line (a
+    kill in the middle of a write) is skipped, and make_pairs rewrites it away; any other line that is
+    not a question record is a ValueError naming file, line and field."""
+    def check(row, where):
+        for field, kind in PART_FIELDS.items():
+            if field not in row:
+                raise ValueError(f"{where}: missing field {field!r}")
+            if not isinstance(row[field], kind):
+                raise ValueError(f"{where}: field {field!r} is {type(row[field]).__name__}, expected "
+                                 f"{kind.__name__}")
+        for p in row["pairs"]:
+            data.check_pair(p, where)
+        return row
+    names = sorted(n for n in (os.listdir(folder) if os.path.isdir(folder) else [])
+                   if n.startswith("rank") and n.endswith(".jsonl"))
+    return {row["id"]: row for n in names
+            for row in data.read_jsonl(os.path.join(folder, n), check, torn=True)}
 
 
 # A progress folder holds the samples of one model under one set of settings. <out>.parts/settings.json

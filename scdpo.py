@@ -745,10 +745,9 @@ def train(args):
         start = load_checkpoint(latest_checkpoint(args.out), net, opt, rank, args)
         log(f"resumed from {latest_checkpoint(args.out)} at step {start}")
     if args.resume and rank == 0 and os.path.exists(log_path):
-        # The killed run logged steps past its checkpoint; they are redone, so keep steps <= start.
-        # A line without its newline was torn by the kill.
-        with open(log_path) as f:
-            logged = [json.loads(line) for line in f if line.endswith("\n")]
+        # The killed run logged steps past its checkpoint; they are redone, so keep steps <= start
+        # (and drop a line torn by the kill).
+        logged = data.read_jsonl(log_path, torn=True)
         data.write_jsonl(log_path, [r for r in logged if r["step"] <= start])
 
     # --- loop ----------------------------------------------------------------------------------------

@@ -76,6 +76,8 @@ def test_any_jsonl_is_read_by_field_names(tmp_path):
 
 @pytest.mark.parametrize("text,message", [
     ('{"problem": "1+1?", "answer": "2"}\n{"problem": "x", "answer": \n', "mine.jsonl:2: not valid JSON"),
+    ('{"problem": "1+1?", "answer": "2"}\n{"problem": "x", "ans',   # a reader of records skips nothing
+     "mine.jsonl:2: not valid JSON .*the last line and has no newline: torn by a write killed midway"),
     ('{"problem": "1+1?", "answer": "2"}\n\n{"problem": "x"}\n',
      "mine.jsonl:3: missing field 'gold' or 'answer'"),   # file lines, blank ones counted
     ('{"answer": "2"}\n', "mine.jsonl:1: missing field 'question' \\(or 'problem'\\)"),

@@ -125,11 +125,13 @@ def test_progress_files_skip_only_a_torn_last_line(tmp_path):
     part.write_text(_part_line("q/0") + _part_line("q/1") + '{"id": "q/2", "pai')   # killed mid-write
     (folder / "rank0.jsonl.tmp").write_text("not a progress file")                  # a rewrite killed before its rename
     assert sorted(_read_parts(str(folder))) == ["q/0", "q/1"]
+    part.write_bytes((_part_line("q/0") + '{"id": "q/1", "question": "é').encode()[:-1])   # cut inside a character
+    assert sorted(_read_parts(str(folder))) == ["q/0"]
     for text, error in [
         (_part_line("q/0") + '{"id": "q/1", "pai\n' + _part_line("q/2"), r"rank0.jsonl:2: not valid JSON"),
         (_part_line("q/0") + '{"id": "q/1", "pai\n', r"rank0.jsonl:2: not valid JSON"),   # whole, with its newline
         (_part_line("q/0") + json.dumps({"pairs": [], "stats": {}, "rank": 0}) + "\n", r"rank0.jsonl:2: missing field 'id'"),
-        ('["q/0"]\n', r"rank0.jsonl:1: missing field 'id'"),
+        ('["q/0"]\n', r"rank0.jsonl:1: expected a JSON object, got list"),
         (_part_line("q/0").replace('"rank": 0', '"rank": "0"'), r"rank0.jsonl:1: field 'rank' is str"),
         (json.dumps({"id": "q/0", "pairs": [{"id": "q/0"}], "stats": {}, "rank": 0}) + "\n", r"rank0.jsonl:1: missing field 'source'"),
     ]:

@@ -249,7 +249,7 @@ def run(*argv, nproc=1):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The same tiny Qwen2-shaped (tied) SCDPO run: 1 process; 2 processes; 2 processes killed after
-    step 3 (checkpoint at step 2, and a torn step-4 save left behind) and resumed."""
+    step 3 (checkpoint at step 2, and a torn step-4 save and log line left behind) and resumed."""
     root = tmp_path_factory.mktemp("dist")
     make_model(str(root / "model"), seed=1, tied=True)
     pairs = make_pairs(str(root / "pairs.jsonl"), n=16, seed=1)
@@ -262,6 +262,8 @@ def runs(tmp_path_factory):
     out["killed"] = run(*common, "--out", str(root / "resumed"), "--checkpointing", "--stop-after", "3", nproc=2)
     os.makedirs(root / "resumed" / "checkpoints" / "step-000004.tmp")   # a save killed midway: half a shard
     (root / "resumed" / "checkpoints" / "step-000004.tmp" / "__0_0.distcp").write_bytes(b"\0" * 100)
+    with open(root / "resumed" / "log.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 0.6')                        # and the step-4 line, killed mid-write
     out["resumed"] = run(*common, "--out", str(root / "resumed"), "--checkpointing", "--resume", nproc=2)
     # SFT: the loss is the mean over the global batch's response tokens, however they fall on ranks
     recs = [{"id": str(i), "question": f"What is {i}+{i}?" + " Think." * (i % 3), "gold": str(2 * i),
