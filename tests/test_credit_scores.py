@@ -1,8 +1,6 @@
-"""Threshold-free credit scores, intervals and the comparison page of eval.py, against brute force, closed
-forms and hand-worked cases:
-
-    python -m pytest -q tests/test_credit_scores.py
-"""
+# python -m pytest -q tests/test_credit_scores.py
+# Threshold-free credit scores, intervals and the comparison page of eval.py, against brute force, closed
+# forms and hand-worked cases.
 import math
 import os
 import re
