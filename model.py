@@ -19,7 +19,7 @@ import shutil
 import struct
 import sys
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import jinja2
 import jinja2.ext
@@ -1033,6 +1033,14 @@ class Tokenizer:
 # Without torchrun this is a process group of one (an in-memory store, no port), so one
 # process runs the same code as an 8-GPU job.
 # ----------------------------------------------------------------------------------------------
+# How long a rank waits in a collective before the job is aborted. torch's NCCL default, 10 minutes,
+# suits training steps, which keep the ranks in step. Here ranks also wait for each other at the end of
+# sampling (hours of work split by question: the last rank can finish many minutes after the first),
+# while rank 0 writes a 7B-20B checkpoint, and after evaluation. The timeout only bounds a hang: a rank
+# that fails ends the job at once (torchrun stops the others). SCDPO_TIMEOUT (seconds) overrides it.
+TIMEOUT_S = 2 * 3600
+
+
 def compute_init():
     """(rank, world_size, local_rank, device); gloo on the CPU, nccl on GPUs. Idempotent, so in-process
     callers (the miniature, the tests) may train repeatedly."""
@@ -1042,10 +1050,15 @@ def compute_init():
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = "nccl" if cuda else "gloo"
+        raw = os.environ.get("SCDPO_TIMEOUT", str(TIMEOUT_S))
+        try:
+            timeout = timedelta(seconds=float(raw))
+        except ValueError:
+            raise ValueError(f"SCDPO_TIMEOUT={raw!r}: expected a number of seconds, e.g. 7200") from None
         if "RANK" in os.environ:
-            dist.init_process_group(backend, device_id=device if cuda else None)
+            dist.init_process_group(backend, device_id=device if cuda else None, timeout=timeout)
         else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), local, device
 
 

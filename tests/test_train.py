@@ -377,3 +377,35 @@ def test_a_rerun_into_an_earlier_runs_folder_refuses_or_starts_clean(tiny, tmp_p
     model = scdpo.train(args_for(str(root / "model"), pairs, out, *common, "--lr", "2e-3", "--resume"))
     assert [json.loads(l)["step"] for l in open(os.path.join(out, "log.jsonl"))] == [1, 2]
     assert json.loads(open(os.path.join(out, "log.jsonl")).readlines()[0])["lr"] > 0 and model is not None
+
+
+LATE_RANK = """
+import sys, time
+sys.path.insert(0, {root!r})
+import torch.distributed as dist
+import model
+rank, world, _, device = model.compute_init()
+model.print0("timeout", dist.group.WORLD._get_backend(device).options._timeout.total_seconds())
+if rank == 1:
+    time.sleep(6)
+dist.barrier()
+model.print0("through")
+dist.destroy_process_group()
+"""
+
+
+def test_a_late_rank_is_waited_for_as_long_as_the_timeout_says(tmp_path):
+    """compute_init's timeout (model.TIMEOUT_S): rank 1 reaches a barrier 6 s after rank 0. Under the default
+    (2 hours, where NCCL's own would abort after 10 minutes) both go through; SCDPO_TIMEOUT=2 aborts."""
+    script = tmp_path / "late.py"
+    script.write_text(LATE_RANK.format(root=ROOT))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("SCDPO_TIMEOUT", None)
+    r = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stdout.split() == ["timeout", str(float(2 * 3600)), "through"]
+    r = subprocess.run(launch, env={**env, "SCDPO_TIMEOUT": "2"}, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and r.stdout.split() == ["timeout", "2.0"] and "Timed out waiting 2000ms" in r.stderr
+    r = subprocess.run(launch, env={**env, "SCDPO_TIMEOUT": "2h"}, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "SCDPO_TIMEOUT='2h': expected a number of seconds" in r.stdout + r.stderr
