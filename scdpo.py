@@ -702,9 +702,10 @@ def prepare_out(args, rank):
     dist.barrier()
 
 
-def train(args):
+def train(args, return_model=True):
     """Train as the flags say (`args`: get_parser().parse_args(...) or settings(...)); returns the final
-    model as a plain Transformer loaded from <out>/final on every rank (None after --stop-after).
+    model as a plain Transformer loaded from <out>/final on every rank (None after --stop-after, or
+    without return_model: the command line does not read it back, unless --eval needs it).
     Raises on a non-finite loss or gradient norm."""
     args = resolve_defaults(args)
     rank, world, _, device = modeling.compute_init()
@@ -714,7 +715,7 @@ def train(args):
     final = os.path.join(args.out, "final")
     if args.resume and os.path.exists(os.path.join(final, "DONE")):
         log(f"{final} is complete: nothing to train")
-        return modeling.Transformer.from_pretrained(final, device=device)
+        return modeling.Transformer.from_pretrained(final, device=device) if return_model else None
     prepare_out(args, rank)
     log(json.dumps(vars(args), default=str))
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
@@ -806,6 +807,8 @@ def train(args):
     if rank == 0:
         open(os.path.join(final, "DONE"), "w").close()
     log(f"final model: {final}")
+    if not (return_model or args.eval):
+        return None
     trained = modeling.Transformer.from_pretrained(final, device=device)
     if args.eval:
         recs = data.load_records(args.eval, args.eval_limit)
@@ -814,7 +817,7 @@ def train(args):
         if rank == 0:
             data.write_jsonl(os.path.join(args.out, "eval.jsonl"), preds)
             log(evaluation.format_report(evaluation.accuracy_report(preds)))
-    return trained
+    return trained if return_model else None
 
 
 def append_log(path, rec):
@@ -855,7 +858,7 @@ def main(argv=None):
     if not args.model:
         parser.error("--model is required (a hub-format folder); to run the whole method in miniature on "
                      "a CPU: python mini.py")
-    train(args)
+    train(args, return_model=False)
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -359,6 +359,26 @@ def test_without_pairs_the_pairs_are_sampled_once(tiny, tmp_path, monkeypatch):
         scdpo.train(scdpo.get_parser().parse_args(argv))
 
 
+def test_the_command_line_does_not_read_the_final_model_back(tiny, tmp_path, monkeypatch):
+    """scdpo.py's main exports the model and stops: no rank loads <out>/final again (8 x 14 GB of reads for
+    a 7B model) unless --eval needs it; train() called from Python still returns it."""
+    root, _, _, pairs, _ = tiny
+    common = ["--model", str(root / "model"), "--pairs", pairs, "--quiet", "--global-batch", "8",
+              "--micro-batch", "4", "--max-steps", "1"]
+    load = Transformer.from_pretrained
+    loads = []
+    monkeypatch.setattr(Transformer, "from_pretrained", classmethod(
+        lambda cls, path, **k: loads.append(str(path)) or load(path, **k)))
+    scdpo.main(common + ["--out", str(tmp_path / "a")])
+    assert loads == [] and os.path.exists(tmp_path / "a" / "final" / "DONE")
+    assert scdpo.train(args_for(str(root / "model"), pairs, str(tmp_path / "a"), "--resume")) is not None
+    assert loads == [str(tmp_path / "a" / "final")]
+    data.write_jsonl(str(tmp_path / "q.jsonl"), [{"question": "What is 2+5?", "answer": "7"}])
+    scdpo.main(common + ["--out", str(tmp_path / "b"), "--eval", str(tmp_path / "q.jsonl"), "--max-len", "160",
+                         "--max-prompt", "128"])
+    assert loads[1:] == [str(tmp_path / "b" / "final")] and os.path.exists(tmp_path / "b" / "eval.jsonl")
+
+
 def test_a_rerun_into_an_earlier_runs_folder_refuses_or_starts_clean(tiny, tmp_path):
     """Without --resume an --out that holds a run is refused; --overwrite removes its log, checkpoints and
     final model first, so that a crash of the new run followed by --resume cannot report the old model
