@@ -572,4 +572,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    modeling.run_main(main)
+    modeling.run_main(main, oom="out of memory: lower --batch-size")

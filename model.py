@@ -1068,21 +1068,23 @@ def print0(*a, **k):
         print(*a, **k, flush=True)
 
 
-# Errors a user can fix (bad input, a missing path, a full disk) print once, as "error: ...", not as
-# the traceback torch's process-group excepthook prints with every line prefixed "[rank0]:". Other
-# exceptions keep their traceback; SCDPO_TRACEBACK=1 keeps it for these too.
-EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError)
+# Errors a user can fix (bad input, a missing path, a full disk, a GPU out of memory) print once, as
+# "error: ...", not as the traceback torch's process-group excepthook prints with every line prefixed
+# "[rank0]:". Other exceptions keep their traceback; SCDPO_TRACEBACK=1 keeps it for these too.
+EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError, torch.OutOfMemoryError)
 
 
-def run_main(main, argv=None):
-    """A script's entry point: main(argv), an expected error printed on stderr with exit status 1."""
+def run_main(main, argv=None, oom=None):
+    """A script's entry point: main(argv), an expected error printed on stderr with exit status 1.
+    `oom`: the flags that lower the script's memory, said after torch's out-of-memory message."""
     try:
         main(argv)
     except EXPECTED_ERRORS as e:
         if os.environ.get("SCDPO_TRACEBACK") == "1":
             raise
         many = dist.is_initialized() and dist.get_world_size() > 1
-        print(f"{f'[rank {dist.get_rank()}] ' if many else ''}error: {e}", file=sys.stderr, flush=True)
+        hint = f"\n{oom}" if oom and isinstance(e, torch.OutOfMemoryError) else ""
+        print(f"{f'[rank {dist.get_rank()}] ' if many else ''}error: {e}{hint}", file=sys.stderr, flush=True)
         sys.exit(1)
 
 

@@ -758,4 +758,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    modeling.run_main(main)
+    modeling.run_main(main, oom="out of memory: lower --chunk (questions sampled at once, each with "
+                                "--naive-batch rows, or --tries rows a cut)")

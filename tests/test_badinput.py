@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import resource
+import runpy
 import shutil
 import subprocess
 import sys
@@ -468,6 +469,25 @@ def test_a_single_process_error_is_printed_once_without_traceback(tiny, tmp_path
         assert r.returncode == 1 and r.stderr == want + "\n", (name, r.stderr[-2000:])
     r = script("scdpo.py", *train_argv(m, tiny[2], str(tmp_path / "run")), env={"SCDPO_TRACEBACK": "1"})
     assert r.returncode == 1 and "Traceback" in r.stderr and want.removeprefix("error: ") in r.stderr
+
+
+def test_out_of_memory_says_which_flag_to_lower(tiny, tmp_path, monkeypatch, capsys):
+    """Each script, run as a script (its __main__ block), turns a GPU out-of-memory error into one message:
+    torch's, then the flags that lower that script's memory. Loading the weights raises it here."""
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(modeling, "load_weights", oom)
+    for name, argv, flag in [
+            ("scdpo.py", train_argv(tiny[1], tiny[2], str(tmp_path / "run")), "lower --micro-batch"),
+            ("sample.py", ["pairs", "--model", tiny[1], "--data", "gsm8k:test", "--out", str(tmp_path / "p")],
+             "lower --chunk"),
+            ("eval.py", ["--model", tiny[1], "--data", "gsm8k"], "lower --batch-size")]:
+        monkeypatch.setattr(sys, "argv", [name, *argv])
+        with pytest.raises(SystemExit) as exit:
+            runpy.run_path(os.path.join(ROOT, name), run_name="__main__")
+        err = capsys.readouterr().err
+        assert exit.value.code == 1 and err.startswith("error: CUDA out of memory. Tried to allocate 2.00 GiB\n"
+                                                       f"out of memory: {flag}"), (name, err)
 
 
 def test_an_unexpected_error_keeps_its_traceback():
