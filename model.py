@@ -1034,10 +1034,10 @@ class Tokenizer:
 # process runs the same code as an 8-GPU job.
 # ----------------------------------------------------------------------------------------------
 # How long a rank waits in a collective before the job is aborted. torch's NCCL default, 10 minutes,
-# suits training steps, which keep the ranks in step. Here ranks also wait for each other at the end of
-# sampling (hours of work split by question: the last rank can finish many minutes after the first),
-# while rank 0 writes a 7B-20B checkpoint, and after evaluation. The timeout only bounds a hang: a rank
-# that fails ends the job at once (torchrun stops the others). SCDPO_TIMEOUT (seconds) overrides it.
+# suits training steps, which keep the ranks in step. Here ranks also wait while rank 0 writes a 7B-20B
+# checkpoint, and at the end of evaluation (the end of sampling, where ranks can finish hours apart,
+# waits through files: sample._wait_for_ranks). The timeout only bounds a hang: a rank that fails ends
+# the job at once (torchrun stops the others). SCDPO_TIMEOUT (seconds) overrides it.
 TIMEOUT_S = 2 * 3600
 
 

@@ -29,6 +29,7 @@ import random
 import shutil
 import sys
 import time
+import uuid
 import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
@@ -612,7 +613,8 @@ def progress_mismatch(folder, record):
 
 def make_pairs(model, tok, records, out_path, s=PairSettings(), chunk=16, rank=0, world=1, progress=True,
                provenance=None, restart=False):
-    """The whole pipeline, resumable. Call it on every rank; it barriers when distributed.
+    """The whole pipeline, resumable. Call it on every rank; the ranks wait for each other at the end
+    (through files: _wait_for_ranks).
     Record i goes to rank i % world; questions are sampled `chunk` at a time. Each finished chunk is
     appended in one write to <out>.parts/rank<r>.jsonl, one line per question (its pairs and counts).
     A rerun skips the questions found there, so a killed run resumes without duplicates. A rerun with
@@ -634,6 +636,9 @@ def make_pairs(model, tok, records, out_path, s=PairSettings(), chunk=16, rank=0
         raise ValueError(f"{folder} {why}: these pairs cannot be continued; start over with `sample.py pairs "
                          f"--restart` (scdpo.py: --overwrite), or rerun with the recorded settings")
     os.makedirs(folder, exist_ok=True)
+    run = [uuid.uuid4().hex]   # this call's id, for _wait_for_ranks
+    if world > 1:
+        torch.distributed.broadcast_object_list(run, src=0)
     if rank == 0 and not os.path.exists(os.path.join(folder, "settings.json")):
         data.write_json(os.path.join(folder, "settings.json"), record)   # before any progress
     part = os.path.join(folder, f"rank{rank}.jsonl")
@@ -659,7 +664,7 @@ def make_pairs(model, tok, records, out_path, s=PairSettings(), chunk=16, rank=0
         bar.update(len(todo))
     bar.close()
     if world > 1:
-        torch.distributed.barrier()
+        _wait_for_ranks(folder, rank, world, run[0])
     summary = None
     if rank == 0:
         done = _read_parts(folder)
@@ -672,6 +677,24 @@ def make_pairs(model, tok, records, out_path, s=PairSettings(), chunk=16, rank=0
         summary = {"questions": len(rows), **dict(sorted(stats.items()))}
         print(" | ".join(f"{k} {v}" for k, v in summary.items()))
     return summary
+
+
+POLL_S = 2.0
+
+
+def _wait_for_ranks(folder, rank, world, run):
+    """A barrier through the files: write this rank's marker, then wait until every rank's holds `run`.
+    Ranks finish their shares of the questions up to hours apart, longer than a collective should wait
+    (model.TIMEOUT_S); polling files keeps none open. `run` keeps an earlier run's marker from counting."""
+    data.write_text(os.path.join(folder, f"done-rank{rank}"), run)
+    def marker(r):
+        try:
+            with open(os.path.join(folder, f"done-rank{r}")) as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+    while any(marker(r) != run for r in range(world)):
+        time.sleep(POLL_S)
 
 
 def truncation_warnings(summary, flag):

@@ -196,6 +196,46 @@ def test_killed_and_restarted_run_writes_the_same_file(setup):
     assert sorted(ids) == sorted(r["id"] for r in records)   # every question once
 
 
+LATE_RANK = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+import sample
+first = sample.pairs_for_chunk
+def late(*a):   # rank 1 starts its first chunk 8 s late
+    if os.environ["RANK"] == "1" and not late.waited:
+        late.waited = True
+        time.sleep(8)
+    return first(*a)
+late.waited = False
+sample.pairs_for_chunk = late
+sample.main(sys.argv[1:])
+"""
+
+
+def test_two_ranks_write_the_file_of_one_even_when_one_finishes_late(setup, tmp_path):
+    """`sample.py pairs` on 2 processes (torchrun, gloo) writes what one process writes. Rank 1 finishes
+    its questions 8 s after rank 0, past SCDPO_TIMEOUT=3 s, at which a collective barrier would abort the
+    job; the ranks wait for each other through files, where an earlier run's marker does not count."""
+    d, model, tok, records = setup
+    one = str(tmp_path / "one.jsonl")
+    make_pairs(model, tok, records[:6], one, SETTINGS, chunk=1, progress=False)
+    two = str(tmp_path / "two.jsonl")
+    os.makedirs(two + ".parts")
+    with open(two + ".parts/done-rank1", "w") as f:
+        f.write("an earlier run")
+    script = tmp_path / "late.py"
+    script.write_text(LATE_RANK.format(root=ROOT))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script), "pairs", "--model", str(d / "ckpt"), "--data", str(d / "gsm8k.jsonl"),
+                        "--limit", "6", "--out", two, *CLI, "--chunk", "1"],
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "SCDPO_TIMEOUT": "3"}, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert open(two).read() == open(one).read() and len(data.read_pairs(one)) >= 3
+    assert sorted(json.loads(l)["rank"] for f in ("rank0", "rank1")
+                  for l in open(f"{two}.parts/{f}.jsonl")) == [0, 0, 0, 1, 1, 1]
+
+
 def test_cli_pairs_record_their_model_and_scdpo_refuses_another(setup, tmp_path):
     """`sample.py pairs` writes <out>.meta.json last (data.write_pairs_meta); scdpo.check_pairs_match then
     accepts the pairs for the model that sampled them and refuses a model whose tokenizer differs, even
