@@ -478,7 +478,7 @@ def pair_sets(sft, tok, args, seed, out, pair_recs, rank, world):
     path = os.path.join(out, "pairs.jsonl")
     summary = sample.make_pairs(sft, tok, pair_recs, path, s, chunk=512, rank=rank, world=world,
                                 progress=False, restart=not args.reuse)
-    dist.barrier()   # rank 0 writes pairs.jsonl after make_pairs' own barrier
+    dist.barrier()   # rank 0 writes pairs.jsonl once every rank is done
     ps = data.read_pairs(path)
     naive, sc = [p for p in ps if p["kind"] == "naive"], [p for p in ps if p["kind"] == "sc"]
     pool, n_extra = naive_pool(sft, tok, args, seed, out, s, len(sc), len(naive) / len(pair_recs),
