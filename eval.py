@@ -78,21 +78,27 @@ def format_report(report):
     return "\n".join(lines)
 
 
-def generate_greedy(model, tok, questions, max_new_tokens, batch_size, static=False):
+def generate_greedy(model, tok, questions, max_new_tokens, batch_size, static=False, progress=False):
     """Greedy completions for `questions`, with the training prompt, through sample.py's sampler."""
     prompts = [tok.encode(tok.render_prompt(q)) for q in questions]
     cfg, out = sample.Sampling(max_new_tokens=max_new_tokens, static=static), []
+    bar = tqdm(total=len(prompts), desc="greedy decoding", unit="q", disable=not progress)
     for b in range(0, len(prompts), batch_size):
         out += [tok.decode(r.ids) for r in sample.generate(model, prompts[b:b + batch_size], cfg, tok=tok)]
+        bar.update(len(prompts[b:b + batch_size]))
+    bar.close()
     return out
 
 
-def evaluate(model, tok, records, max_new_tokens=512, batch_size=64, rank=0, world=1, static=False):
+def evaluate(model, tok, records, max_new_tokens=512, batch_size=64, rank=0, world=1, static=False,
+             progress=False):
     """Prediction rows for `records`, in their order, on every rank. Each rank grades
-    records[rank::world]; the rows are gathered. static: Sampling.static."""
+    records[rank::world]; the rows are gathered. static: Sampling.static. progress: a bar on rank 0
+    (its share of the questions)."""
     mine = list(range(rank, len(records), world))
     questions = [records[i]["question"] for i in mine]
-    completions = generate_greedy(model, tok, questions, max_new_tokens, batch_size, static)
+    completions = generate_greedy(model, tok, questions, max_new_tokens, batch_size, static,
+                                  progress and rank == 0)
     rows = [dict(grade(records[i], c), index=i) for i, c in zip(mine, completions)]
     rows = sorted(gather_rows(rows), key=lambda r: r["index"])
     for r in rows:
@@ -538,7 +544,8 @@ def main(argv=None):
     t0 = time.time()
     if args.data is not None:
         records = data.load_records(args.data, args.limit)
-        rows = evaluate(policy, tok, records, args.max_new_tokens, args.batch_size, rank, world, args.static)
+        rows = evaluate(policy, tok, records, args.max_new_tokens, args.batch_size, rank, world, args.static,
+                        progress=True)
         if rank == 0:
             if args.out:
                 data.write_jsonl(args.out, rows)

@@ -512,3 +512,11 @@ def test_processbench_evaluation_shows_progress(tiny, capsys):
     captured = capsys.readouterr()
     assert "ProcessBench gsm8k: n=2" in captured.out
     assert "policy log-probs: 100%" in captured.err and "reference log-probs: 100%" in captured.err
+
+
+def test_accuracy_evaluation_shows_progress(tiny, capsys):
+    evaluation.main(["--model", tiny[1], "--data", "gsm8k", "--limit", "3", "--max-new-tokens", "4",
+                     "--batch-size", "2"])
+    captured = capsys.readouterr()
+    assert "accuracy" in captured.out and "on gsm8k" in captured.out
+    assert "greedy decoding: 100%" in captured.err and "3/3" in captured.err
