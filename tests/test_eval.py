@@ -89,7 +89,7 @@ def test_named_sets_and_breakdown(ckpts, tmp_path, capsys):
 
 def test_printed_accuracy_equals_recount_when_some_are_right(ckpts, problems, tmp_path, capsys, monkeypatch):
     """A random model scores 0; here every other question gets its gold worked answer, so the count is not trivial."""
-    def fake(model, tok, questions, max_new_tokens, batch_size, static=False):
+    def fake(model, tok, questions, max_new_tokens, batch_size, static=False, progress=False):
         recs = {r["question"]: r for r in data.load_records(problems[1])}
         return [f"So the answer is $\\boxed{{{recs[q]['gold']}}}$." if i % 2 == 0 else "I think it is 12345." for i, q in enumerate(questions)]
     monkeypatch.setattr(E, "generate_greedy", fake)
