@@ -1,7 +1,8 @@
 # python -m pytest -q tests/test_tokenizer.py
 # model.Tokenizer against transformers' AutoTokenizer + apply_chat_template (the reference), on the
-# real Mistral-7B-v0.1 tokenizer (SentencePiece-style BPE, no chat template: our plain one) and on a
-# small byte-level BPE tokenizer trained here with a ChatML (Qwen2.5-style) template.
+# real Mistral-7B-v0.1 tokenizer (SentencePiece-style BPE; no chat template, so our plain one, or the
+# instruct model's [INST] template) and on small byte-level BPE tokenizers trained here with ChatML
+# (Qwen2.5's) and Llama-3-Instruct's special tokens and templates.
 import json
 import os
 import shutil
@@ -35,6 +36,20 @@ CHATML_TEMPLATE = """{%- if messages[0]['role'] == 'system' %}
 {%- endif %}
 """
 
+# Llama-3-Instruct's template (the 3.0 one: 3.1's adds tools and a dated system prompt around the same turns).
+LLAMA3_TEMPLATE = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+                   "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + "
+                   "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+                   "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+                   "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+# Mistral-7B-Instruct-v0.2's: [INST] turns, no generation-prompt branch, roles must alternate.
+MISTRAL_INSTRUCT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}")
+
 QUESTION = "Natalia sold clips to 48 of her friends in April, and then half as many in May. How many in total?"
 STEPS = ["Natalia sold 48/2 = 24 clips in May.\n", "Natalia sold 48+24 = 72 clips altogether.\n", "#### 72"]
 CONVERSATIONS = [
@@ -51,28 +66,50 @@ def _corpus():
     return [r["question"] + "\n" + r["answer"] for r in rows] + ["Héllo wörld 日本 <b>"]
 
 
-@pytest.fixture(scope="module")
-def chatml_dir(tmp_path_factory):
-    """A ~1000-token byte-level BPE tokenizer (as Qwen2's) with ChatML special tokens, written as the hub
-    would: tokenizer.json + tokenizer_config.json (bos_token null, eos <|im_end|>, pad <|endoftext|>)."""
-    d = tmp_path_factory.mktemp("chatml")
+def _bpe_dir(d, special, **config):
+    """A ~1000-token byte-level BPE tokenizer (as Qwen2's and Llama 3's) with `special` tokens, written as
+    the hub would: tokenizer.json + tokenizer_config.json (`config` over the usual keys)."""
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok.train_from_iterator(_corpus(), trainers.BpeTrainer(vocab_size=1000, special_tokens=special, show_progress=False,
                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok.save(str(d / "tokenizer.json"))
     config = {
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>", "chat_template": CHATML_TEMPLATE,
+        "tokenizer_class": "PreTrainedTokenizerFast", **config,
         "added_tokens_decoder": {str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False,
                                                            "rstrip": False, "single_word": False, "special": True}
                                  for t in special},
     }
     (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return str(d)
+
+
+@pytest.fixture(scope="module")
+def chatml_dir(tmp_path_factory):
+    """ChatML special tokens as Qwen2.5's: bos_token null, eos <|im_end|>, pad <|endoftext|>."""
+    return _bpe_dir(tmp_path_factory.mktemp("chatml"), ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                    bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHATML_TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def llama3(tmp_path_factory):
+    """Llama 3's special tokens, with the base model's eos <|end_of_text|> (the instruct turns end in <|eot_id|>)."""
+    d = _bpe_dir(tmp_path_factory.mktemp("llama3"), ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                                                     "<|end_header_id|>", "<|eot_id|>"],
+                 bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>", chat_template=LLAMA3_TEMPLATE)
+    return Tokenizer.from_pretrained(d), transformers.AutoTokenizer.from_pretrained(d)
+
+
+@pytest.fixture(scope="module")
+def mistral_instruct(tmp_path_factory):
+    """The real Mistral-7B tokenizer with the instruct model's template."""
+    d = tmp_path_factory.mktemp("mistral-instruct")
+    shutil.copy(os.path.join(MISTRAL, "tokenizer.json"), d)
+    cfg = json.load(open(os.path.join(MISTRAL, "tokenizer_config.json")))
+    (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": MISTRAL_INSTRUCT_TEMPLATE}))
+    return Tokenizer.from_pretrained(d), transformers.AutoTokenizer.from_pretrained(d)
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +151,21 @@ def test_chatml_template_matches_transformers(chatml, conv, gen):
     assert ours.tok.token_to_id("<|im_start|>") in ids
 
 
+@pytest.mark.parametrize("gen", [False, True])
+@pytest.mark.parametrize("conv", range(2))   # the third has a system turn, which Mistral's template refuses
+@pytest.mark.parametrize("which", ["llama3", "mistral_instruct"])
+def test_llama3_and_mistral_instruct_templates_match_transformers(which, conv, gen, request):
+    ours, hf = request.getfixturevalue(which)
+    text, ids = _reference(hf, CONVERSATIONS[conv], gen)
+    assert ours.apply_chat_template(CONVERSATIONS[conv], add_generation_prompt=gen) == text
+    assert ours.encode(text) == ids and ids[0] == ours.bos_id
+
+
+def test_mistral_instruct_refuses_what_its_template_refuses(mistral_instruct):
+    with pytest.raises(jinja2.exceptions.TemplateError, match="roles must alternate"):
+        mistral_instruct[0].apply_chat_template(CONVERSATIONS[2])
+
+
 def test_jinja_environment_matches_transformers(chatml):
     # The features real templates lean on: tojson (no HTML escaping, keeps non-ASCII), loop controls,
     # namespace, trim_blocks / lstrip_blocks, special tokens as variables, raise_exception.
@@ -140,7 +192,7 @@ def compile_render(tok, template, messages):
     return t.apply_chat_template(messages, add_generation_prompt=True)
 
 
-@pytest.mark.parametrize("which", ["mistral", "chatml"])
+@pytest.mark.parametrize("which", ["mistral", "chatml", "llama3", "mistral_instruct"])
 def test_partial_assistant_turn_is_a_prefix_of_the_full_one(which, request):
     # render_prompt(q, first k steps) is a prefix of the whole conversation, in text AND in ids: the
     # prompt's tokens inside the full sequence are the tokens the sampler fed the model.
@@ -207,6 +259,17 @@ def test_special_tokens_and_stop_ids(mistral, chatml, chatml_dir, tmp_path):
     pair = {"id": "q", "question": "What is 1+1?", "prefix": "", "chosen": "2", "rejected": "3", "kind": "naive"}
     row = data.tokenize_pair(pair, base, max_len=256, max_prompt_len=200)
     assert row["chosen"][-1] == row["rejected"][-1] == end and data.tokenize_sft("Hi?", "2", base)["response"][-1] == end
+
+
+def test_llama3_and_mistral_instruct_stop_at_the_end_of_the_assistant_turn(llama3, mistral_instruct):
+    ours, _ = llama3
+    eot, end = ours.tok.token_to_id("<|eot_id|>"), ours.tok.token_to_id("<|end_of_text|>")
+    assert (ours.bos_id, ours.eos_id) == (ours.tok.token_to_id("<|begin_of_text|>"), end)
+    assert ours.stop_ids == [end, eot] and ours.end_id == eot
+    pair = {"id": "q", "question": "What is 1+1?", "prefix": "", "chosen": "2", "rejected": "3", "kind": "naive"}
+    assert data.tokenize_pair(pair, ours, max_len=256, max_prompt_len=200)["chosen"][-1] == eot
+    ours, _ = mistral_instruct
+    assert ours.stop_ids == [2] and ours.end_id == 2
 
 
 def test_special_tokens_as_dicts_and_special_tokens_map(tmp_path):
