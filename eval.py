@@ -516,7 +516,8 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="predictions JSONL (default: none)")
     # decoding
     p.add_argument("--max-new-tokens", type=int, default=512, help="per completion")
-    p.add_argument("--batch-size", type=int, default=64, help="questions per generation batch (per rank)")
+    p.add_argument("--batch-size", type=int, default=None, help="questions per batch, per rank (default: 64 "
+                   "for greedy decoding, 16 for scoring ProcessBench solutions)")
     p.add_argument("--static", action="store_true", help="decode steps of one shape, one CUDA graph replay "
                    "each on a GPU (bench/sample.py times it); the same completions up to float rounding")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16")
@@ -544,8 +545,8 @@ def main(argv=None):
     t0 = time.time()
     if args.data is not None:
         records = data.load_records(args.data, args.limit)
-        rows = evaluate(policy, tok, records, args.max_new_tokens, args.batch_size, rank, world, args.static,
-                        progress=True)
+        rows = evaluate(policy, tok, records, args.max_new_tokens, args.batch_size or 64, rank, world,
+                        args.static, progress=True)
         if rank == 0:
             if args.out:
                 data.write_jsonl(args.out, rows)
@@ -559,8 +560,9 @@ def main(argv=None):
         ref = modeling.Transformer.from_pretrained(args.ref, dtype=dtype, device=device).eval()
         ex = load_processbench(args.processbench, args.limit)
         res = credit_assignment(policy, ref, tok, ex, args.beta, args.threshold, args.rule,
-                                html_path=args.html, title=f"ProcessBench {args.processbench}", rank=rank,
-                                world=world, progress=True)
+                                html_path=args.html, batch_size=args.batch_size or 16,
+                                title=f"ProcessBench {args.processbench}", rank=rank, world=world,
+                                progress=True)
         if rank == 0:
             sc = res["scores"]
             print(f"ProcessBench {args.processbench}: n={len(ex)} ({res['n_err']} erroneous, {res['n_cor']} "

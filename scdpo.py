@@ -864,6 +864,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    modeling.run_main(main, oom="out of memory: lower --micro-batch (the global batch, and so the run, stay "
-                                "the same) or add --checkpointing; for the sampling stage (no --pairs), "
-                                "sample first with sample.py pairs and a smaller --chunk")
+    modeling.run_main(main, oom="out of memory: lower --micro-batch (the global batch stays, and with it the "
+                                "run, up to rounding) or add --checkpointing; for the sampling stage (no "
+                                "--pairs), sample first with sample.py pairs and a smaller --chunk")
