@@ -31,7 +31,6 @@ import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import data
@@ -576,8 +575,7 @@ def main(argv=None):
                     for e, pr, s in zip(ex, res["preds"], res["step_rewards"])])
             if args.html:
                 print(f"wrote {args.html}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    modeling.compute_cleanup()
 
 
 if __name__ == "__main__":

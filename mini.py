@@ -922,9 +922,7 @@ def main(argv=None):
         if rank == 0 and len(grid) > 1:
             print(grid_table(args, grid), flush=True)
         out = grid[args.lr]
-    dist.barrier()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    modeling.compute_cleanup()
     return out
 
 

@@ -1062,6 +1062,15 @@ def compute_init():
     return dist.get_rank(), dist.get_world_size(), local, device
 
 
+def compute_cleanup():
+    """The end of every script: the ranks wait for each other, then leave the process group. A rank that
+    tears gloo down while another still writes its last files can abort that one at exit ("terminate
+    called without an active exception")."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def print0(*a, **k):
     """print on rank 0 only."""
     if not dist.is_initialized() or dist.get_rank() == 0:

@@ -776,8 +776,7 @@ def main(argv=None):
         if args.format == "trl":
             data.write_jsonl(args.out, [data.to_trl(p, tok) for p in data.read_pairs(args.out)])
         data.write_pairs_meta(args.out, args.model, summary)   # last, atomically: scdpo.check_pairs_match
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    modeling.compute_cleanup()
 
 
 if __name__ == "__main__":

@@ -859,8 +859,7 @@ def main(argv=None):
         parser.error("--model is required (a hub-format folder); to run the whole method in miniature on "
                      "a CPU: python mini.py")
     train(args, return_model=False)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    modeling.compute_cleanup()
 
 
 if __name__ == "__main__":

@@ -90,7 +90,4 @@ def test_sharded_load_equals_a_plain_load_and_reads_only_its_rows(tmp_path):
 
 if __name__ == "__main__":
     worker(sys.argv[1:])
-    # as the scripts end: a gloo process group left to the interpreter's exit can abort it ("terminate
-    # called without an active exception", seen here after every line was printed)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    modeling.compute_cleanup()   # as the scripts end
