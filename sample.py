@@ -636,11 +636,11 @@ def make_pairs(model, tok, records, out_path, s=PairSettings(), chunk=16, rank=0
         raise ValueError(f"{folder} {why}: these pairs cannot be continued; start over with `sample.py pairs "
                          f"--restart` (scdpo.py: --overwrite), or rerun with the recorded settings")
     os.makedirs(folder, exist_ok=True)
-    run = [uuid.uuid4().hex]   # this call's id, for _wait_for_ranks
+    if rank == 0 and not os.path.exists(os.path.join(folder, "settings.json")):
+        data.write_json(os.path.join(folder, "settings.json"), record)   # before any rank's progress:
+    run = [uuid.uuid4().hex]   # this call's id, for _wait_for_ranks; the others wait for it here
     if world > 1:
         torch.distributed.broadcast_object_list(run, src=0)
-    if rank == 0 and not os.path.exists(os.path.join(folder, "settings.json")):
-        data.write_json(os.path.join(folder, "settings.json"), record)   # before any progress
     part = os.path.join(folder, f"rank{rank}.jsonl")
     done = _read_parts(folder)
     # drop a torn last line from our own file before appending (the rewrite is renamed over it, so a

@@ -260,6 +260,8 @@ def sample_pairs(args, rank, world, device, log):
     summary = sample.make_pairs(gen_model, tok, data.load_records(args.data), path, s, rank=rank, world=world,
                                 provenance=provenance, restart=bool(stale))
     del gen_model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()   # the sampler's caches, as blocks of other sizes than training's
     if rank == 0:
         log(f"pairs: {json.dumps(summary)}")
         for w in sample.truncation_warnings(summary, f"--max-len (each sample may have --max-len minus "
