@@ -83,8 +83,9 @@ def generate_greedy(model, tok, questions, max_new_tokens, batch_size, static=Fa
     cfg, out = sample.Sampling(max_new_tokens=max_new_tokens, static=static), []
     bar = tqdm(total=len(prompts), desc="greedy decoding", unit="q", disable=not progress)
     for b in range(0, len(prompts), batch_size):
-        out += [tok.decode(r.ids) for r in sample.generate(model, prompts[b:b + batch_size], cfg, tok=tok)]
-        bar.update(len(prompts[b:b + batch_size]))
+        batch = prompts[b:b + batch_size]
+        out += [tok.decode(r.ids) for r in sample.generate(model, batch, cfg, tok=tok)]
+        bar.update(len(batch))
     bar.close()
     return out
 
