@@ -518,8 +518,7 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=512, help="per completion")
     p.add_argument("--batch-size", type=int, default=None, help="questions per batch, per rank (default: 64 "
                    "for greedy decoding, 16 for scoring ProcessBench solutions)")
-    p.add_argument("--static", action="store_true", help="decode steps of one shape, one CUDA graph replay "
-                   "each on a GPU (bench/sample.py times it); the same completions up to float rounding")
+    p.add_argument("--static", action="store_true", help=sample.STATIC_HELP)
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16")
     # credit assignment
     p.add_argument("--ref", default=None, help="reference model (the SFT model) for implicit rewards")

@@ -710,6 +710,10 @@ def truncation_warnings(summary, flag):
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
+STATIC_HELP = ("decode steps of one shape, one CUDA graph replay each on a GPU (bench/sample.py times it); "
+               "the same tokens up to float rounding")
+
+
 def add_pair_flags(p):
     """The flags of the two procedures, shared by `sample.py pairs` and scdpo.py's sampling stage."""
     p.add_argument("--fmt", default="cot", choices=["cot", "code"], help="solution format")
@@ -729,8 +733,7 @@ def add_pair_flags(p):
     p.add_argument("--tries", type=int, default=8, help="continuations per cut before giving up")
     p.add_argument("--ramp", default="paper",
                    help="paper (1.1,+0.05,1.4) | scripts (1.1,+0.1,1.4) | start,inc,max")
-    p.add_argument("--static", action="store_true", help="decode steps of one shape, one CUDA graph "
-                   "replay each on a GPU (bench/sample.py times it); the same samples up to float rounding")
+    p.add_argument("--static", action="store_true", help=STATIC_HELP)
 
 
 def pair_settings(args, max_new_tokens):

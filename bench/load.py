@@ -144,7 +144,7 @@ def child():
         rows = [None] * world
         dist.all_gather_object(rows, r)
         r = rows if rank == 0 else None
-        dist.destroy_process_group()
+        modeling.compute_cleanup()
     if r is not None:
         print(json.dumps(r))
 

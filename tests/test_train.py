@@ -410,7 +410,7 @@ if rank == 1:
     time.sleep(6)
 dist.barrier()
 model.print0("through")
-dist.destroy_process_group()
+model.compute_cleanup()
 """
 
 
