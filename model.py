@@ -12,6 +12,7 @@ tensor names (InternLM2 packs q, k, v into one `wqkv`). Here q, k, v are one pro
 W1, W3 another (`w13`): four GEMMs a layer instead of seven.
 """
 import errno
+import gc
 import json
 import math
 import os
@@ -1063,10 +1064,13 @@ def compute_init():
 
 
 def compute_cleanup():
-    """The end of every script: the ranks wait for each other, then leave the process group. A rank that
-    tears gloo down while another still writes its last files can abort that one at exit ("terminate
-    called without an active exception")."""
+    """The end of every script: the ranks wait for each other, then leave the process group. Without it
+    a rank can abort at exit ("terminate called without an active exception"), seen now and then after a
+    2-process gloo run had printed everything. The likely cause (pytorch PR 179291): gloo work objects
+    that FSDP still holds are freed while the interpreter shuts down. So the models that are no longer
+    referenced, and their work objects, are collected first, while everything is still alive."""
     if dist.is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 
