@@ -4,8 +4,9 @@ records (JSONL and TRL's format), tokenised training rows and batches.
 Small functions, pure but for the file readers and writers; `sample.py pairs` strings them together.
 
 Solution formats (`fmt`):
-- "cot": chain of thought. A step is a paragraph: text up to and including a run of the delimiter
-  (default "\\n\\n"; "\\n" cuts at lines).
+- "cot": chain of thought. A step is text up to and including a run of the delimiter: "\\n\\n"
+  (paragraphs), "\\n" (lines), or "auto" (cot_delimiter: paragraphs where the solution has a blank
+  line, else lines).
 - "code": code-integrated. Blocks of text, code and execution output, fenced in markdown:
 
       Let me compute the sum.
@@ -174,11 +175,20 @@ def write_json(path, obj):
 _FENCE_CLOSE = re.compile(r"^```[ \t]*(?:\n|$)", re.M)
 
 
+def cot_delimiter(solution):
+    """The step delimiter a chain-of-thought solution uses: "\\n\\n" if it has a blank line inside,
+    else "\\n". Models differ: Qwen2.5-Math writes a paragraph a step, MetaMath and GSM8K's solutions a
+    line a step, which "\\n\\n" would leave as one step, with nowhere to cut."""
+    return "\n\n" if "\n\n" in solution.strip() else "\n"
+
+
 def split_steps(solution, fmt="cot", delim="\n\n"):
-    """The steps of a solution. "cot": a step ends after a run of `delim` (plus any further newlines);
-    "code": text, code and execution blocks (see the module docstring). Whitespace-only pieces join
-    the step before them (the first step keeps leading whitespace), so no step is blank."""
+    """The steps of a solution. "cot": a step ends after a run of `delim` ("auto": cot_delimiter's)
+    plus any further newlines; "code": text, code and execution blocks (see the module docstring).
+    Whitespace-only pieces join the step before them (the first step keeps leading whitespace), so no
+    step is blank."""
     if fmt == "cot":
+        delim = cot_delimiter(solution) if delim == "auto" else delim
         cuts = [m.end() for m in re.finditer(f"(?:{re.escape(delim)})+\n*", solution)]
     elif fmt == "code":
         cuts, i = [], 0
@@ -238,8 +248,17 @@ def has_exec_error(solution):
     return any(step_kind(s) == "output" and _EXEC_ERROR.search(s) for s in split_steps(solution, "code"))
 
 
+def has_written_output(solution):
+    """An execution block of a code-integrated solution that follows no code block: the model wrote it
+    (only a CODE_START block runs, so not one fenced "```py"), and it shows nothing the code printed."""
+    steps = split_steps(solution, "code")
+    return any(step_kind(s) == "output" and (i == 0 or step_kind(steps[i - 1]) != "code")
+               for i, s in enumerate(steps))
+
+
 def judge(solution, gold, fmt="cot"):
-    """(label, answer). label: 'preferred' (right answer, no marker, no execution error),
+    """(label, answer). label: 'preferred' (right answer, no marker, no execution error or written
+    output),
     'dispreferred' (answer wrong or missing) or 'flawed' (right, but marked: on neither side of a
     pair). Chain-of-thought answers may fall back to the last math expression; code-integrated ones
     must be \\boxed or stated."""
@@ -247,7 +266,8 @@ def judge(solution, gold, fmt="cot"):
     if not is_equiv(pred, gold):
         return "dispreferred", pred
     lower = solution.lower()
-    if any(mark in lower for mark in ERROR_MARKERS) or (fmt == "code" and has_exec_error(solution)):
+    if any(mark in lower for mark in ERROR_MARKERS) or (
+            fmt == "code" and (has_exec_error(solution) or has_written_output(solution))):
         return "flawed", pred
     return "preferred", pred
 

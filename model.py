@@ -59,6 +59,7 @@ class ModelArgs:
     bos_token_id: int | None = 1
     eos_token_id: int | list | None = 2
     extra: dict = field(default_factory=dict)   # HF config keys we do not use, written back on save
+    generation: dict | None = None   # the folder's generation_config.json (read_config), written back on save
 
     def __post_init__(self):
         self.n_kv_heads = self.n_kv_heads or self.n_heads
@@ -101,7 +102,7 @@ class ModelArgs:
                 "num_key_value_heads", "head_dim", "intermediate_size", "rms_norm_eps", "rope_theta",
                 "rope_scaling", "rope_parameters", "max_position_embeddings", "attention_bias", "bias",
                 "tie_word_embeddings", "sliding_window", "use_sliding_window", "bos_token_id", "eos_token_id",
-                "architectures", "torch_dtype", "dtype", "transformers_version", "auto_map"}
+                "architectures", "torch_dtype", "dtype", "transformers_version", *LOADER_KEYS}
         return cls(
             vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
             n_heads=c["num_attention_heads"], n_kv_heads=c.get("num_key_value_heads") or 0,
@@ -137,6 +138,25 @@ class ModelArgs:
         if mt == "qwen2":
             c["use_sliding_window"] = False
         return c
+
+    def to_generation_config(self, stop_ids=()) -> dict:
+        """generation_config.json: the source folder's, every field kept (its sampling defaults), else one
+        made from config.json's BOS and EOS, as transformers makes it; its eos_token_id a list extended by
+        `stop_ids`. Pass the tokenizer's stop_ids, the ids sample.py stops at: its EOS and the template's
+        end-of-turn token, tok.end_id, which training puts after every answer (ChatML's <|im_end|> where
+        config.json's EOS is <|endoftext|>). So HF generate and vLLM stop where the model learned to."""
+        g = dict(self.generation or {"bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id})
+        eos = g.get("eos_token_id", self.eos_token_id)
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        g["eos_token_id"] = eos + [i for i in dict.fromkeys(stop_ids) if i not in eos]
+        return g
+
+
+# config.json keys that say how to load and run the model, not what it is; dropped on load, so never
+# written back. InternLM2's "attn_implementation": "eager" (or the older use_flash_attention_2) would pin
+# transformers to that attention for the export; auto_map names remote code that the export, written as
+# Llama, does not need; quantization_config describes weights that ours never are.
+LOADER_KEYS = ("auto_map", "attn_implementation", "use_flash_attention_2", "quantization_config")
 
 
 # The JSON type of each config.json field we read (null: the default; not for required fields).
@@ -298,9 +318,21 @@ MASKED_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION]
 CAUSAL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 
 
+def additive_mask(allowed, dtype):
+    """(B, 1, T, S) in `dtype`: 0 where bool mask `allowed` (B, T, S) is True, -inf elsewhere. SDPA makes
+    exactly this from a bool mask, but anew at every call, and its memory-efficient backward keeps each
+    call's copy: one per layer (~1 GiB a micro-batch at 7B, 32 layers, 4 x 2048 tokens); made once here,
+    the layers share it. Rows are 8-aligned (a slice of a wider buffer): else CUDA's memory-efficient
+    path pads a copy of an unaligned mask at every call (preprocess_mask in torch's attention.cpp)."""
+    B, T, S = allowed.shape
+    bias = torch.empty(B, 1, T, -(-S // 8) * 8, dtype=dtype, device=allowed.device)[..., :S]
+    return bias.fill_(float("-inf")).masked_fill_(allowed[:, None], 0.0)
+
+
 def attend(q, k, v, mask=None, causal=False):
     """softmax(q k^T / sqrt(hd) + mask) v by SDPA on the kernels above. q (B, nh, T, hd); k, v (B, nkv, S, hd)
-    with nh a multiple of nkv (grouped-query); mask (B, 1, T, S) bool (True: may attend) or None."""
+    with nh a multiple of nkv (grouped-query); mask (B, 1, T, S): additive (additive_mask), bool (True: may
+    attend), or None."""
     g = q.shape[1] // k.shape[1]
     if q.is_cuda and g > 1 and (mask is not None or q.dtype == torch.float32):
         # CUDA's memory-efficient kernel takes grouped-query heads only in recent torch (pytorch
@@ -446,12 +478,9 @@ class Transformer(nn.Module):
             slots = torch.arange(cache_pos + T, device=dev)
             mask = (slots[None, :] <= (cache_pos + torch.arange(T, device=dev))[:, None]).expand(
                 cache.batch_size, T, -1)
-        if mask is not None:
-            mask = mask[:, None]                                         # (B, 1, T, S)
-            if cache is not None and T == 1:
-                # decode_attention adds the mask: made additive here, once for all layers
-                mask = torch.where(mask, 0.0, float("-inf")).to(self.tok_embeddings.weight.dtype)
         x = self.tok_embeddings(input_ids)
+        if mask is not None:
+            mask = additive_mask(mask, x.dtype)                          # (B, 1, T, S), once for all layers
         cos, sin = rope if rope is not None else rope_tables(positions, self.inv_freq, x.dtype)
         for i, layer in enumerate(self.layers):
             if self.checkpointing and self.training and cache is None:
@@ -533,10 +562,11 @@ class Transformer(nn.Module):
         load_weights(model, path)
         return model
 
-    def save_pretrained(self, path, max_shard_size: int = 5 * 2**30):
-        """Write config.json and safetensors shards (+ index) that transformers loads. They go to
-        `path`.tmp first, then are renamed, so a crash never leaves half a checkpoint. A full disk
-        raises DiskFull naming `path`, with the partial files removed."""
+    def save_pretrained(self, path, max_shard_size: int = 5 * 2**30, stop_ids=()):
+        """Write config.json, generation_config.json (ModelArgs.to_generation_config: pass the tokenizer's
+        stop_ids) and safetensors shards (+ index) that transformers loads. They go to `path`.tmp first,
+        then are renamed, so a crash never leaves half a checkpoint. A full disk raises DiskFull naming
+        `path`, with the partial files removed."""
         params = dict(self.named_parameters())
         state = {hub: params[ours].detach()[self.rows(part)]
                  for hub, (ours, part) in self.hub_names().items()}
@@ -544,7 +574,7 @@ class Transformer(nn.Module):
         tmp = str(path).rstrip("/") + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            self._write_pretrained(tmp, state, dtype, max_shard_size)
+            self._write_pretrained(tmp, state, dtype, max_shard_size, stop_ids)
         except Exception as e:
             shutil.rmtree(tmp, ignore_errors=True)
             if is_disk_full(e):
@@ -552,7 +582,8 @@ class Transformer(nn.Module):
             raise
         if os.path.isdir(path):   # keep files others put there (tokenizer), replace ours
             for fname in os.listdir(path):
-                if fname.endswith(".safetensors") or fname in ("config.json", "model.safetensors.index.json"):
+                if fname.endswith(".safetensors") or fname in ("config.json", "generation_config.json",
+                                                               "model.safetensors.index.json"):
                     os.remove(os.path.join(path, fname))
             for fname in os.listdir(tmp):
                 os.replace(os.path.join(tmp, fname), os.path.join(path, fname))
@@ -560,7 +591,7 @@ class Transformer(nn.Module):
         else:
             os.replace(tmp, path)
 
-    def _write_pretrained(self, tmp, state, dtype, max_shard_size):
+    def _write_pretrained(self, tmp, state, dtype, max_shard_size, stop_ids):
         from safetensors.torch import save_file
         os.makedirs(tmp)
         shards, cur, size = [], {}, 0
@@ -584,6 +615,8 @@ class Transformer(nn.Module):
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(self.args.to_hf_config(dtype), f, indent=2)
+        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+            json.dump(self.args.to_generation_config(stop_ids), f, indent=2)
         # safetensors makes its files 0600 whatever the umask; give them open()'s mode (0644 under
         # the usual umask), so that others on a shared cluster can read the model
         mask = os.umask(0)
@@ -625,6 +658,13 @@ def read_config(path):
         rope_inv_freq(args)   # an unsupported rope_scaling fails here, not at the first forward
     except ValueError as e:
         raise ValueError(f"{cfg_path}: {e}") from None
+    gen_path = os.path.join(path, "generation_config.json")
+    if os.path.isfile(gen_path):
+        args.generation = _read_json(gen_path)
+        try:
+            _check_config_types(args.generation)   # its bos / eos ids, as config.json's
+        except ValueError as e:
+            raise ValueError(f"{gen_path}: {e}") from None
     return cfg, args
 
 
@@ -780,9 +820,10 @@ def _read_tensor(file, dtype, shape, start, end, out=None) -> torch.Tensor:
 
 
 def load(path, dtype=None, device=None):
-    """The model and its tokenizer from one hub folder, checked against each other."""
-    model = Transformer.from_pretrained(path, dtype=dtype, device=device)
+    """The model and its tokenizer from one hub folder, checked against each other. The tokenizer first:
+    a folder without a usable one fails in a second, not after minutes of reading weights."""
     tok = Tokenizer.from_pretrained(path)
+    model = Transformer.from_pretrained(path, dtype=dtype, device=device)
     if tok.vocab_size > model.args.vocab_size:
         raise ValueError(f"{path}: tokenizer has {tok.vocab_size} tokens but the model's embedding has only "
                          f"{model.args.vocab_size} rows")
@@ -844,6 +885,21 @@ def compile_chat_template(template):
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(template)
+
+
+_WARNED = set()   # the chat templates check_prompt_prefix has warned about
+
+
+def _remote_tokenizer_classes(config):
+    """Names, without "Fast", of tokenizer classes that only remote code defines: those that config's
+    auto_map names, and InternLM2's, which a folder saved without its auto_map (by older versions of
+    this file) still names. transformers is no dependency of ours, so its list of classes is not at hand;
+    InternLM2 is the one supported family whose tokenizer is remote code."""
+    auto = config.get("auto_map")
+    auto = auto.get("AutoTokenizer") if isinstance(auto, dict) else auto
+    names = [auto] if isinstance(auto, str) else auto if isinstance(auto, (list, tuple)) else []
+    remote = {n.rsplit(".", 1)[-1].removesuffix("Fast") for n in names if isinstance(n, str)}
+    return remote | {"InternLM2Tokenizer"}
 
 
 def _token_content(value):
@@ -946,7 +1002,9 @@ class Tokenizer:
         if os.path.isfile(jinja_file):
             with open(jinja_file, encoding="utf-8") as f:
                 template = f.read()
-        return cls(tok, config, template)
+        tokenizer = cls(tok, config, template)
+        tokenizer.check_prompt_prefix(path)
+        return tokenizer
 
     # --- the chat template ---------------------------------------------------------------------
     def apply_chat_template(self, messages, add_generation_prompt=False, **kwargs):
@@ -963,6 +1021,28 @@ class Tokenizer:
         checks it), so prompt + continuation is what the model saw in sampling."""
         user = [{"role": "user", "content": question}]
         return self.apply_chat_template(user, add_generation_prompt=True) + prefix
+
+    def check_prompt_prefix(self, where):
+        """Warn (stderr, once per template) when the template's rendering of a finished conversation is
+        not render_prompt(q) + answer + its closing: DeepSeek-Math-Instruct's writes "Assistant: " + answer
+        after a generation prompt that ends in "Assistant:", Mistral-Instruct-v0.3's " " + answer|trim.
+        Sampling and training both use the generation prompt followed by the solution as written, so
+        they agree with each other; only the template's own text of the conversation differs."""
+        question, answer = "What is 1+1?", "1+1 = 2.\nThe answer is 2."
+        try:
+            prompt, full = self.render_prompt(question), self.render(question, answer)
+        except jinja2.exceptions.TemplateError:
+            return   # a template that refuses this conversation fails, loudly, where it is used
+        if full.startswith(prompt + answer) or self.chat_template in _WARNED:
+            return
+        _WARNED.add(self.chat_template)
+        at = full.find(answer, len(prompt)) if full.startswith(prompt) else -1
+        what = (f"writes {full[len(prompt):at]!r} between the generation prompt and the answer" if at >= 0
+                else "renders a finished conversation that does not start with its generation prompt")
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"warning: {where}: the chat template {what}, so its text of a whole conversation is not "
+                  f"what training sees: training rows are the generation prompt followed by the solution "
+                  f"as written", file=sys.stderr, flush=True)
 
     def render(self, question, answer):
         """The whole conversation: question and the complete assistant answer, closed by the template
@@ -1018,13 +1098,17 @@ class Tokenizer:
 
     def save_pretrained(self, path):
         """tokenizer.json and tokenizer_config.json (with the special tokens resolved), loadable here
-        and by transformers. "auto_map" is dropped: it names remote-code files that are not copied."""
+        and by transformers. The chat template in use is written, the plain one too, so that the saved
+        tokenizer renders what training saw. "auto_map" is dropped: it names remote-code files that are
+        not copied; so a remote-code tokenizer class (InternLM2's) becomes PreTrainedTokenizerFast,
+        which reads tokenizer.json as it is."""
         os.makedirs(path, exist_ok=True)
         self.tok.save(os.path.join(path, "tokenizer.json"))
         config = {k: v for k, v in self.config.items() if k != "auto_map"}
         config.update(self.special_tokens)
-        if self.has_chat_template:
-            config["chat_template"] = self.chat_template
+        config["chat_template"] = self.chat_template
+        if str(config.get("tokenizer_class")).removesuffix("Fast") in _remote_tokenizer_classes(self.config):
+            config["tokenizer_class"] = "PreTrainedTokenizerFast"
         with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, ensure_ascii=False)
 

@@ -424,12 +424,12 @@ SC_PER_QUESTION = {"gsm8k": 2, "math": 3}   # the authors' scripts; other source
 class PairSettings:
     """The settings of the two procedures; defaults are the paper's (METHOD.md sections 1-2)."""
     fmt: str = "cot"             # solution format: cot | code
-    delimiter: str = "\n\n"      # cot step boundary
+    delimiter: str = "auto"      # cot step boundary: data.split_steps; "auto" decides per solution
     max_new_tokens: int = 512
     top_p: float = 1.0
     k_max: int = 100             # naive: most samples per question
     naive_batch: int = 8         # naive: samples per question per round
-    cut: str = "all"             # step-controlled: cuts in ascending ("all") or random order
+    cut: str = "random"          # step-controlled: cuts in random order (the paper) or ascending ("all")
     cut_mode: str = "paper"      # which steps are eligible (data.cut_points)
     sc_from: str = "naive"       # whose preferred solutions are cut: questions with a naive pair | "any"
     sc_per_question: dict = field(default_factory=dict)   # most step-controlled pairs, by source
@@ -442,8 +442,10 @@ class PairSettings:
         self.sampling()   # refuses what Sampling refuses (--static with --fmt code) before a model loads
 
     def sampling(self, **kw):
+        """Sampling for these settings; sc_pairs names each solution's delimiter for the ramp."""
+        kw = {"delimiter": "\n\n" if self.delimiter == "auto" else self.delimiter, **kw}
         return Sampling(max_new_tokens=self.max_new_tokens, top_p=self.top_p, fmt=self.fmt,
-                        delimiter=self.delimiter, static=self.static, **kw)
+                        static=self.static, **kw)
 
     def recorded(self, first, **rest):
         """What a pair's `sampling` field records of how it was made."""
@@ -504,13 +506,16 @@ def sc_pairs(model, tok, recs, st, s):
     draws k at random). They run in waves, the w-th cut of every question still short of its quota,
     so cutting stops at the quota. A cut that yields no pair counts the reason (drop_sc_*)."""
     limit = {**SC_PER_QUESTION, **s.sc_per_question}
-    cuts = []
+    cuts, delims = [], []
     for rec, q in zip(recs, st):
         ks = []
+        # the preferred solution's own delimiter splits it, ramps its continuations and splits those
+        delims.append(data.cot_delimiter(q["pref"] or "") if s.delimiter == "auto" else s.delimiter)
         if q["pref"] is not None and s.sc_from == "naive" and not q["pairs"]:
             q["stats"]["drop_sc_no_naive_pair"] += 1
         elif q["pref"] is not None:
-            steps = data.split_steps(q["pref"], s.fmt, s.delimiter)
+            q["stats"]["sc_solutions"] += 1
+            steps = data.split_steps(q["pref"], s.fmt, delims[-1])
             ks = data.cut_points(steps, s.cut_mode)
             if not ks:
                 q["stats"]["drop_sc_no_cut_point"] += 1
@@ -523,10 +528,15 @@ def sc_pairs(model, tok, recs, st, s):
                 sum(p["kind"] == "sc" for p in st[i]["pairs"]) < limit.get(recs[i]["source"], 2)]
         if not jobs:
             break
-        out = sample_solutions(model, tok, [recs[i]["question"] for i, _, _ in jobs],
-                               s.sampling(ramp=s.ramp), n=s.tries, prefixes=[p for _, _, p in jobs],
-                               seed=[_seed(s.seed, recs[i]["id"], "sc", k) for i, k, _ in jobs])
-        for (i, k, prefix), texts in zip(jobs, out):
+        out = []   # one generate call per delimiter in the wave (one, for most models)
+        for d in sorted({delims[i] for i, _, _ in jobs}):
+            group = [j for j in jobs if delims[j[0]] == d]
+            texts = sample_solutions(model, tok, [recs[i]["question"] for i, _, _ in group],
+                                     s.sampling(ramp=s.ramp, delimiter=d), n=s.tries,
+                                     prefixes=[p for _, _, p in group],
+                                     seed=[_seed(s.seed, recs[i]["id"], "sc", k) for i, k, _ in group])
+            out += zip(group, texts)
+        for (i, k, prefix), texts in out:
             stats = st[i]["stats"]
             stats["samples_sc"] += len(texts)
             why = "no_wrong_continuation"
@@ -537,7 +547,7 @@ def sc_pairs(model, tok, recs, st, s):
                     continue
                 if data.judge(prefix + t, recs[i]["gold"], s.fmt)[0] != "dispreferred":
                     continue
-                noise = data.is_noisy(t, s.fmt, delim=s.delimiter)
+                noise = data.is_noisy(t, s.fmt, delim=delims[i])
                 if noise:
                     why = "noisy_" + noise
                     continue
@@ -697,14 +707,20 @@ def _wait_for_ranks(folder, rank, world, run):
         time.sleep(POLL_S)
 
 
-def truncation_warnings(summary, flag):
+def pair_warnings(summary, flag):
     """The warnings (a list of strings) for when most samples, or most continuations, hit max_new_tokens
-    and so went ungraded; `flag` names the flag to raise."""
+    and so went ungraded (`flag` names the flag to raise), and for when most preferred solutions had no
+    step to cut after, which leaves a step-controlled run with naive pairs only."""
     n = summary.get
     what = "hit max_new_tokens and were dropped ungraded"
-    return [m for m in (data.most_lost(n("samples_truncated", 0), n("samples", 0), f"samples {what}", flag),
-                        data.most_lost(n("samples_sc_truncated", 0), n("samples_sc", 0),
-                                       f"step-controlled continuations {what}", flag)) if m]
+    found = [data.most_lost(n("samples_truncated", 0), n("samples", 0), f"samples {what}", flag),
+             data.most_lost(n("samples_sc_truncated", 0), n("samples_sc", 0),
+                            f"step-controlled continuations {what}", flag)]
+    if 2 * n("drop_sc_no_cut_point", 0) > n("sc_solutions", 0) > 0:
+        found.append(f"WARNING: {n('drop_sc_no_cut_point')} of {n('sc_solutions')} preferred solutions are "
+                     f"a single step, with nowhere to cut (step-controlled pairs: {n('pairs_sc', 0)}); "
+                     f"check that --delimiter splits this model's solutions into steps")
+    return [m for m in found if m]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -717,13 +733,14 @@ STATIC_HELP = ("decode steps of one shape, one CUDA graph replay each on a GPU (
 def add_pair_flags(p):
     """The flags of the two procedures, shared by `sample.py pairs` and scdpo.py's sampling stage."""
     p.add_argument("--fmt", default="cot", choices=["cot", "code"], help="solution format")
-    p.add_argument("--delimiter", default="\\n\\n", help="chain-of-thought step delimiter (escapes allowed)")
+    p.add_argument("--delimiter", default="auto", help="chain-of-thought step delimiter (escapes allowed), "
+                   "or auto: a blank line where the solution has one, else a line break")
     # naive pairs
     p.add_argument("--k-max", type=int, default=100, help="most samples per question for a naive pair")
     p.add_argument("--naive-batch", type=int, default=8, help="samples per question per round")
     # step-controlled pairs
-    p.add_argument("--cut", default="all", choices=["all", "random"],
-                   help="the order in which eligible cuts are tried: ascending, or random (the paper)")
+    p.add_argument("--cut", default="random", choices=["all", "random"],
+                   help="the order in which eligible cuts are tried: random (the paper), or ascending")
     p.add_argument("--sc-from", default="naive", choices=["naive", "any"], help="cut the preferred "
                    "solutions of questions with a naive pair (the paper), or of any question")
     p.add_argument("--cut-points", default="paper", choices=["paper", "scripts"],
@@ -774,7 +791,7 @@ def main(argv=None):
                          pair_settings(args, args.max_new_tokens), chunk=args.chunk, rank=rank, world=world,
                          provenance=provenance, restart=args.restart)
     if rank == 0:
-        for warning in truncation_warnings(summary, "--max-new-tokens"):
+        for warning in pair_warnings(summary, "--max-new-tokens"):
             print(warning, file=sys.stderr, flush=True)
         if args.format == "trl":
             data.write_jsonl(args.out, [data.to_trl(p, tok) for p in data.read_pairs(args.out)])

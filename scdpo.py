@@ -14,6 +14,7 @@ Defaults are the paper's (METHOD.md section 3). Every process, one or many, CPU 
 same path: a process group (model.compute_init) and FSDP2.
 """
 import argparse
+import gc
 import glob
 import hashlib
 import json
@@ -24,6 +25,7 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Callable
 
@@ -264,8 +266,8 @@ def sample_pairs(args, rank, world, device, log):
         torch.cuda.empty_cache()   # the sampler's caches, as blocks of other sizes than training's
     if rank == 0:
         log(f"pairs: {json.dumps(summary)}")
-        for w in sample.truncation_warnings(summary, f"--max-len (each sample may have --max-len minus "
-                                                     f"--max-prompt = {s.max_new_tokens} new tokens)"):
+        for w in sample.pair_warnings(summary, f"--max-len (each sample may have --max-len minus "
+                                               f"--max-prompt = {s.max_new_tokens} new tokens)"):
             warn(w)
         data.write_pairs_meta(path, args.model, summary)   # written last: marks the stage complete
     dist.barrier()
@@ -301,12 +303,12 @@ def run_logprobs(net, batch, device):
     return net(b["input_ids"], b["positions"], b["mask"], b["idx"], b["tgt"], b["seg"], len(b["lengths"]))
 
 
-def load_sharded(path, margs, device, trainable=True, checkpointing=False):
-    """SeqLogprobs of the hub model at `path`, sharded, in fp32; no rank ever holds the whole model.
-    Built on the meta device (no memory), sharded, then each rank reads only the rows it holds from
-    the safetensors files (model.load_weights)."""
+def load_sharded(path, margs, device, trainable=True, checkpointing=False, dtype=torch.float32):
+    """SeqLogprobs of the hub model at `path`, sharded, stored in `dtype` (fp32: master weights); no rank
+    ever holds the whole model. Built on the meta device (no memory), sharded, then each rank reads only
+    the rows it holds from the safetensors files (model.load_weights, converting to `dtype`)."""
     with torch.device("meta"):
-        model = modeling.Transformer(margs)
+        model = modeling.Transformer(margs).to(dtype)
     model.checkpointing = checkpointing
     net = shard(SeqLogprobs(model.requires_grad_(trainable)), device)
     net.to_empty(device=device)
@@ -317,12 +319,15 @@ def load_sharded(path, margs, device, trainable=True, checkpointing=False):
 def shard(net, device):
     """torchtitan's apply_fsdp: bf16 compute with fp32 master weights and fp32 gradient reduction on a
     GPU, fp32 throughout on a CPU; fully_shard on each block, then on the root."""
-    compute = torch.bfloat16 if device.type == "cuda" else torch.float32
-    mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype(device), reduce_dtype=torch.float32)
     for block in net.model.layers:
         fully_shard(block, mp_policy=mp)
     fully_shard(net, mp_policy=mp)
     return net
+
+
+def compute_dtype(device):
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 @torch.no_grad()
@@ -479,7 +484,13 @@ def export(net, margs, tok, path, dtype, rank):
     if rank == 0:
         with torch.device("meta"):
             plain = modeling.Transformer(margs)
-        plain.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, assign=True)
+        # Converted while popped, so each fp32 tensor is freed once its copy exists: rank 0 peaks at the
+        # fp32 state dict plus one tensor, not at 1.5 times it (42 GB for a 7B model)
+        converted = {}
+        while sd:
+            k, v = sd.popitem()
+            converted[k] = v.to(dtype)
+        plain.load_state_dict(converted, assign=True)
         if margs.tie_embeddings:
             plain.output.weight = plain.tok_embeddings.weight
         err = [save_model(plain, tok, path)]
@@ -492,7 +503,7 @@ def save_model(plain, tok, path):
     """Write model and tokenizer to `path`, or on a full disk to a spare folder: None, or what happened."""
     def save(where):
         try:
-            plain.save_pretrained(where)
+            plain.save_pretrained(where, stop_ids=tok.stop_ids)
             tok.save_pretrained(where)
             return None
         except Exception as e:
@@ -590,15 +601,32 @@ def dpo_objective(args, net, rows, collate, rank, world, device, log):
     log-probs are precomputed once (and cached beside the pairs) or come from a frozen live copy."""
     ref, ref_net = None, None
     if args.ref == "precompute":
+        # The key holds all that changes the numbers: model, pairs, how they are cut, dtype (bf16 on a GPU)
+        # and layout (--packed: in bf16 other attention kernels and GEMM shapes, so a cache of the other
+        # layout makes policy != reference at step 0). --micro-batch and the world size only regroup the
+        # rows, as training's batches do anyway: the runs that differ in them share the cache.
         key = hashlib.sha256(json.dumps([data.model_fingerprint(args.model), data.sha256_file(args.pairs),
-                                         args.max_len, args.max_prompt, str(device.type == "cuda")]).encode())
-        cache = f"{args.pairs}.ref-{key.hexdigest()[:16]}.pt"
+                                         args.max_len, args.max_prompt, str(device.type == "cuda"),
+                                         args.packed]).encode()).hexdigest()[:16]
+        keys = [None] * world
+        dist.all_gather_object(keys, key)   # rank 0's cache below must be for every rank's files
+        if any(k != keys[0] for k in keys):
+            raise ValueError(f"the ranks see different --model or --pairs files (reference cache keys "
+                             f"{keys}): every rank must read the same ones")
+        cache = f"{args.pairs}.ref-{key}.pt"
         # Beside the pairs, so the three --pairs-kind runs share it. In --out if that folder is
         # not writable (checked before computing, so a failed write cannot lose the work).
         spare = os.path.join(args.out, os.path.basename(cache))
-        found = next((c for c in (cache, spare) if os.path.exists(c)), None)
+
+        # Rank 0 alone looks and reads, and sends the (pairs, 2) floats: ranks that looked for themselves
+        # could disagree (pairs on node-local disks, a cache written by a concurrent run between two looks),
+        # and then some would compute, running collectives the others never join: a hang. Sending costs
+        # little and needs no file system shared by the ranks.
+        def look():
+            found = next((c for c in (cache, spare) if os.path.exists(c)), None)
+            return found, (torch.load(found) if found else None)
+        found, ref = on_rank0(look)
         if found:
-            ref = torch.load(found)
             log(f"reference log-probs: {found}")
         else:
             if rank == 0 and (why := not_writable(os.path.dirname(cache))):
@@ -610,7 +638,9 @@ def dpo_objective(args, net, rows, collate, rank, world, device, log):
                 save_reference(ref, cache, log)
     else:
         margs = modeling.read_config(args.model)[1]
-        ref_net = load_sharded(args.model, margs, device, trainable=False).eval()
+        # frozen, so kept in the compute dtype: half the memory of fp32 on a GPU, the same numbers (FSDP
+        # casts to it for compute anyway)
+        ref_net = load_sharded(args.model, margs, device, trainable=False, dtype=compute_dtype(device)).eval()
 
     def loss(batch, ids, step_ids):
         lp = run_logprobs(net, batch, device)
@@ -644,13 +674,14 @@ def not_writable(folder):
 
 def save_reference(ref, cache, log):
     """Write the reference cache atomically; a failed write (a full disk) costs the cache, not the run."""
+    tmp = f"{cache}.tmp-{uuid.uuid4().hex[:8]}"   # its own: concurrent runs may write the same cache
     try:
-        torch.save(ref, cache + ".tmp")
-        os.replace(cache + ".tmp", cache)
+        torch.save(ref, tmp)
+        os.replace(tmp, cache)
         log(f"reference log-probs written to {cache}")
     except (OSError, RuntimeError) as e:
-        if os.path.exists(cache + ".tmp"):
-            os.remove(cache + ".tmp")
+        if os.path.exists(tmp):
+            os.remove(tmp)
         full = "disk full: " if modeling.is_disk_full(e) else ""
         warn(f"WARNING: reference log-probs not cached at {cache} ({full}{e}); training goes on with them in "
              f"memory, and a rerun computes them again")
@@ -684,6 +715,15 @@ def check_settings(args, world):
 RUN_FILES = ("log.jsonl", "checkpoints", "final")
 
 
+def on_rank0(fn):
+    """fn() run on rank 0, its value sent to every rank: for what is decided from files. Ranks that
+    looked for themselves could disagree (a file on node-local disk, or written between two ranks'
+    looks) and run collectives the others never join: a hang until SCDPO_TIMEOUT."""
+    out = [fn() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(out, src=0)
+    return out[0]
+
+
 def prepare_out(args, rank):
     """A new run never mixes with an old one in --out: it refuses (without --resume or --overwrite), or
     with --overwrite removes the old log, checkpoints and final model first, so that no stale
@@ -715,7 +755,7 @@ def train(args, return_model=True):
     check_settings(args, world)
     log = print0 if not args.quiet else (lambda *a, **k: None)
     final = os.path.join(args.out, "final")
-    if args.resume and os.path.exists(os.path.join(final, "DONE")):
+    if args.resume and on_rank0(lambda: os.path.exists(os.path.join(final, "DONE"))):
         log(f"{final} is complete: nothing to train")
         return modeling.Transformer.from_pretrained(final, device=device) if return_model else None
     prepare_out(args, rank)
@@ -744,9 +784,10 @@ def train(args, return_model=True):
 
     # --- resume ------------------------------------------------------------------------------------
     start, log_path = 0, os.path.join(args.out, "log.jsonl")
-    if args.resume and latest_checkpoint(args.out):
-        start = load_checkpoint(latest_checkpoint(args.out), net, opt, rank, args)
-        log(f"resumed from {latest_checkpoint(args.out)} at step {start}")
+    ckpt = on_rank0(lambda: latest_checkpoint(args.out)) if args.resume else None
+    if ckpt:
+        start = load_checkpoint(ckpt, net, opt, rank, args)
+        log(f"resumed from {ckpt} at step {start}")
     if args.resume and rank == 0 and os.path.exists(log_path):
         # The killed run logged steps past its checkpoint; they are redone, so keep steps <= start
         # (and drop a line torn by the kill).
@@ -805,7 +846,13 @@ def train(args, return_model=True):
 
     # --- export, and the optional evaluation --------------------------------------------------------
     export(net, margs, tok, final, torch.bfloat16 if cuda else torch.float32, rank)
-    del net, opt, loss_fn
+    # Free the trained shards (and a --ref live reference) before the full model is loaded for --eval. The
+    # loop's last loss (its graph's FSDP hooks) and param group `g` refer to them too, and FSDP2's modules
+    # and their state refer to each other: only a collection frees them.
+    del net, opt, loss_fn, part, g
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
     if rank == 0:
         open(os.path.join(final, "DONE"), "w").close()
     log(f"final model: {final}")

@@ -234,6 +234,31 @@ def test_reference_cache_beside_read_only_pairs_goes_to_out(tiny, tmp_path, caps
         assert f"reference log-probs: {out}/{cached[0]}" in capsys.readouterr().out
 
 
+OTHER_PAIRS_ON_RANK1 = """
+import os, sys
+sys.path.insert(0, {root!r})
+import model, scdpo
+argv = sys.argv[1:]
+if os.environ["RANK"] == "1":   # rank 1's copy of the pairs is another file
+    argv[argv.index("--pairs") + 1] = {other!r}
+model.run_main(scdpo.main, argv)
+"""
+
+
+def test_ranks_that_read_other_pairs_are_refused(tiny, tmp_path):
+    """Rank 0 reads the reference cache for every rank, so the ranks must read the same model and pairs:
+    ranks whose copies differ (on node-local disks) all stop with the error, not train on other data."""
+    _, model, pairs = tiny
+    launcher, other = tmp_path / "other.py", toy_pairs(str(tmp_path / "other.jsonl"), seed=5)
+    launcher.write_text(OTHER_PAIRS_ON_RANK1.format(root=ROOT, other=other))
+    argv = train_argv(model, pairs, str(tmp_path / "run"), "--micro-batch", "2")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SCDPO_TIMEOUT": "20"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(launcher), *argv], env=env, capture_output=True, text=True, timeout=300)
+    want = "error: the ranks see different --model or --pairs files"
+    assert r.returncode != 0 and r.stderr.count(want) == 2, r.stderr[-3000:]
+
+
 # ----------------------------------------------------------------------------------------------
 # 3. A full disk while saving: "disk full at PATH", and the trained weights kept
 # ----------------------------------------------------------------------------------------------

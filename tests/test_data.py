@@ -313,6 +313,22 @@ def test_split_invariant_on_all_gold_solutions(math_test, gsm8k_test):
                    "She makes 9 * 2 = $<<9*2=18>>18 every day at the farmer\u2019s market.\n", "#### 18"]
 
 
+def test_auto_delimiter_finds_the_steps_of_line_and_paragraph_solutions(gsm8k_test):
+    """GSM8K's solutions (and MetaMath's) are a step a line; ProcessBench's model-written solutions, as
+    the models wrote them, a step a paragraph. "auto" recovers both; either fixed delimiter fails one."""
+    lines = [r["solution"] for r in gsm8k_test if "\n\n" not in r["solution"]]   # all but a stray one or two
+    assert len(lines) >= len(gsm8k_test) - 2
+    for s in lines:
+        assert split_steps(s, "cot", "auto") == s.splitlines(keepends=True) and len(split_steps(s, "cot")) == 1
+    for name in ("gsm8k", "math"):
+        with open(os.path.join(DATA, "processbench", f"{name}.json")) as f:
+            solutions = [p["steps"] for p in json.load(f) if len(p["steps"]) > 1]
+        for steps in solutions:
+            text = "\n\n".join(s.strip() for s in steps)
+            assert [s.strip() for s in split_steps(text, "cot", "auto")] == [s.strip() for s in steps]
+        assert sum(any("\n" in s.strip() for s in steps) for steps in solutions) > 50   # lines inside steps
+
+
 @pytest.mark.parametrize("text,delim,steps", [
     ("", "\n\n", []),
     ("one", "\n\n", ["one"]),
@@ -370,6 +386,8 @@ GSM0 = "Janet sells 16 - 3 - 4 = 9 duck eggs a day.\n\nShe makes 9 * 2 = $18 eve
      "code", "flawed"),                                                  # an execution error
     (CODE.replace("45\n```\nThe", "Timed out\n```\nThe"), "code", "flawed"),
     (CODE.replace("45\n```\nThe", "PermissionError: blocked in the sandbox: open\n```\nThe"), "code", "flawed"),
+    (CODE.replace("```python\nprint(2", "```py\nprint(2"), "code", "flawed"),   # its output the model wrote
+    ("So:\n```output\n90\n```\nThe answer is $\\boxed{90}$.", "code", "flawed"),
 ])
 def test_judge(solution, fmt, label):
     assert data.judge(solution, "18" if fmt == "cot" else "90", fmt)[0] == label

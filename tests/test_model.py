@@ -20,6 +20,7 @@ import sample
 import scdpo
 from conftest import DATA
 from model import Transformer, load
+from test_tokenizer import CHATML_TEMPLATE, _bpe_dir
 
 import transformers  # the reference (tests/requirements.txt)
 
@@ -321,6 +322,60 @@ def test_packed_prompt_chosen_rejected_row(ckpts):
     assert _rel(packed[len(P) + len(C):], ref_r[len(P):]) < 1e-5
 
 
+def _packed_row(n_prompt=6, n_chosen=5, n_rejected=4):
+    """(ids, positions, mask) of one packed row [prompt | chosen | rejected]; 15 tokens by default, so
+    the mask's rows are not a multiple of 8 long."""
+    n = n_prompt + n_chosen + n_rejected
+    ids = _ids(6, B=1, n=n)
+    pos = torch.cat([torch.arange(n_prompt + n_chosen), torch.arange(n_prompt, n_prompt + n_rejected)])[None]
+    mask = torch.ones(n, n, dtype=torch.bool).tril()
+    mask[n_prompt + n_chosen:, n_prompt:n_prompt + n_chosen] = False
+    return ids, pos, mask[None]
+
+
+def test_one_float_mask_for_every_layer_bit_identical_to_sdpa_own_bool_mask(ckpts, monkeypatch):
+    # The reference: SDPA itself, handed the bool mask back, makes its own additive mask at every call.
+    # Ours is made once: every layer gets the same float tensor, and logits and gradients are equal.
+    sdpa, seen, as_bool = F.scaled_dot_product_attention, [], [False]
+
+    def recorded(q, k, v, attn_mask=None, **kw):
+        seen.append(attn_mask)
+        if as_bool[0] and attn_mask is not None and attn_mask.dtype != torch.bool:
+            attn_mask = attn_mask == 0
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recorded)
+    model = Transformer.from_pretrained(ckpts["llama3"][0])
+    ids, pos, mask = _packed_row()
+    runs = []
+    for as_bool[0] in (False, True):
+        model.zero_grad()
+        logits = model(ids, positions=pos, mask=mask)
+        logits.square().mean().backward()
+        runs.append([logits.detach()] + [p.grad.clone() for p in model.parameters()])
+    ours = seen[:model.args.n_layers]
+    assert all(m is ours[0] for m in ours) and ours[0].dtype == torch.float32
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_packed_backward_saves_one_mask_for_all_layers(ckpts):
+    # SDPA's backward keeps the additive mask it was given; made from a bool mask at every call, that
+    # was one (T, S) copy per layer (~1 GiB a micro-batch at 7B).
+    model = Transformer.from_pretrained(ckpts["llama3"][0]).train()
+    ids, pos, mask = _packed_row()
+    n, saved = ids.shape[1], {}
+
+    def pack(t):
+        if t.dim() == 4 and tuple(t.shape[-2:]) == (n, n):
+            saved[t.untyped_storage().data_ptr()] = t.dtype
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(ids, positions=pos, mask=mask).square().mean()
+    loss.backward()
+    assert list(saved.values()) == [torch.float32], saved
+
+
 def test_activation_checkpointing_same_gradients(ckpts):
     model = Transformer.from_pretrained(ckpts["head_dim"][0]).train()
     ids = _ids(9)
@@ -375,6 +430,70 @@ def test_save_pretrained_then_transformers_loads_the_same_model(ckpts, kind, tmp
     again = Transformer.from_pretrained(tmp_path / "out")
     with torch.no_grad():
         assert torch.equal(again(ids), model(ids))
+
+
+def _chatml_base(ckpts, tmp_path):
+    """The Qwen2 checkpoint with a ChatML tokenizer as Qwen2.5-Math-7B's: EOS <|endoftext|> (in
+    config.json too), the turns closed by <|im_end|>."""
+    path = _copy(ckpts, "qwen2", tmp_path)
+    _bpe_dir(path, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], bos_token=None, eos_token="<|endoftext|>",
+             chat_template=CHATML_TEMPLATE)
+    _edit_config(path, bos_token_id=0, eos_token_id=0)
+    return path
+
+
+def test_export_keeps_the_generation_config_and_stops_at_the_end_of_turn(ckpts, tmp_path):
+    path = _chatml_base(ckpts, tmp_path)
+    sampling = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
+    (path / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": 0, "pad_token_id": 0, "eos_token_id": [7, 0], **sampling}))
+    model, tok = load(path)
+    end = tok.tok.token_to_id("<|im_end|>")
+    assert tok.end_id == end and end not in (0, 7)   # what training puts after every answer
+    out = tmp_path / "export"
+    model.save_pretrained(out, stop_ids=tok.stop_ids)
+    tok.save_pretrained(out)
+    g = transformers.GenerationConfig.from_pretrained(str(out))
+    assert g.eos_token_id == [7, 0, end] and (g.bos_token_id, g.pad_token_id) == (0, 0)
+    assert {k: getattr(g, k) for k in sampling} == sampling
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out))
+    assert hf.generation_config.eos_token_id == [7, 0, end]
+    again, tok2 = load(out)   # exported once more: the same list
+    again.save_pretrained(tmp_path / "again", stop_ids=tok2.stop_ids)
+    assert transformers.GenerationConfig.from_pretrained(str(tmp_path / "again")).eos_token_id == [7, 0, end]
+
+
+def test_export_without_a_source_generation_config_makes_one_from_the_config(ckpts, tmp_path):
+    path = _chatml_base(ckpts, tmp_path)
+    if os.path.exists(path / "generation_config.json"):   # transformers wrote one
+        os.remove(path / "generation_config.json")
+    model, tok = load(path)
+    model.save_pretrained(tmp_path / "export", stop_ids=tok.stop_ids)
+    g = transformers.GenerationConfig.from_pretrained(str(tmp_path / "export"))
+    assert g.bos_token_id == 0 and g.eos_token_id == [0, tok.tok.token_to_id("<|im_end|>")]
+
+
+def test_internlm2_export_drops_how_to_load_it(ckpts, tmp_path):
+    # InternLM2's config.json says "attn_implementation": "eager"; kept, transformers would run the
+    # exported Llama model with eager attention. Remote-code and quantization keys go too.
+    path = _copy(ckpts, "internlm2", tmp_path)
+    _edit_config(path, use_flash_attention_2=True, quantization_config={"quant_method": "fp8"})
+    Transformer.from_pretrained(path).save_pretrained(tmp_path / "out")
+    cfg = json.load(open(tmp_path / "out" / "config.json"))
+    gone = {"attn_implementation", "auto_map", "use_flash_attention_2", "quantization_config"}
+    assert not gone & set(cfg) and cfg["pad_token_id"] == 2   # other keys are kept
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+    assert hf.config._attn_implementation == "sdpa"
+
+
+def test_load_reads_the_tokenizer_before_any_weights(ckpts, tmp_path):
+    # A SentencePiece-only folder gets its tokenizer error at once, even with unreadable weights.
+    path = _copy(ckpts, "llama3", tmp_path)
+    (path / "model.safetensors").write_bytes(b"not safetensors")
+    (path / "tokenizer.model").write_bytes(b"\x0a\x00")
+    (path / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="has only a SentencePiece tokenizer.model"):
+        load(path)
 
 
 def test_mistral_longer_than_its_sliding_window_is_refused(ckpts, tmp_path):

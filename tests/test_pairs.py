@@ -9,6 +9,7 @@ spaces, newlines, EOS) plus a little dependence on the last token. The questions
 data.judge grades the last number of a solution (the chain-of-thought fallback), so about one sample in
 twenty is right, most step-controlled continuations are wrong, and steps are lines (--delimiter '\\n').
 """
+import dataclasses
 import json
 import os
 import signal
@@ -111,6 +112,31 @@ def test_a_sample_cut_off_at_max_new_tokens_is_never_graded(tmp_path):
     res = pairs_for_chunk(model, tok, [rec], PairSettings(k_max=4, naive_batch=2, tries=2, max_new_tokens=200,
                                                          delimiter="\n"))[0]
     assert res["stats"]["samples_preferred"] == 4 and "samples_truncated" not in res["stats"]
+
+
+@pytest.mark.parametrize("script,delim,cuts", [
+    ("6 * 7 = 42\nplus 1 is 43\nThe answer is 43.", "\n", 2),                 # a step a line (MetaMath)
+    ("6 * 7 = 42\nso 42\n\nplus 1 is 43\n\nThe answer is 43.", "\n\n", 2),   # a step a paragraph (Qwen)
+])
+def test_default_delimiter_cuts_line_and_paragraph_solutions(tmp_path, monkeypatch, script, delim, cuts):
+    """With the default --delimiter auto, each preferred solution is cut at its own steps and its
+    continuations ramp at those; a fixed "\n\n" leaves a line-style solution uncut, and says so."""
+    import sample
+    from test_sample import Scripted
+    tok = byte_tokenizer(str(tmp_path / "tok"))
+    rec = {"id": "t/0", "source": "gsm8k", "question": "What is 6 * 7 + 1?", "gold": "43"}
+    model = Scripted(tok.encode(tok.render_prompt(rec["question"]) + script) + [tok.eos_id], tok.vocab_size)
+    seen, real = [], sample.generate
+    monkeypatch.setattr(sample, "generate", lambda m, p, cfg, **kw: seen.append(cfg) or real(m, p, cfg, **kw))
+    s = PairSettings(k_max=2, naive_batch=2, tries=1, max_new_tokens=200, sc_from="any")
+    stats = pairs_for_chunk(model, tok, [rec], s)[0]["stats"]
+    # the scripted continuation is always right: every cut is tried and yields no pair
+    assert stats["drop_sc_no_wrong_continuation"] == cuts and stats["samples_sc"] == cuts
+    assert [c.delimiter for c in seen if c.ramp] == [delim] * cuts
+    if delim == "\n":
+        stats = pairs_for_chunk(model, tok, [rec], dataclasses.replace(s, delimiter="\n\n"))[0]["stats"]
+        assert stats["drop_sc_no_cut_point"] == stats["sc_solutions"] == 1
+        assert "1 of 1 preferred solutions are a single step" in " ".join(sample.pair_warnings(stats, "--x"))
 
 
 def _part_line(qid, rank=0):

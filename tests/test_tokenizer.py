@@ -13,6 +13,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 import data
+import model as modeling
 from conftest import DATA
 from model import PLAIN_CHAT_TEMPLATE, Tokenizer
 
@@ -49,6 +50,17 @@ MISTRAL_INSTRUCT_TEMPLATE = (
     "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
     "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
     "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}")
+# DeepSeek-Math-Instruct's: the generation prompt ends in "Assistant:", an answer is "Assistant: " + answer.
+DEEPSEEK_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ 'User: ' + message['content'] + '\\n\\n' }}{% elif message['role'] == 'assistant' %}"
+    "{{ 'Assistant: ' + message['content'] + eos_token }}{% elif message['role'] == 'system' %}"
+    "{{ message['content'] + '\\n\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+# InternLM2-Chat's: ChatML turns after BOS.
+INTERNLM2_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{'<|im_start|>' + message['role'] + "
+                      "'\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+                      "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 QUESTION = "Natalia sold clips to 48 of her friends in April, and then half as many in May. How many in total?"
 STEPS = ["Natalia sold 48/2 = 24 clips in May.\n", "Natalia sold 48+24 = 72 clips altogether.\n", "#### 72"]
@@ -307,6 +319,68 @@ def test_save_pretrained_round_trip(which, request, tmp_path):
         assert again.apply_chat_template(conv, add_generation_prompt=True) == ours.apply_chat_template(conv, True) == text
         assert again.encode(text) == ours.encode(text) == ids
     assert (again.bos_id, again.eos_id, again.pad_id, again.vocab_size) == (ours.bos_id, ours.eos_id, ours.pad_id, ours.vocab_size)
+
+
+def test_saved_plain_template_renders_in_transformers_what_training_saw(mistral, tmp_path):
+    # A base model trains with the plain template; the export must carry it, or transformers'
+    # apply_chat_template on the exported tokenizer has no template at all.
+    ours, _ = mistral
+    assert not ours.has_chat_template
+    ours.save_pretrained(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    for conv in CONVERSATIONS:
+        for gen in (False, True):
+            text, ids = _reference(hf, conv, gen)
+            assert text == ours.apply_chat_template(conv, add_generation_prompt=gen)
+            assert ids == ours.encode(text)
+
+
+@pytest.mark.parametrize("auto_map", [True, False])   # False: a folder saved by older versions of ours
+def test_saved_remote_code_tokenizer_loads_in_transformers(auto_map, tmp_path):
+    # InternLM2's tokenizer_config names its own class, defined by remote code that the export does not
+    # carry: the export must name a class transformers has.
+    remote = {"auto_map": {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer",
+                                             "tokenization_internlm2_fast.InternLM2TokenizerFast"]}}
+    d = tmp_path / "internlm2"
+    d.mkdir()
+    _bpe_dir(d, ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"], bos_token="<s>", eos_token="</s>",
+             unk_token="<unk>", pad_token="</s>", tokenizer_class="InternLM2Tokenizer",
+             chat_template=INTERNLM2_TEMPLATE, **(remote if auto_map else {}))
+    ours = Tokenizer.from_pretrained(d)
+    ours.save_pretrained(tmp_path / "out")
+    cfg = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert "auto_map" not in cfg and hasattr(transformers, cfg["tokenizer_class"])
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    for conv in CONVERSATIONS:
+        text, ids = _reference(hf, conv, True)
+        assert text == ours.apply_chat_template(conv, add_generation_prompt=True) and ids == ours.encode(text)
+    # and a class transformers has is kept (DeepSeek-Math's)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "tokenizer_class": "LlamaTokenizerFast"}))
+    Tokenizer.from_pretrained(d).save_pretrained(tmp_path / "kept")
+    assert json.loads((tmp_path / "kept" / "tokenizer_config.json").read_text())["tokenizer_class"] == \
+        "LlamaTokenizerFast"
+
+
+def test_template_that_writes_text_before_the_answer_warns_once(chatml_dir, tmp_path, capsys, monkeypatch):
+    # DeepSeek-Math-Instruct's template renders "Assistant: " + answer after a generation prompt that
+    # ends in "Assistant:": its whole conversation is not render_prompt + answer + its closing.
+    monkeypatch.setattr(modeling, "_WARNED", set(), raising=False)   # the template has not been seen
+    d = tmp_path / "deepseek"
+    d.mkdir()
+    bos, eos = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+    _bpe_dir(d, [bos, eos], bos_token=bos, eos_token=eos, chat_template=DEEPSEEK_TEMPLATE)
+    capsys.readouterr()
+    ours = Tokenizer.from_pretrained(d)
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and str(d) in err and "writes ' ' between the generation prompt" in err
+    assert ours.render_prompt("q").endswith("Assistant:")
+    assert ours.render("q", "a").endswith("Assistant: a" + eos)
+    Tokenizer.from_pretrained(d)
+    assert capsys.readouterr().err == ""   # once
+    for folder in (chatml_dir, MISTRAL):   # ChatML and the plain template: nothing to say
+        Tokenizer.from_pretrained(folder)
+        assert capsys.readouterr().err == ""
 
 
 def test_missing_files_name_the_path(tmp_path):

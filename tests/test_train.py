@@ -1,13 +1,17 @@
 # python -m pytest -q tests/test_train.py
 """The training loop of scdpo.py on tiny stand-ins (byte tokenizer, 2-layer models of width 32):
 which tokens the loss sees, packing, overfitting, 1 vs 2 processes, kill + resume, the hub export
-against transformers, and the refusals (malformed pairs, foreign pairs, a non-finite loss or gradient
+against transformers, the reference's cache and dtype, the sharded models freed after training, files
+only rank 0 sees, and the refusals (malformed pairs, foreign pairs, a non-finite loss or gradient
 norm, a resume by another number of processes)."""
+import gc
+import glob
 import json
 import os
 import shutil
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -320,6 +324,8 @@ def test_resume_with_another_world_size_is_refused(runs, tmp_path):
         scdpo.train(args)
 
 
+# export converts the state dict while popping it, to bound rank 0's peak host memory; a CPU test of
+# that peak would measure the allocator more than the code, so these tests check only its result.
 def test_export_loads_in_transformers_with_identical_logits(runs):
     import transformers
     root, _ = runs
@@ -339,6 +345,32 @@ def test_live_reference_equals_precomputed(tiny, tmp_path):
     b = scdpo.train(args_for(str(root / "model"), pairs, str(tmp_path / "live"), "--ref", "live", *common))
     for (k, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_packed_and_unpacked_runs_have_their_own_reference_cache(tiny, tmp_path):
+    """On a GPU the two layouts run other bf16 kernels and shapes: a cache computed in one layout is not
+    the other's reference (policy != reference at step 0)."""
+    root = tiny[0]
+    pairs = shutil.copy(tiny[3], tmp_path / "pairs.jsonl")
+    for layout in ("packed", "no-packed"):
+        scdpo.train(args_for(str(root / "model"), str(pairs), str(tmp_path / layout), f"--{layout}",
+                             "--global-batch", "8", "--max-steps", "1"), return_model=False)
+    assert len(glob.glob(str(tmp_path / "pairs.jsonl.ref-*.pt"))) == 2
+
+
+def test_a_frozen_reference_loads_into_bf16_shards(tiny):
+    """--ref live on a GPU stores the reference in bf16: the shards must hold the bf16 rounding of the
+    checkpoint's weights (the model that wrote it; here on the CPU, the dtype forced), and RoPE's
+    frequencies stay fp32."""
+    root, model = tiny[0], tiny[1]
+    net = scdpo.load_sharded(str(root / "model"), model.args, torch.device("cpu"), trainable=False,
+                             dtype=torch.bfloat16)
+    want = dict(model.named_parameters())
+    got = dict(net.model.named_parameters())
+    assert got.keys() == want.keys()
+    for k, p in got.items():
+        assert p.dtype == torch.bfloat16 and torch.equal(p.full_tensor(), want[k].detach().bfloat16()), k
+    assert net.model.inv_freq.dtype == torch.float32 and torch.equal(net.model.inv_freq, model.inv_freq)
 
 
 def test_without_pairs_the_pairs_are_sampled_once(tiny, tmp_path, monkeypatch):
@@ -377,6 +409,29 @@ def test_the_command_line_does_not_read_the_final_model_back(tiny, tmp_path, mon
     scdpo.main(common + ["--out", str(tmp_path / "b"), "--eval", str(tmp_path / "q.jsonl"), "--max-len", "160",
                          "--max-prompt", "128"])
     assert loads[1:] == [str(tmp_path / "b" / "final")] and os.path.exists(tmp_path / "b" / "eval.jsonl")
+
+
+def test_the_sharded_models_are_freed_before_the_final_model_is_loaded(tiny, tmp_path, monkeypatch):
+    """FSDP2's modules and their state refer to each other, so `del net` alone frees nothing: the trained
+    shards and a --ref live reference would stay while --eval loads the full model. Automatic collection
+    is off here, so that only train()'s own collection can free them."""
+    root, _, _, pairs, _ = tiny
+    load, from_pretrained, nets, alive = scdpo.load_sharded, Transformer.from_pretrained, [], []
+
+    def load_sharded(*a, **k):
+        net = load(*a, **k)
+        nets.append(weakref.ref(next(net.parameters())))
+        return net
+    monkeypatch.setattr(scdpo, "load_sharded", load_sharded)
+    monkeypatch.setattr(Transformer, "from_pretrained", classmethod(
+        lambda cls, path, **k: alive.append([w() is not None for w in nets]) or from_pretrained(path, **k)))
+    gc.disable()
+    try:
+        scdpo.train(args_for(str(root / "model"), pairs, str(tmp_path / "run"), "--ref", "live",
+                             "--global-batch", "8", "--max-steps", "1"))
+    finally:
+        gc.enable()
+    assert alive == [[False, False]]   # the policy and the reference, when <out>/final is loaded
 
 
 def test_a_rerun_into_an_earlier_runs_folder_refuses_or_starts_clean(tiny, tmp_path):
@@ -429,3 +484,44 @@ def test_a_late_rank_is_waited_for_as_long_as_the_timeout_says(tmp_path):
     assert r.returncode != 0 and r.stdout.split() == ["timeout", "2.0"] and "Timed out waiting 2000ms" in r.stderr
     r = subprocess.run(launch, env={**env, "SCDPO_TIMEOUT": "2h"}, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "SCDPO_TIMEOUT='2h': expected a number of seconds" in r.stdout + r.stderr
+
+
+HIDDEN_FROM_RANK1 = """
+import glob, os, sys
+sys.path.insert(0, {root!r})
+if os.environ["RANK"] == "1":   # rank 1 does not see these files
+    hidden = lambda p: any(h in str(p) for h in {hide!r})
+    exists, find = os.path.exists, glob.glob
+    os.path.exists = lambda p: exists(p) and not hidden(p)
+    glob.glob = lambda *a, **k: [p for p in find(*a, **k) if not hidden(p)]
+import model, scdpo
+model.run_main(scdpo.main, sys.argv[1:])
+"""
+
+
+def test_rank_0_decides_what_exists_for_every_rank(tiny, tmp_path):
+    """Rank 1 never sees the reference cache, the checkpoints or final/DONE (pairs or --out on node-local
+    disk, or a cache that a concurrent --pairs-kind run writes between two ranks' looks). Had it decided
+    for itself, it would run other collectives than rank 0: a hang, here cut to SCDPO_TIMEOUT=20 s."""
+    root, _, _, pairs, _ = tiny
+    script, out = tmp_path / "hidden.py", str(tmp_path / "run")
+    script.write_text(HIDDEN_FROM_RANK1.format(root=ROOT, hide=[".ref-", "checkpoints/step-", "DONE"]))
+    common = ["--model", str(root / "model"), "--pairs", pairs, "--global-batch", "8", "--micro-batch", "2",
+              "--lr", "1e-3", "--max-steps", "2", "--save-every", "1"]
+
+    def launch(*argv):
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "SCDPO_TIMEOUT": "20"}
+        r = subprocess.run(torchrun + [str(script), *common, "--out", out, *argv], env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        return r.stdout
+    scdpo.train(args_for(str(root / "model"), pairs, str(tmp_path / "whole"), *common))   # the cache, too
+    launch("--stop-after", "1")                                     # a checkpoint of step 1
+    said = launch("--resume")
+    assert f"reference log-probs: {pairs}.ref-" in said and "resumed from" in said and "step-000001" in said
+    assert "is complete: nothing to train" in launch("--resume")
+    # rank 1 trained step 2 with rank 0's reference and step-1 weights: the loss of the uninterrupted run
+    losses = [[json.loads(l)["loss"] for l in open(os.path.join(o, "log.jsonl"))]
+              for o in (out, tmp_path / "whole")]
+    assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-5)
