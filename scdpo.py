@@ -618,10 +618,8 @@ def dpo_objective(args, net, rows, collate, rank, world, device, log):
         # not writable (checked before computing, so a failed write cannot lose the work).
         spare = os.path.join(args.out, os.path.basename(cache))
 
-        # Rank 0 alone looks and reads, and sends the (pairs, 2) floats: ranks that looked for themselves
-        # could disagree (pairs on node-local disks, a cache written by a concurrent run between two looks),
-        # and then some would compute, running collectives the others never join: a hang. Sending costs
-        # little and needs no file system shared by the ranks.
+        # Rank 0 alone looks and reads (on_rank0), and sends the (pairs, 2) floats: little to send, and
+        # no file system shared by the ranks needed.
         def look():
             found = next((c for c in (cache, spare) if os.path.exists(c)), None)
             return found, (torch.load(found) if found else None)
@@ -845,7 +843,7 @@ def train(args, return_model=True):
             return None
 
     # --- export, and the optional evaluation --------------------------------------------------------
-    export(net, margs, tok, final, torch.bfloat16 if cuda else torch.float32, rank)
+    export(net, margs, tok, final, compute_dtype(device), rank)
     # Free the trained shards (and a --ref live reference) before the full model is loaded for --eval. The
     # loop's last loss (its graph's FSDP hooks) and param group `g` refer to them too, and FSDP2's modules
     # and their state refer to each other: only a collection frees them.
