@@ -292,7 +292,7 @@ TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{
 
 def write_tokenizer(path):
     """A word tokenizer in path (returned): tokenizer.json + tokenizer_config.json, which
-    model.Tokenizer.from_pretrained(path) loads like any hub tokenizer. BPE over characters, with merges
+    tokenizer.Tokenizer.from_pretrained(path) loads like any hub tokenizer. BPE over characters, with merges
     that build each of WORDS left to right (" " + "h" -> " h", " h" + "a" -> " ha", ...). Chains start
     with a space or a capital; the spaced ones rank first, so " Eva" is not cut into " " + "Eva"."""
     vocab, merges = {"<pad>": 0, "<s>": 1, "</s>": 2}, []

@@ -1,5 +1,5 @@
 # python -m pytest -q tests/test_tokenizer.py
-# model.Tokenizer against transformers' AutoTokenizer + apply_chat_template (the reference), on the
+# tokenizer.Tokenizer against transformers' AutoTokenizer + apply_chat_template (the reference), on the
 # real Mistral-7B-v0.1 tokenizer (SentencePiece-style BPE; no chat template, so our plain one, or the
 # instruct model's [INST] template) and on small byte-level BPE tokenizers trained here with ChatML
 # (Qwen2.5's) and Llama-3-Instruct's special tokens and templates.
@@ -15,7 +15,8 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 import data
 import model as modeling
 from conftest import DATA
-from model import PLAIN_CHAT_TEMPLATE, Tokenizer
+import tokenizer as tokenizing
+from tokenizer import PLAIN_CHAT_TEMPLATE, Tokenizer
 
 import transformers  # the reference (tests/requirements.txt)
 
@@ -365,7 +366,7 @@ def test_saved_remote_code_tokenizer_loads_in_transformers(auto_map, tmp_path):
 def test_template_that_writes_text_before_the_answer_warns_once(chatml_dir, tmp_path, capsys, monkeypatch):
     # DeepSeek-Math-Instruct's template renders "Assistant: " + answer after a generation prompt that
     # ends in "Assistant:": its whole conversation is not render_prompt + answer + its closing.
-    monkeypatch.setattr(modeling, "_WARNED", set(), raising=False)   # the template has not been seen
+    monkeypatch.setattr(tokenizing, "_WARNED", set())   # the template has not been seen
     d = tmp_path / "deepseek"
     d.mkdir()
     bos, eos = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
