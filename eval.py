@@ -5,29 +5,24 @@
     torchrun --standalone --nproc_per_node=8 eval.py --model PATH --data math   # questions strided by rank
     python eval.py --model DPO_PATH --ref SFT_PATH --processbench gsm8k --html credit.html
 
-Accuracy: greedy decoding through sample.py with the training prompt (tok.render_prompt); the final
-answer is read by grade.extract_answer and judged by grade.is_equiv. --out: one JSON line per question.
+Accuracy: greedy decoding with the training prompt; grade.extract_answer reads the final answer
+and grade.is_equiv judges it. --out: one JSON line per question.
 
-Credit assignment (METHOD.md section 5): the DPO implicit reward of token x_i after prefix s_i is
+Credit assignment: a DPO model is its own process reward model. Token x_i after prefix s_i earns
     r(s_i, x_i) = beta * (log pi_theta(x_i | s_i) - log pi_ref(x_i | s_i))
-and a step's reward is the sum over its tokens. So a DPO-trained model is its own process reward
-model; the question is whether it gives the low reward to the step that is actually wrong.
-Given step labels (ProcessBench's `label`, the index of the first wrong step, -1 when all are right;
-or the miniature's exact checker), we predict the first wrong step from the step rewards and score it
-as ProcessBench does:
+and a step the sum over its tokens. Does the wrong step get the low reward? From the step rewards
+we predict the first wrong step (ProcessBench's `label`; -1: all right) and score it as ProcessBench:
     acc_err = exact first-wrong-step accuracy on solutions with an error
     acc_cor = accuracy on error-free solutions (predicting -1)
     F1      = 2 acc_err acc_cor / (acc_err + acc_cor)
-That needs a threshold on the rewards. step_scores adds scores that only compare rewards with each
-other (top-1: the first wrong step is the lowest so far; AUC: a wrong step scores below a right one);
-bootstrap and seed_interval give their intervals over examples and over seeds. html_compare shows
-several methods' token rewards side by side on the same solutions.
+F1 needs a threshold; step_scores' top-1 and AUC only compare rewards with each other.
 """
 import argparse
 import html
 import json
 import os
 import time
+from itertools import accumulate
 
 import numpy as np
 import torch
@@ -47,14 +42,11 @@ from model import gather_rows, print0
 
 
 def grade(rec, completion):
-    """One prediction row: the record's id, question, gold (and subject, level if set), the completion,
-    the extracted answer 'pred' (None when there is none) and 'correct' (grade.is_equiv with the gold)."""
+    """One prediction row; 'pred' is None when no answer can be extracted."""
     pred = extract_answer(completion)
     row = {"id": rec["id"], "question": rec["question"], "gold": rec["gold"], "completion": completion,
            "pred": pred, "correct": bool(is_equiv(pred, rec["gold"]))}
-    for k in ("subject", "level"):
-        if rec.get(k) is not None:
-            row[k] = rec[k]
+    row.update({k: rec[k] for k in ("subject", "level") if rec.get(k) is not None})
     return row
 
 
@@ -78,7 +70,7 @@ def format_report(report):
 
 
 def generate_greedy(model, tok, questions, max_new_tokens, batch_size, static=False, progress=False):
-    """Greedy completions for `questions`, with the training prompt, through sample.py's sampler."""
+    """Greedy completions of `questions`, with the training prompt."""
     prompts = [tok.encode(tok.render_prompt(q)) for q in questions]
     cfg, out = sample.Sampling(max_new_tokens=max_new_tokens, static=static), []
     bar = tqdm(total=len(prompts), desc="greedy decoding", unit="q", disable=not progress)
@@ -92,18 +84,15 @@ def generate_greedy(model, tok, questions, max_new_tokens, batch_size, static=Fa
 
 def evaluate(model, tok, records, max_new_tokens=512, batch_size=64, rank=0, world=1, static=False,
              progress=False):
-    """Prediction rows for `records`, in their order, on every rank. Each rank grades
-    records[rank::world]; the rows are gathered. static: Sampling.static. progress: a bar on rank 0
-    (its share of the questions)."""
+    """Prediction rows for `records`, in their order, on every rank; each rank grades
+    records[rank::world]. progress: a bar on rank 0 (its share of the questions)."""
     mine = list(range(rank, len(records), world))
     questions = [records[i]["question"] for i in mine]
     completions = generate_greedy(model, tok, questions, max_new_tokens, batch_size, static,
                                   progress and rank == 0)
     rows = [dict(grade(records[i], c), index=i) for i, c in zip(mine, completions)]
     rows = sorted(gather_rows(rows), key=lambda r: r["index"])
-    for r in rows:
-        del r["index"]
-    return rows
+    return [{k: v for k, v in r.items() if k != "index"} for r in rows]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,26 +102,22 @@ def evaluate(model, tok, records, max_new_tokens=512, batch_size=64, rank=0, wor
 
 @torch.no_grad()
 def response_logprobs(model, tok, prompts, responses, batch_size=16, progress=None):
-    """Per pair, a tuple (ids, char offsets into the response, log-probs) of its response tokens.
-    prompt + response is tokenised once and split as tok.encode_prompt_response splits it, as in
-    training. As in scdpo.SeqLogprobs, kernels.token_logprobs reads only the final hidden states of
-    the response positions, never the (B, L, V) logits (fp32: 10 GB for a 152k vocabulary at batch 16
-    and L = 1024)."""
+    """Per pair, (ids, char offsets into the response, log-probs) of its response tokens; prompt +
+    response is tokenised once and split as tok.encode_prompt_response splits it. Only the response
+    positions' hidden states reach kernels.token_logprobs: the (B, L, V) fp32 logits would take 10 GB
+    for a 152k vocabulary at batch 16 and L = 1024."""
     device = next(model.parameters()).device
     out = []
     batches = range(0, len(prompts), batch_size)
     for b in tqdm(batches, desc=progress or "", disable=not progress, unit="batch"):
-        pairs = zip(prompts[b:b + batch_size], responses[b:b + batch_size])
-        encs = [tok.encode_with_offsets(p + r) + (len(p),) for p, r in pairs]
         rows = []
-        for ids, offs, n_chars in encs:
+        for p, r in zip(prompts[b:b + batch_size], responses[b:b + batch_size]):
+            (ids, offs), n_chars = tok.encode_with_offsets(p + r), len(p)
             n_prompt = next((i for i, (_, end) in enumerate(offs) if end > n_chars), len(ids))
             rows.append((ids, [(max(s - n_chars, 0), e - n_chars) for s, e in offs], max(n_prompt, 1)))
-        L = max(len(ids) for ids, _, _ in rows)
-        x = torch.full((len(rows), L), tok.pad_id or 0, dtype=torch.long)
-        for i, (ids, _, _) in enumerate(rows):
-            x[i, :len(ids)] = torch.tensor(ids)
-        x = x.to(device)
+        seqs = [torch.tensor(ids, dtype=torch.long) for ids, _, _ in rows]
+        x = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=tok.pad_id or 0).to(device)
+        L = x.shape[1]
         h = model(x, return_hidden=True).flatten(0, 1)                     # (B * L, D)
         # flat positions n_prompt-1 .. len-2 of row i predict its response tokens ids[n_prompt:]
         spans = [(i * L + n_prompt - 1, i * L + len(ids) - 1) for i, (ids, _, n_prompt) in enumerate(rows)]
@@ -144,28 +129,19 @@ def response_logprobs(model, tok, prompts, responses, batch_size=16, progress=No
 
 
 def token_rewards(policy, ref, tok, prompts, responses, beta, batch_size=16, progress=False):
-    """METHOD.md section 5: r_i = beta * (log pi(x_i|s_i) - log pi_ref(x_i|s_i)) for every response
-    token. Returns one dict {ids, offsets, rewards (list of floats)} per response."""
+    """r_i = beta * (log pi(x_i|s_i) - log pi_ref(x_i|s_i)) for every response token, as one dict
+    {ids, offsets, rewards (list of floats)} per response."""
     pol = response_logprobs(policy, tok, prompts, responses, batch_size, progress and "policy log-probs")
     rf = response_logprobs(ref, tok, prompts, responses, batch_size, progress and "reference log-probs")
     return [{"ids": ids, "offsets": offs, "rewards": (beta * (lp - lq)).tolist()}
             for (ids, offs, lp), (_, _, lq) in zip(pol, rf)]
 
 
-def step_bounds(steps):
-    """[(start, end)] character spans of the steps of "".join(steps)."""
-    bounds, pos = [], 0
-    for s in steps:
-        bounds.append((pos, pos + len(s)))
-        pos += len(s)
-    return bounds
-
-
 def step_of_tokens(offsets, steps):
     """The step of each token: the one that holds its first character (tokens past the end: the last)."""
-    bounds, out, j = step_bounds(steps), [], 0
+    ends, out, j = list(accumulate(len(s) for s in steps)), [], 0   # step j ends at character ends[j]
     for start, _ in offsets:
-        while j + 1 < len(bounds) and start >= bounds[j][1]:
+        while j + 1 < len(ends) and start >= ends[j]:
             j += 1
         out.append(j)
     return out
@@ -180,9 +156,8 @@ def step_rewards(offsets, rewards, steps):
 
 
 def predict_first_wrong(step_sums, threshold=0.0, rule="first"):
-    """The predicted index of the first wrong step, -1 for "all steps right".
-    rule "first": the first step whose reward is below `threshold` (ProcessBench's rule for PRMs).
-    rule "min": the lowest-reward step, if its reward is below `threshold`."""
+    """The predicted first wrong step (-1: all right): the first step whose reward is below `threshold`
+    (rule "first", ProcessBench's rule for PRMs), or the lowest step if it is below (rule "min")."""
     if not step_sums:
         return -1
     if rule == "min":
@@ -192,9 +167,8 @@ def predict_first_wrong(step_sums, threshold=0.0, rule="first"):
 
 
 def processbench_metric(preds, labels):
-    """ProcessBench (Zheng et al. 2024): exact-match accuracy of the first wrong step on erroneous
-    solutions (label >= 0), accuracy on correct ones (label -1), and their harmonic mean.
-    Returns (acc_err, acc_cor, f1) as fractions; an empty class counts as accuracy 0."""
+    """ProcessBench's (acc_err, acc_cor, f1) as fractions (Zheng et al. 2024); acc_err is over labels
+    >= 0, acc_cor over labels -1, and an empty class counts as accuracy 0."""
     err = [p == l for p, l in zip(preds, labels) if l != -1]
     cor = [p == -1 for p, l in zip(preds, labels) if l == -1]
     a_err = sum(err) / len(err) if err else 0.0
@@ -216,10 +190,9 @@ def fit_threshold(all_step_sums, labels, rule="first"):
 
 
 def localisation(all_step_sums, labels, threshold="fit", rule="first"):
-    """The ProcessBench metric of first-wrong-step prediction from step rewards. threshold "fit":
-    two-fold cross-fitting, so the reported number never sees its own labels (the threshold with the
-    best F1 on one half scores the other half, and back; under 4 examples, 0). A float: that threshold
-    for all. Returns {acc_err, acc_cor, f1, thresholds, preds, n_err, n_cor}."""
+    """{acc_err, acc_cor, f1, thresholds, preds, n_err, n_cor} of the steps' predictions. threshold
+    "fit": two-fold cross-fitting, so no label scores its own threshold (each half's best-F1 threshold
+    scores the other half; under 4 examples, 0). A float: that threshold for all."""
     n = len(labels)
     if threshold == "fit" and n >= 4:
         halves = [list(range(0, n, 2)), list(range(1, n, 2))]
@@ -264,50 +237,30 @@ def auc(low, high):
     return float(u / (n * m))
 
 
-def _wrong_and_right(step_sums, labels, kinds=None):
-    """Split the step rewards. wrong: the first wrong step of each erroneous solution. right: (reward,
-    kind) of the steps before it, and of every step of an error-free solution. Steps after the first
-    error are left out, as they are conditioned on an error. So is a solution whose label is past its
-    last step (the error is a missing step: nothing to score). Returns (wrong, right, n_skipped)."""
-    wrong, right, skipped = [], [], 0
+def step_scores(step_sums, labels, kinds=None):
+    """Threshold-free scores of step rewards against first-wrong-step labels (-1: all right):
+    top1:        P(the first wrong step scores strictly below every earlier step), over the top1_n
+                 labels >= 1; top1_chance = mean 1 / (label + 1), what a random ranking scores
+    auc:         auc(wrong, right) (1 perfect, 0.5 chance) over the n_wrong first wrong steps and
+                 the right steps before them; n_skipped: solutions whose label is past their last step
+    with kinds (a kind per step, e.g. "product"), per kind:
+    false_alarm: 1 - auc(wrong, right steps of that kind), the chance that one scores below a first
+                 wrong step; n_right: how many right steps."""
+    wrong, right, hits, chance, skipped = [], [], [], [], 0
     for i, (sums, label) in enumerate(zip(step_sums, labels)):
-        if label >= len(sums):
+        if label >= len(sums):   # the error is a missing step: nothing to score
             skipped += 1
             continue
+        # steps after the first wrong one are left out: they are conditioned on an error
         upto = len(sums) if label == -1 else label
         right += [(sums[j], kinds[i][j] if kinds is not None else None) for j in range(upto)]
         if label != -1:
             wrong.append(sums[label])
-    return wrong, right, skipped
-
-
-def _top1(step_sums, labels):
-    """Over erroneous solutions with label l >= 1 (and l < its number of steps): the fraction whose step
-    l has a reward strictly below every step before it, and the chance level mean(1 / (l + 1)), which
-    a random ranking of steps 0..l scores. Returns (top1, n, chance); nan, 0, nan with none."""
-    hits, chance = [], []
-    for sums, label in zip(step_sums, labels):
-        if 1 <= label < len(sums):
+        if label >= 1:
             hits.append(sums[label] < min(sums[:label]))
             chance.append(1 / (label + 1))
-    if not hits:
-        return float("nan"), 0, float("nan")
-    return float(np.mean(hits)), len(hits), float(np.mean(chance))
-
-
-def step_scores(step_sums, labels, kinds=None):
-    """Threshold-free scores of per-step rewards against first-wrong-step labels (-1: all right).
-    top1:        P(the first wrong step scores strictly below every earlier step), over labels >= 1;
-                 top1_n such solutions, top1_chance = mean 1 / (label + 1), a random ranking's score
-    auc:         auc(wrong, right) = P(r_wrong < r_right) + P(=) / 2 (1 perfect, 0.5 chance), wrong and
-                 right as _wrong_and_right splits them; n_wrong first wrong steps; n_skipped solutions
-                 whose label is past their last step
-    with kinds (per solution a kind per step, e.g. "product"):
-    false_alarm: {kind: 1 - auc(wrong, right steps of that kind)} = P(a right step of that kind scores
-                 below a first wrong step), ties half; n_right: {kind: how many right steps}."""
-    wrong, right, skipped = _wrong_and_right(step_sums, labels, kinds)
-    top1, top1_n, chance = _top1(step_sums, labels)
-    out = {"top1": top1, "top1_n": top1_n, "top1_chance": chance, "auc": auc(wrong, [r for r, _ in right]),
+    top1, chance = (float(np.mean(hits)), float(np.mean(chance))) if hits else (float("nan"), float("nan"))
+    out = {"top1": top1, "top1_n": len(hits), "top1_chance": chance, "auc": auc(wrong, [r for r, _ in right]),
            "n_wrong": len(wrong), "n_skipped": skipped}
     if kinds is not None:
         by_kind = {}
@@ -319,13 +272,11 @@ def step_scores(step_sums, labels, kinds=None):
 
 
 def bootstrap(stat, n, B=1000, seed=0, level=0.95):
-    """Percentile bootstrap over n items; returns (point, lo, hi). stat takes a list of indices;
-    point = stat(list(range(n))). B index lists of size n, drawn with replacement (numpy Generator,
-    `seed`), give the resampled values; lo and hi are their (1 - level) / 2 and (1 + level) / 2
-    quantiles. For a paired difference, score both methods on the same indices and subtract, e.g.
+    """Percentile bootstrap over n items: (stat(all indices), lo, hi), lo and hi the quantiles of stat
+    on B lists of n indices drawn with replacement (numpy Generator, `seed`). A paired difference
+    scores both methods on the same indices, so that what the items share cancels:
         lambda ix: np.mean([a[i] for i in ix]) - np.mean([b[i] for i in ix])
-    so that what the items share cancels. Resamples where stat is nan (an empty class) are dropped;
-    (point, nan, nan) when all are."""
+    Resamples where stat is nan (an empty class) are dropped; (point, nan, nan) when all are."""
     rng = np.random.default_rng(seed)
     point = float(stat(list(range(n))))
     vals = np.array([stat(rng.integers(0, n, size=n).tolist()) for _ in range(B)], dtype=np.float64)
@@ -337,9 +288,8 @@ def bootstrap(stat, n, B=1000, seed=0, level=0.95):
 
 
 def seed_interval(values, level=0.95):
-    """Student-t interval over seeds, (mean, lo, hi): mean +- t_{(1 + level) / 2, n - 1} * sd / sqrt(n),
-    sd with n - 1 in the denominator; t from the table for df <= 30, 1.96 beyond. Only level 0.95
-    (ValueError otherwise). One value: (v, nan, nan), as one seed says nothing about the spread."""
+    """Student-t interval over seeds: (mean, mean -+ t_{0.975, n - 1} * sd / sqrt(n)), sd with ddof 1.
+    One value gives (v, nan, nan): one seed says nothing about the spread."""
     if level != 0.95:
         raise ValueError(f"seed_interval: only level 0.95 is tabulated, got {level}")
     v = np.asarray(values, dtype=np.float64).ravel()
@@ -392,17 +342,8 @@ def _step_cells(tr, steps, scale):
     return [("".join(c), x) for c, x in zip(cells, sums)]
 
 
-def _summary_table(summary):
-    """(header, rows) -> an HTML table of escaped strings."""
-    header, rows = summary
-    out = ["<table class=summary><tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr>"]
-    out += ["<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows]
-    return "\n".join(out + ["</table>"])
-
-
 def _solution_table(ex, trs, names, scale):
-    """One solution: a row per step, a (tokens, sum) column pair per method, the step kind first when
-    the example has kinds; the true first wrong step's row framed (class wrong)."""
+    """One solution: a row per step, a (tokens, sum) column pair per method, the wrong step framed."""
     kinds = ex.get("kinds")
     head = ("<th class=kind>kind</th>" if kinds else "") + "".join(
         f"<th>{html.escape(name)}</th><th class=sum>sum</th>" for name in names)
@@ -417,19 +358,21 @@ def _solution_table(ex, trs, names, scale):
 
 
 def html_compare(examples, columns, path, title="Credit assignment", summary=None, n=8):
-    """One HTML page of several methods' token rewards on the same solutions (the paper's Figures 2-3,
-    e.g. DPO beside SCDPO); returns path. examples: dicts {question, steps, label, [title], [kinds]}.
-    columns: (name, token_rewards), token_rewards[i] = {offsets, rewards} of examples[i], as
-    token_rewards returns them. summary: optional (header, rows), a table at the top. Shows the first n
-    examples: red < 0 < green, opacity min(|r| / scale, 1) with _page_scale's scale, the true first
-    wrong step framed. Written by data.write_text, so a reader never sees half a page."""
+    """One HTML page of several methods' token rewards (e.g. DPO beside SCDPO) on the first n examples;
+    returns path. examples: {question, steps, label, [title], [kinds]}. columns: (name, token_rewards'
+    dicts, one per example). summary: (header, rows), a table on top. Written by data.write_text, so a
+    reader never sees half a page."""
     shown = list(range(min(n, len(examples))))
     names = [name for name, _ in columns]
     scale = _page_scale([trs[i] for _, trs in columns for i in shown])
     parts = [f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title><style>{_CSS}</style>",
              f"<h1>{html.escape(title)}</h1>"]
     if summary is not None:
-        parts.append(_summary_table(summary))
+        header, rows = summary
+        parts.append("<table class=summary><tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+                     + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows]
+        parts.append("</table>")
     parts.append(f"<p>token colour: beta*(log pi - log pi_ref), red &lt; 0 &lt; green, full colour at |r| = "
                  f"{scale:.3g} (one scale for every column). sum: the step's reward. Framed: the true first "
                  f"wrong step.</p>")
@@ -454,11 +397,10 @@ def credit_summary(res):
 
 def credit_assignment(policy, ref, tok, examples, beta, threshold="fit", rule="first", html_path=None,
                       n_html=8, batch_size=16, title="Credit assignment", rank=0, world=1, progress=False):
-    """examples: dicts {question, steps (list; "".join is the solution), label, [kinds]}. Returns, on
-    every rank, localisation's dict plus res["scores"] (step_scores; by kind when every example has
-    kinds), res["step_rewards"] and res["tokens"] (the token rewards), in examples' order. Each rank
-    scores examples[rank::world]. With html_path, rank 0 writes the page of the first n_html examples,
-    erroneous ones first."""
+    """examples: {question, steps ("".join is the solution), label, [kinds]}; rank r scores
+    examples[r::world]. Returns, on every rank, localisation's dict plus "scores" (step_scores; by kind
+    when every example has kinds), "step_rewards" and "tokens" (token_rewards'), in examples' order.
+    html_path: rank 0 writes the first n_html examples' page, erroneous ones first."""
     mine = list(range(rank, len(examples), world))
     prompts = [tok.render_prompt(examples[i]["question"]) for i in mine]
     responses = ["".join(examples[i]["steps"]) for i in mine]
@@ -481,8 +423,8 @@ def credit_assignment(policy, ref, tok, examples, beta, threshold="fit", rule="f
 
 
 def load_processbench(subset, limit=None, root=None):
-    """ProcessBench examples {id, question, steps, label} from <data root>/processbench/<subset>.json,
-    steps as _pb_steps makes them. A record without id, problem, label or steps is a ValueError."""
+    """ProcessBench examples {id, question, steps, label} from <data root>/processbench/<subset>.json;
+    the steps stripped, each but the last followed by a blank line."""
     path = os.path.join(data.data_root(root), "processbench", f"{subset}.json")
     with open(path, encoding="utf-8") as f:
         rows = json.load(f)[:limit] if limit else json.load(f)
@@ -492,12 +434,8 @@ def load_processbench(subset, limit=None, root=None):
             raise ValueError(f"{path}: record {i} (id {r.get('id')}) has no field {missing[0]!r}; "
                              f"ProcessBench records have id, problem, label and steps")
     return [{"id": r["id"], "question": r["problem"], "label": int(r["label"]),
-             "steps": _pb_steps(r["steps"])} for r in rows]
-
-
-def _pb_steps(steps):
-    """ProcessBench's steps, stripped, each but the last followed by a blank line."""
-    return [s.strip() + ("\n\n" if i + 1 < len(steps) else "") for i, s in enumerate(steps)]
+             "steps": [s.strip() + ("\n\n" if j + 1 < len(r["steps"]) else "")
+                       for j, s in enumerate(r["steps"])]} for r in rows]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -549,8 +487,9 @@ def main(argv=None):
         if rank == 0:
             if args.out:
                 data.write_jsonl(args.out, rows)
-            print(format_report(accuracy_report(rows)))
-            c, n = accuracy_report(rows)["all"]
+            report = accuracy_report(rows)
+            print(format_report(report))
+            c, n = report["all"]
             print(f"accuracy {100 * c / max(n, 1):.2f}% ({c}/{n}) on {args.data} | {time.time() - t0:.0f}s")
             # counted wrong; 'pred' in --out shows every answer read
             missing = sum(r["pred"] is None for r in rows)

@@ -7,41 +7,19 @@
     python mini.py --sweep 0,0.5,1 --seeds 5 --out runs/sweep   # the knob: table + sweep.svg
     torchrun --standalone --nproc_per_node=2 mini.py
 
-The task: synthetic word problems in which every step is one computation that can be checked exactly.
-So the first wrong step of ANY solution is known (check): the credit-assignment metrics need it, and
-real data lacks it.
+The task: word problems in which every step is one computation, checked exactly (check), so the
+first wrong step of any solution is known: the credit metrics need it, and real data lacks it.
 
     Eva has 7 bags of 6 pens. Eva gets 3, uses 8, uses 5. How many now?
-    7*6=42            step 0   a*b (the checker takes either order; demonstrations keep the question's)
-    42+3=45           step 1   one line per operation (+: operands in either order)
-    45-8=37           step 2   (the additions and subtractions may come in any order that stays in 1..99)
+    7*6=42            step 0   a*b, operands in either order
+    42+3=45           step 1   one line per addition or subtraction (+: operands in either order),
+    45-8=37           step 2   in any order whose values stay in 1..99
     37-5=32           step 3
     The answer is 32  step 4   (grade.extract_answer reads it)
 
-The SFT demonstrations carry a systematic "bad habit": a fraction `habit` of them forget the borrow in
-a subtraction that needs one (45-8=47). The SFT model learns the habit as a probability: greedy
-decoding repeats it, while sampling sometimes gets it right, so outcome feedback can fix it.
-
-The knob, --reorder: the fraction of demonstrations that apply the additions and subtractions in a
-random valid order. At 0 (the default) every solution takes the question's route, and the choices
-made before the first error do not change its chance. Towards 1, routes differ in how many
-subtractions need a borrow (42-8, 34-5 both borrow; 42+3, 45-8, 37-5 borrow once). Then the route
-chosen before an error changes the chance of that error: the precondition of step control.
-
-Each seed:
-  1. A word tokenizer and a tiny Transformer, SFT'd from scratch with scdpo.train.
-  2. Pairs from sample.make_pairs (cuts in random order, from the questions with a naive pair), and
-     the controls' pairs.
-  3. Four preference runs from that same SFT model, each for exactly --steps optimizer steps:
-     DPO (naive pairs); DPO (data-equal: as many DISTINCT naive pairs as SCDPO has pairs); Hot naive
-     (naive + one pair per step-controlled pair, its rejected sampled with the ramp from the question
-     alone); SCDPO (naive + step-controlled).
-  4. Greedy accuracy on test problems (eval.evaluate; dev problems only for --lrs selection), and the
-     credit scores of the implicit reward on --n-credit held-out SFT samples (eval.credit_assignment,
-     eval.step_scores: top-1, AUC, false alarms by step kind). credit.html shows the four methods
-     side by side.
-Every difference SCDPO - control has a 95% interval (eval.bootstrap within a seed, eval.seed_interval
-over seeds). README: "What the miniature shows".
+A fraction --habit of the SFT demonstrations forget the borrow (45-8=47). The knob, --reorder: the
+fraction that take a random valid order of the additions and subtractions instead of the question's.
+README: "What the miniature shows".
 """
 import argparse
 import itertools
@@ -78,29 +56,27 @@ _STEP = re.compile(r"^(\d+)([+\-*])(\d+)=(-?\d+)\n?$")
 _ANSWER = re.compile(r"^The answer is (-?\d+)$")
 
 
+def walk(v, order):
+    """The values after each (op, n) of a route, starting from v."""
+    out = []
+    for op, n in order:
+        v = v + n if op == "+" else v - n
+        out.append(v)
+    return out
+
+
 def problem(rng, n_ops=3):
     """{"question", "gold"}: a*b, then n_ops additions or subtractions of 2..9, every value in 1..99."""
     while True:
         a, b = rng.randint(2, 9), rng.randint(2, 9)
-        v, ops = a * b, []
-        for _ in range(n_ops):
-            op, n = rng.choice("+-"), rng.randint(2, 9)
-            v = v + n if op == "+" else v - n
-            ops.append(f"{'gets' if op == '+' else 'uses'} {n}")
-        if all(1 <= x <= 99 for x in values(a, b, ops)):
+        order = [(rng.choice("+-"), rng.randint(2, 9)) for _ in range(n_ops)]
+        vals = [a * b] + walk(a * b, order)
+        if all(1 <= x <= 99 for x in vals):
             break
+    ops = ", ".join(f"{'gets' if op == '+' else 'uses'} {n}" for op, n in order)
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    return {"question": f"{name} has {a} bags of {b} {item}. {name} {', '.join(ops)}. How many now?",
-            "gold": str(v)}
-
-
-def values(a, b, ops):
-    v, out = a * b, [a * b]
-    for o in ops:
-        n = int(o.split()[1])
-        v = v + n if o.startswith("gets") else v - n
-        out.append(v)
-    return out
+    return {"question": f"{name} has {a} bags of {b} {item}. {name} {ops}. How many now?",
+            "gold": str(vals[-1])}
 
 
 def nodes(question):
@@ -108,14 +84,10 @@ def nodes(question):
     m = _QUESTION.match(question)
     if m is None:
         raise ValueError(f"not a miniature question: {question!r}")
-    a, b, ops = int(m[2]), int(m[3]), m[4].split(", ")
-    out, v = [("*", a, b, a * b)], a * b
-    for o in ops:
-        op, n = ("+" if o.startswith("gets") else "-"), int(o.split()[1])
-        r = v + n if op == "+" else v - n
-        out.append((op, v, n, r))
-        v = r
-    return out
+    a, b = int(m[2]), int(m[3])
+    order = [("+" if o.startswith("gets") else "-", int(o.split()[1])) for o in m[4].split(", ")]
+    vals = [a * b] + walk(a * b, order)
+    return [("*", a, b, a * b)] + [(op, x, n, r) for (op, n), x, r in zip(order, vals, vals[1:])]
 
 
 def needs_borrow(x, y):
@@ -123,40 +95,32 @@ def needs_borrow(x, y):
 
 
 def routes(question):
-    """The valid routes: every order of the additions and subtractions whose values all stay in 1..99
-    (the question's order is one), as tuples of (op, n)."""
+    """The valid routes, tuples of (op, n): every order of the additions and subtractions whose values
+    all stay in 1..99 (the question's order is one)."""
     want = nodes(question)
-    ops, found = [(op, y) for op, _, y, _ in want[1:]], []
-    for order in sorted(set(itertools.permutations(ops))):
-        v, ok = want[0][3], True
-        for op, n in order:
-            v = v + n if op == "+" else v - n
-            ok = ok and 1 <= v <= 99
-        if ok:
-            found.append(order)
-    return found
+    orders = sorted(set(itertools.permutations([(op, y) for op, _, y, _ in want[1:]])))
+    return [o for o in orders if all(1 <= v <= 99 for v in walk(want[0][3], o))]
 
 
-def solution(question, rng, habit=0.0, vary=True, overborrow=0.0, reorder=0.0):
-    """A worked solution. vary: random operand order for + (the wording). habit: the chance that a
-    subtraction needing a borrow forgets it (result 10 too big). overborrow: the chance that one
-    needing none borrows anyway (10 too small; only from a two-digit number). reorder: the chance of a
-    random valid order of the additions and subtractions (routes) instead of the question's. Each step
-    after a mistake is right given the mistake."""
+def solution(question, rng, habit=0.0, overborrow=0.0, reorder=0.0):
+    """A worked solution, the operands of + in random order; each step after a mistake is right given
+    the mistake. habit: the chance that a subtraction needing a borrow forgets it (10 too big).
+    overborrow: the chance that one needing none borrows anyway (10 too small; only from a two-digit
+    number). reorder: the chance of a random route (routes) instead of the question's order."""
     want = nodes(question)
     order = [(op, y) for op, _, y, _ in want[1:]]
     if reorder and rng.random() < reorder:   # reorder = 0 draws nothing: the same data as before the knob
         order = list(rng.choice(routes(question)))
-    steps, v = [], None
-    for op, x, y, r in [want[0]] + [(op, None, y, None) for op, y in order]:
-        if v is not None:
-            x = v                                       # carries an earlier mistake forward
-            r = x + y if op == "+" else x - y
+    _, a, b, v = want[0]
+    steps = [f"{a}*{b}={v}"]
+    for op, y in order:
+        x = v                                           # carries an earlier mistake forward
+        r = x + y if op == "+" else x - y
         if op == "-" and needs_borrow(x, y) and rng.random() < habit:
             r += 10
         elif op == "-" and overborrow and x >= 10 and not needs_borrow(x, y) and rng.random() < overborrow:
             r -= 10
-        a, b = (y, x) if op == "+" and vary and rng.random() < 0.5 else (x, y)
+        a, b = (y, x) if op == "+" and rng.random() < 0.5 else (x, y)
         steps.append(f"{a}{op}{b}={r}")
         v = r
     return "\n".join(steps + [f"The answer is {v}"])
@@ -169,14 +133,13 @@ def step_kind(x, op, y):
 
 def check(question, text):
     """(first wrong step, error kind, step kinds) of a solution whose steps are lines (-1: all right).
-    A right solution: step 0 is the product (operands in either order). Each later step i < n, with n
-    the number of computations, applies to the value so far one of the question's additions or
-    subtractions not used yet, in any order (+ takes its operands in either order), with the right
-    result. Step n is 'The answer is <right>'. A solution too long or too short is wrong at its first
-    extra or missing line.
-    Error kinds: "none"; "habit" (a subtraction that needed a borrow, 10 too big); "overborrow" (one
-    that needed none, 10 too small); "arith" (the right operation on the right numbers, another
-    result); "format" (other numbers or operation; a missing, extra or garbled line).
+    Right: the product (operands in either order); then per line, applied to the value so far, one of
+    the question's additions or subtractions not used yet (+: operands in either order), with the
+    right result; then 'The answer is <right>'. Too long or too short: wrong at the first extra or
+    missing line.
+    Error kinds: "none"; "habit" (a borrow forgotten, 10 too big); "overborrow" (a borrow where none
+    is needed, 10 too small); "arith" (the right operation on the right numbers, another result);
+    "format" (other numbers or operation; a missing, extra or garbled line).
     Step kinds: step_kind of each line's own numbers, "answer", or "other"."""
     want = nodes(question)
     lines = data.split_steps(text, "cot", DELIM)
@@ -220,18 +183,14 @@ def check(question, text):
 
 def borrows(question, order):
     """How many subtractions of a route (a list of (op, n)) need a borrow, computed with right values."""
-    v, b = nodes(question)[0][3], 0
-    for op, n in order:
-        b += op == "-" and needs_borrow(v, n)
-        v = v + n if op == "+" else v - n
-    return b
+    v0 = nodes(question)[0][3]
+    return sum(op == "-" and needs_borrow(v, n) for (op, n), v in zip(order, [v0] + walk(v0, order)))
 
 
 def fewest_borrows(question, text):
-    """1 if a solution's route needs the fewest borrows of the question's routes, else 0; -1 when all
-    routes need as many (nothing to choose). The route is the order in which the lines, as written,
-    apply the question's operations; lines that are not a valid route count as 0. A model that learned
-    to avoid its error by its choice of route would raise this."""
+    """1 if a solution's route (the order in which its lines apply the question's operations) needs
+    the fewest borrows of the question's routes, 0 if not or if the lines are no valid route; -1 when
+    all routes need as many. A model that learned to avoid its error by its route would raise this."""
     valid = routes(question)
     counts = [borrows(question, o) for o in valid]
     if min(counts) == max(counts):
@@ -291,10 +250,9 @@ TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{
 
 
 def write_tokenizer(path):
-    """A word tokenizer in path (returned): tokenizer.json + tokenizer_config.json, which
-    tokenizer.Tokenizer.from_pretrained(path) loads like any hub tokenizer. BPE over characters, with merges
-    that build each of WORDS left to right (" " + "h" -> " h", " h" + "a" -> " ha", ...). Chains start
-    with a space or a capital; the spaced ones rank first, so " Eva" is not cut into " " + "Eva"."""
+    """A word tokenizer in path (returned), which tokenizer.Tokenizer.from_pretrained loads like a hub
+    one: BPE over characters, with merges that build each of WORDS left to right (" " + "h" -> " h",
+    " h" + "a" -> " ha", ...); the spaced ones rank first, so " Eva" is not cut into " " + "Eva"."""
     vocab, merges = {"<pad>": 0, "<s>": 1, "</s>": 2}, []
     for c in CHARS + "".join(WORDS):
         vocab.setdefault(c, len(vocab))
@@ -319,6 +277,7 @@ def write_tokenizer(path):
 # ----------------------------------------------------------------------------------------------
 METHODS = ("DPO", "DPO (data-equal)", "Hot naive", "SCDPO")   # the preference runs, each from the SFT model
 CONTROLS = METHODS[:3]
+FILE_TAG = {"SFT": "sft", "DPO": "dpo", "DPO (data-equal)": "dpo-eq", "Hot naive": "hot", "SCDPO": "scdpo"}
 
 
 def get_parser():
@@ -333,8 +292,7 @@ def get_parser():
     # the task
     p.add_argument("--reorder", type=float, default=0.0, help="the task's knob: fraction of SFT demos that "
                    "apply the additions and subtractions in a random valid order (0: the question's order)")
-    p.add_argument("--habit", type=float, default=0.7, help="fraction of SFT demos whose borrow subtractions "
-                   "forget the borrow")
+    p.add_argument("--habit", type=float, default=0.7, help="fraction of SFT demos that forget the borrow")
     p.add_argument("--overborrow", type=float, default=0.0, help="fraction of SFT demos whose plain "
                    "subtractions borrow anyway")
     p.add_argument("--n-ops", type=int, default=3, help="additions / subtractions after the product")
@@ -430,8 +388,7 @@ def hot_pairs(sft, tok, recs, sc, s, seed):
     want = Counter(p["question"] for p in sc)
     chosen = {p["question"]: p["prefix"] + p["chosen"] for p in sc}
     by_q = {r["question"]: r for r in recs}
-    qs = sorted(want)
-    out = []
+    qs, out = sorted(want), []
     sols = sample.sample_solutions(sft, tok, qs, s.sampling(ramp=s.ramp), n=2 * s.tries, seed=seed)
     for q, texts in zip(qs, sols):
         wrong = [t for t, fin in texts if fin != "length" and data.judge(t, by_q[q]["gold"], "cot")[0] ==
@@ -443,9 +400,8 @@ def hot_pairs(sft, tok, recs, sc, s, seed):
 
 
 def naive_pool(sft, tok, args, seed, out, s, need, rate, rank, world):
-    """(pool, n_questions): naive pairs for the data-equal control from new questions (the naive
-    procedure only), and how many questions were drawn. Rounds of new questions, each sized by `rate`
-    (naive pairs per question so far), go on until the pool has `need` pairs, at most 4 rounds."""
+    """(pool, questions drawn): naive pairs on new questions for the data-equal control, in rounds
+    sized by `rate` (naive pairs per question so far) until there are `need`, at most 4 rounds."""
     pool, n_q = [], 0
     for rnd in range(4):
         if len(pool) >= need:
@@ -461,16 +417,15 @@ def naive_pool(sft, tok, args, seed, out, s, need, rate, rank, world):
     return pool, n_q
 
 
-def clean(pairs):
-    """The pairs whose chosen solution (prefix + chosen) has no wrong step by the exact checker."""
-    return [p for p in pairs if first_wrong_step(p["question"], p["prefix"] + p["chosen"]) == -1]
+def noisy_chosen(pair):
+    """Whether the chosen solution (prefix + chosen) has a wrong step, by the exact checker."""
+    return first_wrong_step(pair["question"], pair["prefix"] + pair["chosen"]) != -1
 
 
 def pair_sets(sft, tok, args, seed, out, pair_recs, rank, world):
-    """{method: pairs file} and the pairs' statistics. SCDPO: naive + step-controlled pairs; DPO: the
-    naive pairs; DPO (data-equal): as many DISTINCT naive pairs as SCDPO has pairs (the naive pairs,
-    then more sampled on other questions); Hot naive: the naive pairs + one hot_pairs pair for each
-    step-controlled pair."""
+    """{method: pairs file} and the pairs' statistics. DPO: the naive pairs; DPO (data-equal): as many
+    DISTINCT naive pairs as SCDPO has pairs (naive, then naive_pool's); Hot naive: naive + hot_pairs;
+    SCDPO: naive + step-controlled."""
     s = sample.PairSettings(fmt="cot", delimiter=DELIM, max_new_tokens=48, k_max=args.k_max,
                             naive_batch=args.k_max, cut=args.cut, cut_mode="paper", sc_from=args.sc_from,
                             sc_per_question={"mini": args.sc_per_question}, tries=args.tries,
@@ -489,24 +444,23 @@ def pair_sets(sft, tok, args, seed, out, pair_recs, rank, world):
     stats = {"naive": len(naive), "sc": len(sc), "extra_questions": n_extra, "summary": summary,
              **describe(naive, "naive"), **describe(sc, "sc")}
     if args.clean_chosen:
-        sets = {m: clean(v) for m, v in sets.items()}
+        sets = {m: [p for p in v if not noisy_chosen(p)] for m, v in sets.items()}
     if args.cut_rejected:
         sets = {m: [cut_rejected(p) for p in v] for m, v in sets.items()}
     files = {}
     for m, v in sets.items():
-        files[m] = os.path.join(out, f"pairs-{file_tag(m)}.jsonl")
+        files[m] = os.path.join(out, f"pairs-{FILE_TAG[m]}.jsonl")
         if rank == 0:
             data.write_jsonl(files[m], v)
             stats[f"pairs {m}"] = len(v)
     dist.barrier()
-    return files, {k: v for k, v in stats.items()}
+    return files, stats
 
 
 def describe(pairs, kind):
-    """What the pairs are, keys prefixed by `kind`: where each rejected solution's first wrong step falls
-    relative to the cut k (naive: k = -1), and its error kind; the fraction of pairs whose two solutions
-    differ before that step, in text and in route (the order of operations: the knob's effect); and the
-    rate of chosen solutions with a wrong step but the right answer (noisy chosen)."""
+    """The pairs' statistics, keys prefixed by `kind`: where the rejected's first wrong step falls from
+    the cut k (naive: k = -1) and its kind; the fraction whose two solutions differ before it, in text
+    and in route (the knob's effect); the fraction with a noisy chosen (right answer, a wrong step)."""
     errs = [error_kind(p["question"], p["prefix"] + p["rejected"]) for p in pairs]
     text = route = 0
     for (e, _), p in zip(errs, pairs):
@@ -519,8 +473,7 @@ def describe(pairs, kind):
     return {f"{kind}_first_wrong_minus_k": dict(sorted(where.items())),
             f"{kind}_error": dict(Counter(k for _, k in errs)), f"{kind}_differ_text": text / n,
             f"{kind}_differ_route": route / n,
-            f"{kind}_noisy_chosen": sum(first_wrong_step(p["question"], p["prefix"] + p["chosen"]) != -1
-                                        for p in pairs) / n}
+            f"{kind}_noisy_chosen": sum(map(noisy_chosen, pairs)) / n}
 
 
 def op_of(step):
@@ -551,20 +504,13 @@ def accuracy(model, tok, recs, rank, world):
     return sum(r["correct"] for r in rows) / len(rows), rows
 
 
-def file_tag(name):
-    """A method's name in its files: 'DPO (data-equal)' -> 'dpo-eq', 'Hot naive' -> 'hot'."""
-    return {"SFT": "sft", "DPO": "dpo", "DPO (data-equal)": "dpo-eq", "Hot naive": "hot",
-            "SCDPO": "scdpo"}[name]
-
-
 def stage(seed, what, t0):
     print0(f"[seed {seed}] {what} | {time.time() - t0:.0f}s")
 
 
 def splits(args, seed):
-    """The seed's records: SFT demonstrations, pair questions, dev questions (selection only), test
-    questions (accuracy) and credit questions (held-out SFT samples). A dev question that is also a test
-    question is dropped, so that selection never sees a test problem."""
+    """The seed's SFT demonstrations and its pair, dev (selection only), test and credit questions.
+    A dev question that is also a test question is dropped: selection never sees a test problem."""
     sft = dataset(args.n_sft, seed=1000 * seed + 1, habit=args.habit, n_ops=args.n_ops,
                   overborrow=args.overborrow, reorder=args.reorder)
     pairs = dataset(args.n_pairs, seed=1000 * seed + 2, n_ops=args.n_ops, offset=10**6)
@@ -614,7 +560,7 @@ def run_seed(args, seed, rank, world):
         n = len(data.read_pairs(files[name]))
         stage(seed, f"{name}: {args.steps} steps on {n} pairs", t0)
         res[name] = {"model": train(args.reuse, model=sft_path, pairs=files[name], out=os.path.join(
-            out, f"{file_tag(name)}-{tag(args)}"), lr=args.lr, beta=args.beta, nll_weight=args.nll_weight,
+            out, f"{FILE_TAG[name]}-{tag(args)}"), lr=args.lr, beta=args.beta, nll_weight=args.nll_weight,
             epochs=math.ceil(args.steps * args.batch / n), max_steps=args.steps, global_batch=args.batch,
             micro_batch=args.batch // world, seed=seed, log_every=60), "pairs": n}
         times[name] = time.time() - t1
@@ -630,10 +576,9 @@ def run_seed(args, seed, rank, world):
         row["fewest_borrows"] = [r["fewest_borrows"] for r in rows]
         row["errors"] = dict(Counter(r["error"] for r in rows))
         if rank == 0:
-            data.write_jsonl(os.path.join(out, f"preds-{file_tag(name)}.jsonl"), rows)
+            data.write_jsonl(os.path.join(out, f"preds-{FILE_TAG[name]}.jsonl"), rows)
     times["eval"] = time.time() - t1
-    # credit assignment: each preference model's implicit reward against the SFT model on the SAME held-out
-    # SFT samples (T=1), labelled by the exact checker
+    # credit: each run's implicit reward against the SFT model on the SAME held-out SFT samples (T=1)
     stage(seed, f"credit assignment: {args.n_credit} SFT samples, 4 models", t0)
     t1 = time.time()
     if rank == 0:
@@ -657,19 +602,21 @@ def run_seed(args, seed, rank, world):
                                 [(m, [table[m]["tokens"][i] for i in shown]) for m in METHODS],
                                 os.path.join(out, "credit.html"),
                                 f"Implicit reward per token vs SFT (seed {seed})",
-                                summary=credit_header(table, labels, stats), n=len(shown))
+                                summary=credit_header(table), n=len(shown))
     times["credit"] = time.time() - t1
     times["total"] = time.time() - t0
     keep = ("acc", "dev_acc", "correct", "borrow", "fewest_borrows", "errors", "loc", "step_rewards", "pairs")
-    result = ({name: {k: v for k, v in row.items() if k in keep} for name, row in table.items()}, stats,
-              times)
+    result = ({m: {k: v for k, v in row.items() if k in keep} for m, row in table.items()}, stats, times)
     if rank == 0:
         log_seed(seed, result)
         data.write_json(os.path.join(out, f"result-{tag(args)}.json"), result)
     return result
 
 
-def credit_header(table, labels, stats):
+KINDS = ("product", "add", "sub-plain", "sub-borrow", "answer")   # the step kinds of the false alarms
+
+
+def credit_header(table):
     """The summary table at the top of credit.html: every method's scores on the same solutions."""
     header = ["method", "top-1", "AUC", "loc. F1"] + [f"false alarms {k}" for k in KINDS]
     rows = []
@@ -681,17 +628,13 @@ def credit_header(table, labels, stats):
     return header, rows
 
 
-KINDS = ("product", "add", "sub-plain", "sub-borrow", "answer")
-
-
 def log_seed(seed, result):
     table, stats, times = result
     print0(f"[seed {seed}] pairs: " + " | ".join(f"{k} {v}" for k, v in stats.items()
                                                  if not k.startswith(("credit_", "summary"))))
     for name, row in table.items():
         print0(f"[seed {seed}] {name}: test {100 * row['acc']:.1f} dev {100 * row['dev_acc']:.1f} | "
-               f"greedy errors "
-               f"{row['errors']}")
+               f"greedy errors {row['errors']}")
     print0(f"[seed {seed}] seconds: " + " | ".join(f"{k} {v:.0f}" for k, v in times.items()))
 
 
@@ -721,8 +664,7 @@ def differences(runs, B):
     out = {}
     for c in CONTROLS:
         per = {"accuracy": [], "top-1": [], "AUC": []}
-        for r in runs:
-            t, st = r[0], r[1]
+        for t, st, _ in runs:
             per["accuracy"].append(accuracy_diff(t["SCDPO"]["correct"], t[c]["correct"], B))
             for name, key in (("top-1", "top1"), ("AUC", "auc")):
                 per[name].append(credit_diff(t["SCDPO"]["step_rewards"], t[c]["step_rewards"],
@@ -732,11 +674,10 @@ def differences(runs, B):
     return out
 
 
-def fmt_ci(x, scale=100, digits=1):
-    p, lo, hi = x
-    if math.isnan(lo):
-        return f"{scale * p:+.{digits}f}"
-    return f"{scale * p:+.{digits}f} [{scale * lo:+.{digits}f}, {scale * hi:+.{digits}f}]"
+def fmt_ci(x):
+    """(point, lo, hi) in points: '+1.2 [-0.3, +2.7]', the point alone when there is no interval."""
+    p, lo, hi = (100 * v for v in x)
+    return f"{p:+.1f}" if math.isnan(lo) else f"{p:+.1f} [{lo:+.1f}, {hi:+.1f}]"
 
 
 def subset_acc(row, borrow=None):
@@ -753,9 +694,7 @@ def fewest(row):
 
 
 def table1(args, runs, seconds):
-    """Table 1 in miniature: accuracy (all / borrow problems / the rest) on the test problems, the pairs
-    and steps of each run, how often the greedy route needs the fewest borrows (fewest), the
-    threshold-free credit scores, then SCDPO minus each control."""
+    """Table 1 in miniature (the columns: README), means over seeds, then SCDPO minus each control."""
     n = len(runs)
     mean = lambda vals: sum(vals) / len(vals)
     lines = [f"Table 1 in miniature: reorder {args.reorder:g}, {args.n_eval} test problems (greedy), "
@@ -779,13 +718,10 @@ def table1(args, runs, seconds):
     for c, d in differences(runs, args.boot).items():
         lines.append(f"  - {c:<17} accuracy {fmt_ci(d['accuracy'])} | top-1 {fmt_ci(d['top-1'])} | "
                      f"AUC {fmt_ci(d['AUC'])}")
-    st = [r[1] for r in runs]
-    lines.append("naive pairs that differ before the rejected's first error: in text "
-                 f"{100 * mean([s['naive_differ_text'] for s in st]):.1f}%, in route "
-                 f"{100 * mean([s['naive_differ_route'] for s in st]):.1f}% | chosen with a wrong step "
-                 f"(noisy): "
-                 f"naive {100 * mean([s['naive_noisy_chosen'] for s in st]):.1f}%, "
-                 f"step-controlled {100 * mean([s['sc_noisy_chosen'] for s in st]):.1f}%")
+    pct = lambda key: f"{100 * mean([r[1][key] for r in runs]):.1f}%"
+    lines.append(f"naive pairs that differ before the rejected's first error: in text "
+                 f"{pct('naive_differ_text')}, in route {pct('naive_differ_route')} | chosen with a wrong "
+                 f"step (noisy): naive {pct('naive_noisy_chosen')}, step-controlled {pct('sc_noisy_chosen')}")
     return "\n".join(lines)
 
 
@@ -806,10 +742,9 @@ def grid_table(args, grid):
     lines += [f"{lr:<10g}" + "".join(f"{mean([r[0][m]['dev_acc'] for r in runs]):>18.1f}" for m in METHODS)
               for lr, runs in grid.items()]
     lines.append("chosen on dev: " + ", ".join(f"{m} {best[m]:g}" for m in METHODS))
-    n_seeds = len(grid[best["SCDPO"]])
-    chosen = [{m: grid[best.get(m, best["SCDPO"])][i][0][m] for m in ("SFT",) + METHODS}
-              for i in range(n_seeds)]
-    runs = [(t, grid[best["SCDPO"]][i][1], None) for i, t in enumerate(chosen)]
+    sc = grid[best["SCDPO"]]   # SFT's row and the pair statistics come from SCDPO's lr
+    runs = [({m: grid[best.get(m, best["SCDPO"])][i][0][m] for m in ("SFT",) + METHODS}, sc[i][1], None)
+            for i in range(len(sc))]
     lines.append("TEST accuracy at the chosen lr: " + ", ".join(
         f"{m} {mean([t[m]['acc'] for t, _, _ in runs]):.1f}" for m in METHODS))
     for c, d in differences(runs, args.boot).items():
@@ -824,7 +759,6 @@ def sweep_svg(points, path):
     """A small plot written by hand: x = naive pairs differing in route before the error, y = SCDPO minus
     DPO (data-equal), accuracy points with their intervals; one dot per --reorder value."""
     W, H, L, Bm = 480, 320, 60, 40
-    xs = [p["differ_route"] for p in points]
     ys = [v for p in points for v in p["diff"] if not math.isnan(v)] + [0.0]
     y0, y1 = min(ys) - 1, max(ys) + 1
     X = lambda x: L + (W - L - 20) * x
@@ -841,8 +775,8 @@ def sweep_svg(points, path):
         el.append(f'<text x="{X(t)}" y="{H - Bm + 14}" text-anchor="middle">{t:g}</text>')
     for t in (y0, 0, y1):
         el.append(f'<text x="{L - 4}" y="{Y(t) + 4}" text-anchor="end">{t:+.1f}</text>')
-    for x, p in zip(xs, points):
-        m, lo, hi = p["diff"]
+    for p in points:
+        x, (m, lo, hi) = p["differ_route"], p["diff"]
         if not math.isnan(lo):
             el.append(f'<line x1="{X(x)}" y1="{Y(lo)}" x2="{X(x)}" y2="{Y(hi)}" stroke="#c00"/>')
         el.append(f'<circle cx="{X(x)}" cy="{Y(m)}" r="4" fill="#c00"><title>reorder {p["reorder"]:g}'

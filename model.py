@@ -7,9 +7,8 @@ Every supported family is the same pre-norm decoder:
     y = h + W2(silu(W1 RMSNorm(h)) * W3 RMSNorm(h))
 
 and the families differ only in fields of `ModelArgs`: qkv bias (Qwen2), tied embeddings (small Qwen2
-models), RoPE scaling (Llama 3.1+), head_dim, a sliding window (Mistral v0.1), and the checkpoint's
-tensor names (InternLM2 packs q, k, v into one `wqkv`). Here q, k, v are one projection (`wqkv`) and
-W1, W3 another (`w13`): four GEMMs a layer instead of seven.
+models), RoPE scaling (Llama 3.1+), head_dim, a sliding window (Mistral v0.1), tensor names (InternLM2).
+Here q, k, v are one projection (`wqkv`) and W1, W3 another (`w13`): four GEMMs a layer, not seven.
 """
 import errno
 import gc
@@ -68,8 +67,7 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, c: dict) -> "ModelArgs":
-        """From a hub config.json dict, with RoPE in either form: the classic top-level `rope_theta`,
-        `rope_scaling`, or the newer `rope_parameters`."""
+        """From a hub config.json dict; RoPE as `rope_theta` and `rope_scaling`, or `rope_parameters`."""
         _check_config_types(c)
         mt = c.get("model_type")
         if mt not in SUPPORTED:
@@ -78,8 +76,7 @@ class ModelArgs:
         if mt == "internlm2" and c.get("bias", False):
             raise ValueError("InternLM2 with bias=true is not supported (released InternLM2 models have no "
                              "bias)")
-        missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                               "intermediate_size") if k not in c]
+        missing = [k for k in REQUIRED if k not in c]
         if missing:
             raise ValueError(f"missing required field(s) {', '.join(missing)}")
         rope = dict(c.get("rope_parameters") or {})
@@ -90,16 +87,10 @@ class ModelArgs:
             scaling.setdefault("rope_type", scaling.pop("type", "default"))
             if scaling["rope_type"] == "default":
                 scaling = None
-        window = c.get("sliding_window")
-        if mt == "qwen2" and not c.get("use_sliding_window", False):
-            window = None  # Qwen2 configs set a window size but switch it off
-        if mt == "llama" or mt == "internlm2":
+        window = c.get("sliding_window")   # Qwen2 configs set a window size but switch it off
+        if mt in ("llama", "internlm2") or mt == "qwen2" and not c.get("use_sliding_window", False):
             window = None
-        used = {"model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "intermediate_size", "rms_norm_eps", "rope_theta",
-                "rope_scaling", "rope_parameters", "max_position_embeddings", "attention_bias", "bias",
-                "tie_word_embeddings", "sliding_window", "use_sliding_window", "bos_token_id", "eos_token_id",
-                "architectures", "torch_dtype", "dtype", "transformers_version", *LOADER_KEYS}
+        used = {*CONFIG_TYPES, "architectures", "torch_dtype", "dtype", "transformers_version", *LOADER_KEYS}
         return cls(
             vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
             n_heads=c["num_attention_heads"], n_kv_heads=c.get("num_key_value_heads") or 0,
@@ -114,8 +105,7 @@ class ModelArgs:
             extra={k: v for k, v in c.items() if k not in used})
 
     def to_hf_config(self, dtype: torch.dtype = torch.float32) -> dict:
-        """A classic-keys hub config. InternLM2 is written as Llama (the same network, q, k, v unpacked),
-        so that `transformers` loads it without remote code."""
+        """A classic-keys hub config; InternLM2 as Llama, which transformers loads without remote code."""
         mt = "llama" if self.model_type == "internlm2" else self.model_type
         c = {**{k: v for k, v in self.extra.items() if not k.startswith("_")},
              "architectures": [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -128,20 +118,15 @@ class ModelArgs:
              "max_position_embeddings": self.max_seq_len, "tie_word_embeddings": self.tie_embeddings,
              "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id, "hidden_act": "silu",
              "torch_dtype": str(dtype).removeprefix("torch.")}
-        if mt == "llama":
-            c["attention_bias"] = self.qkv_bias or self.o_bias
-        if mt == "mistral":
-            c["sliding_window"] = self.sliding_window
-        if mt == "qwen2":
-            c["use_sliding_window"] = False
+        c.update({"llama": {"attention_bias": self.qkv_bias or self.o_bias},
+                  "mistral": {"sliding_window": self.sliding_window},
+                  "qwen2": {"use_sliding_window": False}}[mt])
         return c
 
     def to_generation_config(self, stop_ids=()) -> dict:
-        """generation_config.json: the source folder's, every field kept (its sampling defaults), else one
-        made from config.json's BOS and EOS, as transformers makes it; its eos_token_id a list extended by
-        `stop_ids`. Pass the tokenizer's stop_ids, the ids sample.py stops at: its EOS and the template's
-        end-of-turn token, tok.end_id, which training puts after every answer (ChatML's <|im_end|> where
-        config.json's EOS is <|endoftext|>). So HF generate and vLLM stop where the model learned to."""
+        """The source folder's generation_config.json (its sampling defaults kept), else one from BOS and
+        EOS, as transformers makes it; eos_token_id gains `stop_ids`. Given tok.stop_ids (with tok.end_id,
+        which training appends), HF generate and vLLM stop where the model learned to."""
         g = dict(self.generation or {"bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id})
         eos = g.get("eos_token_id", self.eos_token_id)
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -149,17 +134,16 @@ class ModelArgs:
         return g
 
 
-# config.json keys that say how to load and run the model, not what it is; dropped on load, so never
-# written back. InternLM2's "attn_implementation": "eager" (or the older use_flash_attention_2) would pin
-# transformers to that attention for the export; auto_map names remote code that the export, written as
-# Llama, does not need; quantization_config describes weights that ours never are.
+# config.json keys that say how to load the model, not what it is: dropped on load. InternLM2's
+# "attn_implementation": "eager" (or use_flash_attention_2) would pin the export's attention; auto_map
+# names remote code the export (as Llama) does not need; quantization_config describes no weights of ours.
 LOADER_KEYS = ("auto_map", "attn_implementation", "use_flash_attention_2", "quantization_config")
 
 
 # The JSON type of each config.json field we read (null: the default; not for required fields).
 # Checked up front: a string where a number belongs would fail far from the file (n_heads % n_kv_heads).
-CONFIG_TYPES = {**dict.fromkeys(("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                                 "intermediate_size"), "a positive integer"),
+REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+CONFIG_TYPES = {**dict.fromkeys(REQUIRED, "a positive integer"),
                 **dict.fromkeys(("num_key_value_heads", "head_dim", "max_position_embeddings",
                                  "sliding_window", "bos_token_id"), "an integer"),
                 **dict.fromkeys(("rms_norm_eps", "rope_theta"), "a number"),
@@ -195,10 +179,8 @@ def _check_config_types(c):
             raise ValueError(f"field {name!r} is {json.dumps(v)}, expected {want}")
 
 
-# ----------------------------------------------------------------------------------------------
-# RoPE. inv_freq_i = theta^(-2i/d); a position p rotates the pair (x_i, x_{i+d/2}) by p * inv_freq_i
-# (the "rotate half" layout HF checkpoints use, so q/k weights load without a permutation).
-# ----------------------------------------------------------------------------------------------
+# RoPE: inv_freq_i = theta^(-2i/d); position p rotates the pair (x_i, x_{i+d/2}) by p * inv_freq_i,
+# the "rotate half" layout of HF checkpoints, so q/k weights load without a permutation.
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     d = args.head_dim
     inv = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
@@ -232,10 +214,8 @@ def rope_tables(positions, inv_freq, dtype):
 
 
 def apply_rope(x, cos, sin):
-    """x (B, T, heads, hd) rotated: x * cos + rotate_half(x) * sin, with rotate_half(x) = cat(-x2, x1).
-    rope_tables negates sin's first half, so rotate_half(x) * sin is exactly roll(x, hd/2) * cat(-sin1,
-    sin2): 4 ops instead of 6, which the one-token decode step (mostly per-op overhead) notices.
-    cos, sin (B, T, 1, hd)."""
+    """x (B, T, heads, hd) * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1). As rope_tables
+    negates sin's first half, that is roll(x, hd/2) * sin: 4 ops, not 6, which the decode step notices."""
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
@@ -247,19 +227,17 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # x * rsqrt(mean(x^2) + eps) in fp32, cast back before the gain, as the reference
-        # implementations write it (the same values; on a CPU also faster than F.rms_norm).
-        if x.dtype == torch.float32:   # nothing to cast (two dispatches fewer: the decode step notices)
+        # implementations do (on a CPU faster than F.rms_norm; fp32 skips two casts for decode).
+        if x.dtype == torch.float32:
             return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
         h = x.float()
         return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 class KVCache:
-    """Preallocated keys and values, one (B, n_kv_heads, max_len, head_dim) pair per layer. A row writes
-    slot `cache_pos + t` for its t-th new token; the caller left-pads ragged rows and masks the padding.
-    `rows`: the cache rows that the model's input rows are, ascending (None: all). When some of a
-    sampler's rows finish, the others go on in place, so no cache row moves; finished rows stay until
-    the next compact(). Attention runs over every cache row, the projections over the input rows only."""
+    """Keys and values, (B, n_kv_heads, max_len, head_dim) a layer; a row's t-th new token goes to slot
+    `cache_pos + t` (the caller left-pads ragged rows and masks the padding). `rows`: the cache rows the
+    input is (ascending; None: all), so rows go on in place as others finish, until compact()."""
 
     def __init__(self, k: list, v: list, rows: torch.Tensor | None = None):
         self.k, self.v, self.rows = k, v, rows
@@ -273,9 +251,8 @@ class KVCache:
         return self.k[0].shape[2]
 
     def update(self, layer, pos, k, v):
-        """Write k, v (len(rows), nkv, T, hd) into slots pos..pos+T of `rows`; return the layer's keys and
-        values of every row up to slot pos + T, (B, nkv, pos + T, hd). If `pos` is a (1,) tensor (the
-        sampler's static step: every row, one token), return every slot, so no shape depends on pos."""
+        """Write k, v (len(rows), nkv, T, hd) into slots pos..pos+T of `rows`; return every row's, (B, nkv,
+        pos + T, hd). A (1,) tensor `pos` (the static step) returns every slot: no shape depends on it."""
         if torch.is_tensor(pos):
             self.k[layer].index_copy_(2, pos, k)
             self.v[layer].index_copy_(2, pos, v)
@@ -286,9 +263,8 @@ class KVCache:
         return self.k[layer][:, :, :pos + T], self.v[layer][:, :, :pos + T]
 
     def compact(self, keep: torch.Tensor) -> "KVCache":
-        """The cache of rows `keep` (ascending), moved to the front of the same memory. A sixteenth of
-        the batch moves at a time, so the copy in flight is a sixteenth of one layer's keys, never a
-        second cache. In place is safe: keep[i] >= i, so no chunk reads a row an earlier chunk wrote."""
+        """The rows `keep` (ascending) moved to the front in place, a sixteenth of the batch at a time (no
+        second cache in flight). Safe: keep[i] >= i, so no chunk reads a row an earlier chunk wrote."""
         n, step = len(keep), max(1, self.batch_size // 16)
         for t in self.k + self.v:
             for i in range(0, n, step):
@@ -304,32 +280,29 @@ class KVCache:
             groups[:, 1:, :, :length] = groups[:, :1, :, :length]
 
 
-# SDPA's kernels, chosen for every call of ours. With a mask, recent torch on H100/H200 prefers cuDNN,
-# whose backward gives NaN in dQ when row length % 128 == 64 and a row's log-sum-exp is below -88.7
-# (pytorch issue 196678). Qwen2.5's "massive activation" heads produce such rows, and DPO's packed
-# rows are always masked: NaN within a few steps. So a masked call runs memory-efficient, an unmasked
-# causal one flash (memory-efficient where flash cannot: fp32, odd head sizes). FLASH in the masked
-# list is for CPUs, whose flash kernel takes a mask; CUDA's refuses one. cuDNN and math (a (T, S)
-# matrix per head) are never chosen: a call that fits neither kernel fails loudly.
+# SDPA's kernels for every call of ours. With a mask, recent torch on H100/H200 picks cuDNN, whose
+# backward gives NaN in dQ when row length % 128 == 64 and a row's log-sum-exp is below -88.7 (pytorch
+# issue 196678): Qwen2.5's "massive activation" heads make such rows, and packed DPO rows are masked.
+# So masked calls run memory-efficient, causal ones flash (else memory-efficient: fp32, odd head sizes);
+# FLASH is in the masked list for CPUs, whose flash takes a mask. Never cuDNN, nor math (a (T, S)
+# matrix per head): a call that fits neither kernel fails loudly.
 MASKED_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION]
 CAUSAL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 
 
 def additive_mask(allowed, dtype):
-    """(B, 1, T, S) in `dtype`: 0 where bool mask `allowed` (B, T, S) is True, -inf elsewhere. SDPA makes
-    exactly this from a bool mask, but anew at every call, and its memory-efficient backward keeps each
-    call's copy: one per layer (~1 GiB a micro-batch at 7B, 32 layers, 4 x 2048 tokens); made once here,
-    the layers share it. Rows are 8-aligned (a slice of a wider buffer): else CUDA's memory-efficient
-    path pads a copy of an unaligned mask at every call (preprocess_mask in torch's attention.cpp)."""
+    """(B, 1, T, S): 0 where `allowed` (B, T, S) is True, -inf elsewhere. SDPA makes this from a bool
+    mask at every call, and its memory-efficient backward keeps a copy per layer (~1 GiB a micro-batch
+    at 7B, 4 x 2048 tokens); made once, the layers share it. Rows are 8-aligned, else CUDA pads a copy
+    at every call (preprocess_mask in torch's attention.cpp)."""
     B, T, S = allowed.shape
     bias = torch.empty(B, 1, T, -(-S // 8) * 8, dtype=dtype, device=allowed.device)[..., :S]
     return bias.fill_(float("-inf")).masked_fill_(allowed[:, None], 0.0)
 
 
 def attend(q, k, v, mask=None, causal=False):
-    """softmax(q k^T / sqrt(hd) + mask) v by SDPA on the kernels above. q (B, nh, T, hd); k, v (B, nkv, S, hd)
-    with nh a multiple of nkv (grouped-query); mask (B, 1, T, S): additive (additive_mask), bool (True: may
-    attend), or None."""
+    """softmax(q k^T / sqrt(hd) + mask) v on the kernels above. q (B, nh, T, hd); k, v (B, nkv, S, hd);
+    mask (B, 1, T, S): additive (additive_mask), bool (True: may attend), or None."""
     g = q.shape[1] // k.shape[1]
     if q.is_cuda and g > 1 and (mask is not None or q.dtype == torch.float32):
         # CUDA's memory-efficient kernel takes grouped-query heads only in recent torch (pytorch
@@ -344,9 +317,7 @@ class Attention(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
         self.nh, self.nkv, self.hd = a.n_heads, a.n_kv_heads, a.head_dim
-        # Rows [q heads | k heads | v heads]: one GEMM, not three (a decode step is mostly per-op
-        # overhead). The hub's three matrices are stacked on load and split on save
-        # (Transformer.hub_names); InternLM2 packs them its own way (unpack_wqkv).
+        # Rows [q heads | k heads | v heads], the hub's three stacked (hub_names; InternLM2: unpack_wqkv)
         self.wqkv = nn.Linear(a.dim, (a.n_heads + 2 * a.n_kv_heads) * a.head_dim, bias=a.qkv_bias)
         self.wo = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=a.o_bias)
 
@@ -373,13 +344,10 @@ class Attention(nn.Module):
         return F.linear(y, self.wo.weight, self.wo.bias)
 
     def decode_attention(self, q, k, v, bias):
-        """softmax(q k^T / sqrt(hd) + bias) v for one new query a row over the cache, written out as
-        transformers' eager attention does (scores in the model's dtype, an fp32 softmax). Not SDPA: for
-        one query its CPU kernels cost more to set up than this (~75 us against ~55 us a call at batch
-        16), and on a GPU the step reads the cache once either way, with no kernel choice to get wrong.
-        SDPA runs the prefill and training. GQA without repeating k, v: the g = nh / nkv query heads of
-        a kv head are stacked as its g queries. bias (B, 1, 1, S): additive, 0 or -inf; or None (all
-        slots). Returns (B, nkv, g, hd): the heads in their order, contiguous."""
+        """softmax(q k^T / sqrt(hd) + bias) v for one query a row, as transformers' eager attention (scores
+        in the model's dtype, an fp32 softmax). Not SDPA: its CPU kernels cost more to set up for one query
+        (~75 us against ~55 us at batch 16); a GPU reads the cache once either way. A kv head's g = nh / nkv
+        query heads are its g queries (no repeat). bias (B, 1, 1, S) or None. Returns (B, nkv, g, hd)."""
         B, g = q.shape[0], self.nh // self.nkv
         s = (q.view(B, self.nkv, g, self.hd) * self.hd ** -0.5) @ k.transpose(-1, -2)   # (B, nkv, g, S)
         if bias is not None:
@@ -444,21 +412,19 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids, positions=None, mask=None, cache=None, cache_pos=0, return_hidden=False,
                 rope=None):
-        """input_ids (B, T). positions (B, T), default arange(T) + cache_pos. mask (B, T, S) bool, True where
-        a query may attend a key; S = T without a cache, cache_pos + T with one; default causal. With a cache
-        whose `rows` are set, the input is those rows and the mask covers every row of the cache. cache_pos
-        may be a (1,) tensor, one new token a row (the sampler's static step): the mask covers every slot.
-        rope: (cos, sin) for `positions`, from a caller that keeps a rope_table (the sampler).
-        Returns logits (B, T, V), or the final normed hidden states (B, T, D) with return_hidden=True."""
+        """input_ids (B, T); positions (B, T), default arange(T) + cache_pos. mask (B, T, S) bool, True
+        where a query may attend a key; S = T without a cache, cache_pos + T with one; default causal.
+        With cache.rows set, the input is those rows and the mask covers every cache row. A (1,) tensor
+        cache_pos (the sampler's static step, one token a row): the mask covers every slot. rope: (cos,
+        sin) for `positions`. Returns logits (B, T, V), or the normed hidden states (return_hidden)."""
         B, T = input_ids.shape
         dev = input_ids.device
         if positions is None:
             positions = torch.arange(cache_pos, cache_pos + T, device=dev).expand(B, T)
         a = self.args
         if a.sliding_window is not None or a.rope_scaling is not None:
-            # With a cache a position never passes its slot, so the slot count bounds it without a host
-            # sync (a decode step's only sync is the sampler's); for a tensor cache_pos the bound is the
-            # cache's length. Without a cache, positions.max() syncs.
+            # With a cache, a position never passes its slot: the slot count bounds it with no host sync
+            # (a tensor cache_pos: the cache's length). Without one, positions.max() syncs.
             slots = cache.max_len if torch.is_tensor(cache_pos) else cache_pos + T
             longest = slots if cache is not None else max(T, int(positions.max()) + 1)
         if a.sliding_window is not None and longest > a.sliding_window:
@@ -487,10 +453,8 @@ class Transformer(nn.Module):
         x = self.norm(x)
         return x if return_hidden else self.output(x)
 
-    # ------------------------------------------------------------------------------------------
-    # Checkpoints in the hub's format. One literal map from hub names to ours ({} is the layer index),
-    # with the block of rows a hub tensor fills in our fused wqkv / w13 ("q", "k", "v", "gate", "up").
-    # ------------------------------------------------------------------------------------------
+    # Checkpoints in the hub's format: hub names to ours ({} is the layer index), with the rows a hub
+    # tensor fills in our fused wqkv / w13 ("q", "k", "v", "gate", "up").
     HF_NAMES = {
         "model.embed_tokens.weight": ("tok_embeddings.weight", None),
         "model.layers.{}.self_attn.q_proj.weight": ("layers.{}.attention.wqkv.weight", "q"),
@@ -528,13 +492,10 @@ class Transformer(nn.Module):
         """{hub tensor name: (our parameter, part)} for every tensor of this model's checkpoint (biases only
         where the model has them; no lm_head when it is tied to the embedding)."""
         params = dict(self.named_parameters())   # a tied head appears once, as tok_embeddings.weight
-        out = {}
-        for hub, (ours, part) in (self.INTERNLM2_NAMES if internlm2 else self.HF_NAMES).items():
-            for i in range(self.args.n_layers) if "{}" in hub else [None]:
-                h, o = (hub, ours) if i is None else (hub.format(i), ours.format(i))
-                if o in params:
-                    out[h] = (o, part)
-        return out
+        every = {hub.format(i): (ours.format(i), part)
+                 for hub, (ours, part) in (self.INTERNLM2_NAMES if internlm2 else self.HF_NAMES).items()
+                 for i in (range(self.args.n_layers) if "{}" in hub else [0])}
+        return {hub: v for hub, v in every.items() if v[0] in params}
 
     def rows(self, part):
         """The rows of a fused parameter that a hub tensor `part` fills (None: the whole parameter)."""
@@ -545,9 +506,8 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None) -> "Transformer":
-        """Load a hub folder (config.json + model.safetensors, or shards with an index). The model is
-        built on the meta device, allocated in the target dtype and device, then filled tensor by tensor
-        from the files (load_weights): peak memory is the model plus its largest tensor."""
+        """A hub folder's model: built on the meta device, allocated in `dtype` on `device`, then filled
+        tensor by tensor (load_weights), so peak memory is the model plus its largest tensor."""
         cfg, args = read_config(path)
         if dtype is None:
             dtype = getattr(torch, cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
@@ -560,10 +520,9 @@ class Transformer(nn.Module):
         return model
 
     def save_pretrained(self, path, max_shard_size: int = 5 * 2**30, stop_ids=()):
-        """Write config.json, generation_config.json (ModelArgs.to_generation_config: pass the tokenizer's
-        stop_ids) and safetensors shards (+ index) that transformers loads. They go to `path`.tmp first,
-        then are renamed, so a crash never leaves half a checkpoint. A full disk raises DiskFull naming
-        `path`, with the partial files removed."""
+        """config.json, generation_config.json (pass tok.stop_ids) and safetensors shards that transformers
+        loads, written to `path`.tmp, then renamed: a crash never leaves half a checkpoint. A full disk
+        raises DiskFull naming `path`, the partial files removed."""
         params = dict(self.named_parameters())
         state = {hub: params[ours].detach()[self.rows(part)]
                  for hub, (ours, part) in self.hub_names().items()}
@@ -599,21 +558,20 @@ class Transformer(nn.Module):
                 cur, size = {}, 0
             cur[hf], size = t.to("cpu").contiguous(), size + n
         shards.append(cur)
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
-                weight_map.update({k: fname for k in shard})
-            total = sum(t.numel() * t.element_size() for s in shards for t in s.values())
-            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(self.args.to_hf_config(dtype), f, indent=2)
-        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-            json.dump(self.args.to_generation_config(stop_ids), f, indent=2)
+        meta = {"config.json": self.args.to_hf_config(dtype),
+                "generation_config.json": self.args.to_generation_config(stop_ids)}
+        weight_map, many = {}, len(shards) > 1
+        for i, shard in enumerate(shards, 1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors" if many else "model.safetensors"
+            save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, fname))
+        if many:
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            meta["model.safetensors.index.json"] = {"metadata": {"total_size": total},
+                                                    "weight_map": weight_map}
+        for fname, obj in meta.items():
+            with open(os.path.join(tmp, fname), "w") as f:
+                json.dump(obj, f, indent=2)
         # safetensors makes its files 0600 whatever the umask; give them open()'s mode (0644 under
         # the usual umask), so that others on a shared cluster can read the model
         mask = os.umask(0)
@@ -622,9 +580,8 @@ class Transformer(nn.Module):
             os.chmod(os.path.join(tmp, fname), 0o666 & ~mask)
 
 
-# Each writer reports a write out of room its own way:
-# OSError ENOSPC or EDQUOT; EFBIG past a file size limit (RLIMIT_FSIZE; Python ignores SIGXFSZ);
-# "(os error 28)" (or 27, 122) from safetensors;
+# Each writer reports a write out of room its own way: OSError ENOSPC or EDQUOT; EFBIG past a file
+# size limit (RLIMIT_FSIZE; Python ignores SIGXFSZ); "(os error 28)" (or 27, 122) from safetensors;
 # "unexpected pos" from torch's zip writer (torch.save, torch.distributed.checkpoint), errno lost.
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 FULL_TEXTS = ("No space left", "Disk quota", "File too large", "unexpected pos", "os error 28", "os error 27",
@@ -666,9 +623,8 @@ def read_config(path):
 
 
 def _held_rows(p):
-    """(the part of parameter p this process holds, the index of its first row). A plain tensor is held
-    whole. FSDP2 (fully_shard) cuts dim 0 into chunks of ceil(rows / world), as torch.chunk does; this is
-    checked against the local shard, so that another layout fails here."""
+    """(the part of parameter p held here, its first row's index). FSDP2 cuts dim 0 into chunks of
+    ceil(rows / world), as torch.chunk does; checked on the local shard, so other layouts fail here."""
     if not isinstance(p, DTensor):
         return p.data, 0
     local, mesh = p.to_local().detach(), p.device_mesh   # detached: written in place
@@ -682,11 +638,10 @@ def _held_rows(p):
 
 @torch.no_grad()
 def load_weights(model, path):
-    """Fill `model`'s parameters in place from the safetensors files of hub folder `path`, and set its
-    RoPE buffer. A parameter may be a DTensor sharded on dim 0 by fully_shard (scdpo.load_sharded): a
-    process then reads only the rows it holds, straight into its shard, so it never holds more than its
-    shards plus the rows of one tensor in flight. Errors name the file and the tensors: shape
-    mismatches, missing and unexpected tensors."""
+    """Fill `model`'s parameters in place from hub folder `path`, and set its RoPE buffer. A DTensor
+    parameter sharded by fully_shard (scdpo.load_sharded) reads only the rows it holds, straight into
+    its shard: a process holds its shards plus one tensor's rows in flight. Errors name the file and
+    every mismatched, missing and unexpected tensor."""
     args = model.args
     model.inv_freq = rope_inv_freq(args).to(model.inv_freq.device)   # non-persistent: not in the files
     params = dict(model.named_parameters())
@@ -719,23 +674,17 @@ def load_weights(model, path):
                 row = (end - start) // shape[0]
                 _read_tensor(file, file_dtype, (b - a, *shape[1:]), start + (a - r0) * row,
                              start + (b - r0) * row, out=dst[a - first:b - first])
-    missing = sorted(set(names) - seen)
-    problems = []
-    if mismatched:
-        problems.append("shape mismatch: " + "; ".join(mismatched))
-    if missing:
-        problems.append("missing tensors: " + ", ".join(missing))
-    if unexpected:
-        problems.append("unexpected tensors: " + ", ".join(unexpected))
+    found = (("shape mismatch", "; ", mismatched), ("missing tensors", ", ", sorted(set(names) - seen)),
+             ("unexpected tensors", ", ", unexpected))
+    problems = [f"{what}: {sep.join(items)}" for what, sep, items in found if items]
     if problems:
         raise ValueError(f"{path}: checkpoint does not match the config ({args.model_type}): "
                          + " | ".join(problems))
 
 
 def unpack_wqkv(w: torch.Tensor, a: ModelArgs):
-    """(wq, wk, wv) from InternLM2's packed `wqkv`. Its modelling code views wqkv's output as
-    (..., n_kv_heads, n_rep + 2, head_dim): per kv group, its n_rep = n_heads / n_kv_heads query heads,
-    then its key head, then its value head. The weight's rows are grouped the same way."""
+    """(wq, wk, wv) from InternLM2's `wqkv`, whose rows group as its modelling code views the output,
+    (..., n_kv_heads, n_rep + 2, head_dim): per kv group, n_rep query heads, a key head, a value head."""
     n_rep = a.n_heads // a.n_kv_heads
     g = w.view(a.n_kv_heads, n_rep + 2, a.head_dim, a.dim)
     return tuple(part.reshape(-1, a.dim) for part in (g[:, :n_rep], g[:, n_rep], g[:, n_rep + 1]))
@@ -798,8 +747,7 @@ def _safetensors_header(file) -> dict:
 
 
 def _read_tensor(file, dtype, shape, start, end, out=None) -> torch.Tensor:
-    """One tensor's bytes, returned in `out` if given, else in a new tensor. With `out` on the CPU in
-    the same dtype, the bytes land in out's memory."""
+    """One tensor, in `out` if given (read straight into it if a contiguous CPU tensor of `dtype`)."""
     direct = out is not None and out.device.type == "cpu" and out.dtype == dtype and out.is_contiguous()
     buf = out if direct else torch.empty(shape, dtype=dtype)
     view, got = memoryview(buf.view(-1).view(torch.uint8).numpy()) if buf.numel() else b"", 0
@@ -827,16 +775,13 @@ def load(path, dtype=None, device=None):
     return model, tok
 
 
-# ----------------------------------------------------------------------------------------------
-# Runtime: the one distributed set-up of every script (nanochat's compute_init / print0).
-# Without torchrun this is a process group of one (an in-memory store, no port), so one
-# process runs the same code as an 8-GPU job.
-# ----------------------------------------------------------------------------------------------
-# How long a rank waits in a collective before the job is aborted. torch's NCCL default, 10 minutes,
-# suits training steps, which keep the ranks in step. Here ranks also wait while rank 0 writes a 7B-20B
-# checkpoint, and at the end of evaluation (the end of sampling, where ranks can finish hours apart,
-# waits through files: sample._wait_for_ranks). The timeout only bounds a hang: a rank that fails ends
-# the job at once (torchrun stops the others). SCDPO_TIMEOUT (seconds) overrides it.
+# Runtime: every script's distributed set-up (nanochat's compute_init / print0). Without torchrun, a
+# process group of one (an in-memory store, no port): one process runs an 8-GPU job's code.
+
+# How long a rank waits in a collective before the job is aborted. NCCL's 10 minutes suit training
+# steps; here ranks also wait while rank 0 writes a 7B-20B checkpoint, and at the end of evaluation
+# (sampling, whose ranks end hours apart, waits through files: sample._wait_for_ranks). It only bounds
+# a hang: a failing rank ends the job at once. SCDPO_TIMEOUT (seconds) overrides it.
 TIMEOUT_S = 2 * 3600
 
 
@@ -862,11 +807,9 @@ def compute_init():
 
 
 def compute_cleanup():
-    """The end of every script: the ranks wait for each other, then leave the process group. Without it
-    a rank can abort at exit ("terminate called without an active exception"), seen now and then after a
-    2-process gloo run had printed everything. The likely cause (pytorch PR 179291): gloo work objects
-    that FSDP still holds are freed while the interpreter shuts down. So the models that are no longer
-    referenced, and their work objects, are collected first, while everything is still alive."""
+    """Every script's end: the ranks meet, then leave the group. Without it a rank sometimes aborted at
+    exit after a 2-process gloo run ("terminate called without an active exception"), likely on gloo work
+    objects FSDP holds freed at shutdown (pytorch PR 179291): so unreferenced models are collected first."""
     if dist.is_initialized():
         gc.collect()
         dist.barrier()
@@ -879,9 +822,8 @@ def print0(*a, **k):
         print(*a, **k, flush=True)
 
 
-# Errors a user can fix (bad input, a missing path, a full disk, a GPU out of memory) print once, as
-# "error: ...", not as the traceback torch's process-group excepthook prints with every line prefixed
-# "[rank0]:". Other exceptions keep their traceback; SCDPO_TRACEBACK=1 keeps it for these too.
+# Errors a user can fix (bad input, a missing path, a full disk, GPU memory) print one "error: ..."
+# line, not torch's traceback with each line prefixed "[rank0]:" (SCDPO_TRACEBACK=1 keeps it).
 EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError, torch.OutOfMemoryError)
 
 

@@ -1,28 +1,24 @@
-"""Sampling for Step-Controlled DPO: a batched sampler with a KV cache and a per-step temperature ramp,
-and the pair pipeline. Code blocks of code-integrated solutions run in sandbox.Kernel as they are sampled.
+"""Sampling for Step-Controlled DPO: a batched, KV-cached sampler with a per-step temperature
+ramp (code blocks run in sandbox.Kernel as they are sampled), and the pair pipeline.
 
     python sample.py pairs --model PATH --data gsm8k:train,math:train --out pairs.jsonl
     python sample.py pairs --model PATH --data math:train --fmt code --k-max 100 --ramp scripts --cut random
     torchrun --standalone --nproc_per_node=8 sample.py pairs --model PATH --data gsm8k:train --out pairs.jsonl
 
 The pipeline (METHOD.md sections 1-2), per question:
-  1. The naive pair: sample at temperature 1 until there is a preferred and a dispreferred solution,
-     or --k-max samples.
-  2. Step-controlled pairs: cut the preferred solution after each eligible step, in ascending order
-     (--cut all) or in random order (--cut random). Continue from each cut --tries times with the ramp
-     T_j = min(start + j * inc, max), and keep the first wrong, clean continuation. At most
-     --sc-per-question pairs per question. Only questions with a naive pair are cut (--sc-from naive,
-     the paper's D_naive).
-Grading is grade.py's; steps, filters and the pair record are data.py's.
+  1. The naive pair: sample at temperature 1 until there is a preferred and a
+     dispreferred solution, or --k-max samples.
+  2. Step-controlled pairs: cut the preferred solution after an eligible step (--cut),
+     continue --tries times with the ramp T_j = min(start + j * inc, max), keep the first
+     wrong, clean continuation; at most --sc-per-question pairs, and only for questions
+     with a naive pair (--sc-from naive, the paper's D_naive).
 
-Progress is kept in <out>.parts/: kill the run at any time and rerun the same command to go on.
-The folder records the settings and the model's hashes; a rerun with others is refused (--restart
-starts over). At the end, <out>.meta.json records the model's and tokenizer's hashes
-(data.write_pairs_meta), so scdpo.py refuses to train a different model on these pairs.
-
-In Python: generate() (rows of token ids), sample_solutions() (text), make_pairs() (the pipeline).
+Progress is kept in <out>.parts/: rerun a killed run's command to go on; other settings
+or another model are refused (--restart starts over). <out>.meta.json records the
+model's hashes, so scdpo.py refuses to train a different model on these pairs.
 """
 import argparse
+import itertools
 import json
 import os
 import random
@@ -32,7 +28,7 @@ import time
 import uuid
 import zlib
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm import tqdm
@@ -54,8 +50,7 @@ def parse_ramp(s):
 
 
 def logits_to_probs(logits, temperature, top_k=0, top_p=1.0):
-    """(B, V) logits, (B,) temperatures > 0 -> (B, V) float32 probabilities after top-k, then top-p
-    (the smallest set of most likely tokens whose mass reaches top_p), renormalised."""
+    """(B, V) logits, (B,) temperatures > 0 -> float32 probabilities, top-k then top-p, renormalised."""
     logits = logits.float() / temperature[:, None]
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
@@ -70,9 +65,8 @@ def logits_to_probs(logits, temperature, top_k=0, top_p=1.0):
 
 
 def sample(logits, temperature, u, top_k=0, top_p=1.0):
-    """Next ids (B,): argmax where temperature == 0, else the inverse CDF of the probabilities at the
-    uniform u (B,). u holds one draw per (row, step) from the row's own generator, so a row's samples
-    do not depend on which rows share its batch."""
+    """Next ids (B,): argmax where temperature == 0, else the inverse CDF at the uniform u (B,).
+    u comes from each row's own generator: a row's samples do not depend on its batch."""
     greedy = logits.argmax(-1)
     hot = temperature > 0   # no early return when no row is hot: hot.any() would sync with the host
     probs = logits_to_probs(logits, temperature.clamp_min(1e-6), top_k, top_p)
@@ -82,12 +76,10 @@ def sample(logits, temperature, u, top_k=0, top_p=1.0):
 
 
 def forward_step(model, cache, state, seqs):
-    """Append tokens to the live rows (cache.rows; None: every row); return the logits after each row's
-    last token, (len(seqs), V). seqs: one token list per row (lengths may differ), or, in the decode
-    step, a (rows,) tensor of one token a row, already on the device.
-    Every row writes the same T cache slots. A shorter row is right-aligned: its leading slots are
-    holes (state.valid False) that no query attends. So one function does the ragged prefill, the
-    one-token decode step and the appending of execution output. Finished rows stay, their slots unused."""
+    """Append tokens to the live rows (cache.rows; None: all); return the logits after each row's
+    last token, (len(seqs), V). seqs: a token list per row (the ragged prefill, execution output),
+    or in the decode step a (rows,) device tensor. Every row writes the same T slots: a shorter
+    row is right-aligned, its leading slots holes (state.valid False) that no query attends."""
     dev, c0 = state.valid.device, state.cache_pos
     rows = slice(None) if cache.rows is None else cache.rows
     if torch.is_tensor(seqs):   # the decode step: one real token a row, the mask is the valid slots
@@ -98,19 +90,15 @@ def forward_step(model, cache, state, seqs):
         state.npos[rows] += 1
         state.cache_pos = c0 + 1
         return model.output(h[:, -1])
-    T, B = max(len(s) for s in seqs), len(seqs)
+    T = max(len(s) for s in seqs)
     if c0 + T > cache.max_len:   # execution output made the rows longer than planned: grow the cache
         n = max(c0 + T, 2 * cache.max_len) - cache.max_len
         grow = lambda t: torch.cat([t, t.new_zeros(*t.shape[:2], n, t.shape[3])], 2)
         cache.k, cache.v = [grow(k) for k in cache.k], [grow(v) for v in cache.v]
         state.valid = torch.cat([state.valid, state.valid.new_zeros(cache.batch_size, n)], 1)
         state.rope = model.rope_table(cache.max_len)   # a row's position never passes its slot
-    ids = torch.zeros(B, T, dtype=torch.long)
-    real = torch.zeros(B, T, dtype=torch.bool)
-    for b, s in enumerate(seqs):
-        ids[b, T - len(s):] = torch.tensor(s, dtype=torch.long)
-        real[b, T - len(s):] = True
-    ids, real = ids.to(dev), real.to(dev)
+    ids = torch.tensor([[0] * (T - len(s)) + list(s) for s in seqs], dtype=torch.long, device=dev)
+    real = torch.arange(T, device=dev) >= torch.tensor([T - len(s) for s in seqs], device=dev)[:, None]
     pos = state.npos[rows][:, None] + (real.cumsum(1) - 1).clamp_min(0)   # (B, T), on from each row's npos
     state.valid[rows, c0:c0 + T] = real
     slots = torch.arange(c0 + T, device=dev)
@@ -142,11 +130,11 @@ class _State:
 
 
 class _StaticStep:
-    """The decode step with shapes that never change: every cache row over every slot, the slot index a
-    device tensor. A finished row goes on decoding tokens nobody reads; state.valid masks the unwritten
-    slots and ragged prompts' holes. On a GPU the step is captured once as a CUDA graph and replayed:
-    one launch in place of ~50 kernel launches per layer, as a small model's decode step is
-    launch-bound (gpt-fast's idea, without torch.compile). On a CPU it runs as it is."""
+    """The decode step in shapes that never change: every cache row over every slot (state.valid
+    masks the unwritten ones), the slot index a device tensor; finished rows decode tokens nobody
+    reads. On a GPU it is captured once as a CUDA graph and replayed: one launch for ~50 kernel
+    launches per layer, as a small model's decode step is launch-bound (gpt-fast's idea, without
+    torch.compile)."""
 
     def __init__(self, model, cache, state):
         self.model, self.cache, self.state = model, cache, state
@@ -185,9 +173,9 @@ class _StaticStep:
         return out if len(rid) == len(self.tok) else out[rid]
 
 
-# Finished rows stay in the cache, skipped but not moved, until the live rows are at most this fraction
-# of it; then one compaction moves the live rows together. So attention over dead rows costs at most
-# 1 / COMPACT_BELOW times the live rows', and the cache is copied ~log2(batch) times, not once a row.
+# Finished rows stay in the cache, skipped, until the live rows are at most this fraction of it;
+# then the live rows move together. So attention over dead rows costs at most 1 / COMPACT_BELOW
+# times the live rows', and the cache is copied ~log2(batch) times, not once a row.
 COMPACT_BELOW = 0.5
 
 
@@ -219,9 +207,8 @@ class _Row:
 
 
 def _scan_steps(row, fmt, delimiter):
-    """Count in row.steps the step boundaries completed in row.text since the last scan. A boundary is,
-    for cot, each `delimiter`; for code, the end of a text block (CODE_START written) and the end of a
-    code block (CODE_END). Returns the code of a code block just closed (fmt "code"), else None."""
+    """Count in row.steps the step boundaries written since the last scan: each `delimiter` (cot), or
+    each CODE_START and CODE_END (code). Returns the code of a code block just closed, else None."""
     code = None
     while True:
         d = delimiter if fmt == "cot" else data.CODE_END if row.in_code else data.CODE_START
@@ -238,12 +225,11 @@ def _scan_steps(row, fmt, delimiter):
 
 @dataclass(frozen=True)
 class Sampling:
-    """How generate() decodes. temperature 0 is greedy. `ramp` (start, inc, max) replaces the temperature:
-    a row's j-th step is sampled at min(start + j * inc, max), j counting the step boundaries in the
-    row's own text (_scan_steps). A row ends at an end-of-turn id, at a `stop` string, or after
-    max_new_tokens new tokens, execution output included. fmt "code": each closed code block runs in
-    the row's sandbox kernel, and its output block is appended before decoding goes on. `static` (not
-    with code): see _StaticStep; its logits equal the plain step's up to float rounding."""
+    """How generate() decodes. temperature 0 is greedy. `ramp` (start, inc, max) replaces it: a row's
+    j-th step is sampled at min(start + j * inc, max), j counting the step boundaries in its own text.
+    A row ends at an end-of-turn id, a `stop` string, or max_new_tokens new tokens (execution output
+    included). fmt "code": each closed code block runs in the row's kernel, its output appended.
+    `static` (_StaticStep): the plain step's logits up to float rounding."""
     max_new_tokens: int = 512
     temperature: float = 0.0
     top_p: float = 1.0
@@ -259,25 +245,17 @@ class Sampling:
             raise ValueError("static decoding does not run code (--static needs --fmt cot)")
 
 
-GREEDY = Sampling()
-
-
-# inference_mode, not no_grad: tensors made inside carry no version counter or view tracking, which
-# takes ~10% off a small model's decode step (~200 tiny ops). It is safe: no tensor made here leaves
-# (rows come back as lists), so none can reach autograd later.
+# inference_mode, not no_grad: no version counters or view tracking, ~10% off a small model's
+# decode step (~200 tiny ops). Safe, as no tensor made here leaves (rows come back as lists).
 @torch.inference_mode()
-def generate(model, prompts, cfg=GREEDY, n=1, seed=None, tok=None, eos_id=None, setup=None, sandbox=None,
-             progress=False):
-    """Sample continuations of `prompts` (lists of token ids, any lengths) as `cfg` says, n per prompt.
-    Returns len(prompts) * n _Row objects, prompt-major, with ids, text (when read), per-token
-    temperatures `temps`, `steps`, and `finish` in eos | stop | length.
-
-    eos_id: an id or a list; default tok.stop_ids. `tok` is needed for stop strings, the ramp and code
-    (ValueError without it). `sandbox()` makes a row's kernel (default Kernel). `setup`, a list of code
-    blocks per prompt (those of a step-controlled prefix), runs in the kernel before the row's first
-    block. Each prompt is prefilled once and its cache copied to its n rows. Row r draws its noise from
-    its own generator, seeded (seed, r), or (seed[p], i) with a list of per-prompt seeds. So the rows do
-    not depend on the batching: n=3 gives the same rows as the prompt given three times."""
+def generate(model, prompts, cfg=Sampling(), n=1, seed=None, tok=None, eos_id=None, setup=None, sandbox=None):
+    """n continuations of each of `prompts` (token-id lists, any lengths), sampled as `cfg` says.
+    Returns len(prompts) * n _Rows, prompt-major: ids, text (when read), per-token `temps`, `steps`,
+    `finish` (eos | stop | length). eos_id: an id or a list (default tok.stop_ids). `tok` is needed
+    for stop strings, the ramp and code. `sandbox()` makes a row's kernel; `setup` (per prompt, the
+    code blocks of a step-controlled prefix) runs in it before the row's first block.
+    Row r draws its noise from its own generator, seeded (seed, r), or (seed[p], i) with per-prompt
+    seeds: n=3 gives the rows of the prompt given three times."""
     max_new_tokens, ramp, stop = cfg.max_new_tokens, cfg.ramp, list(cfg.stop)
     dev = model.output.weight.device
     if seed is None:
@@ -289,8 +267,7 @@ def generate(model, prompts, cfg=GREEDY, n=1, seed=None, tok=None, eos_id=None, 
     eos = set([eos_id] if isinstance(eos_id, int) else eos_id or [])
     if tok is None and (stop or ramp or cfg.fmt == "code"):
         raise ValueError("stop strings, the ramp and code execution need tok")
-    sandbox = sandbox or Kernel
-    B0, B = len(prompts), len(prompts) * n
+    B = len(prompts) * n
     max_len = max(len(p) for p in prompts) + max_new_tokens + 1
     cache = model.make_cache(B, max_len)   # the one cache of all B rows: never a second alive beside it
     state = _State(B, max_len, dev, model.rope_table(max_len))
@@ -312,11 +289,9 @@ def generate(model, prompts, cfg=GREEDY, n=1, seed=None, tok=None, eos_id=None, 
         noise = noise.to(dev)
     rid = torch.arange(B, device=dev)           # the row id of each live row
     temperature = torch.full((B,), float(cfg.temperature), device=dev)   # each row's, when no ramp
-    active, done, ntok, t0 = list(rows), 0, 0, time.time()
-    bar = tqdm(total=len(rows), disable=not progress, desc="generate", unit="row")
+    active = list(rows)
     step = 0   # each live row's draws so far: it samples one token an iteration
-    # Detokenize only when something reads the text (stop strings, the ramp's step boundaries, code
-    # blocks); plain token-id generation does no text work.
+    # detokenize only for what reads the text: stop strings, the ramp's steps, code blocks
     watch_text = tok is not None and bool(stop or ramp or cfg.fmt == "code")
     while active:
         if ramp is not None:
@@ -348,7 +323,7 @@ def generate(model, prompts, cfg=GREEDY, n=1, seed=None, tok=None, eos_id=None, 
                 r.finish = "length"
             elif code is not None:
                 if r.kernel is None:
-                    r.kernel = sandbox()
+                    r.kernel = (sandbox or Kernel)()
                     for c in setup[r.rid // n] if setup else []:
                         r.kernel.run(c)   # the prefix's code, so that its variables exist
                 r.kernel.submit(code)     # all rows' code runs at once; collected below
@@ -365,15 +340,11 @@ def generate(model, prompts, cfg=GREEDY, n=1, seed=None, tok=None, eos_id=None, 
             L = len(r.ctx) + len(r.ids)
             r.off, r.read = max(0, L - 6), L   # the detokenizer goes on after the output block
             r.scan = len(r.text)
-        ntok += sum(len(a) for a in feed)
         finished = [k for k, r in enumerate(active) if r.finish]
         for k in finished:
             if active[k].kernel is not None:
                 active[k].kernel.close()
         if finished:
-            done += len(finished)
-            bar.update(len(finished))
-            bar.set_postfix(tok_s=f"{ntok / (time.time() - t0):.0f}")
             keep = [k for k, r in enumerate(active) if not r.finish]
             if not keep:
                 break
@@ -389,15 +360,13 @@ def generate(model, prompts, cfg=GREEDY, n=1, seed=None, tok=None, eos_id=None, 
             logits = static(rid, nxt_t)
         else:   # ids stay on the device; all rows go as lists when one has execution output
             logits = forward_step(model, cache, state, feed if todo else nxt_t)
-    bar.close()
     return rows
 
 
-def sample_solutions(model, tok, questions, cfg=GREEDY, n=1, prefixes=None, seed=None):
-    """Text in, text out: n continuations of each question, rendered with the chat template (plus its
-    prefix, the open start of the assistant turn). Returns per question a list of n (text, finish):
-    the text without the end-of-turn token, cut before its first stop string; finish as in generate
-    ("length": cut off at max_new_tokens, not a complete solution)."""
+def sample_solutions(model, tok, questions, cfg=Sampling(), n=1, prefixes=None, seed=None):
+    """Text in, text out: n continuations of each question in the chat template (plus its prefix, the
+    open start of the assistant turn). Per question n (text, finish): the text without the end-of-turn
+    token, cut before its first stop string; finish as generate's ("length": not a whole solution)."""
     prefixes = prefixes or [""] * len(questions)
     prompts = [tok.encode(tok.render_prompt(q, p)) for q, p in zip(questions, prefixes)]
     setup = None
@@ -453,21 +422,19 @@ class PairSettings:
                 "seed": self.seed}
 
 
+# Every random choice is seeded by (seed, question id, round): a question's pairs do not depend on the
+# rank or on resuming (given the same chunking).
 def _seed(*parts):
     return zlib.crc32("|".join(map(str, parts)).encode()) & 0x7FFFFFFF
 
 
-# Every random choice is seeded by (seed, question id, round), so a question's pairs do not depend on
-# the rank or on resuming (given the same chunking). A sample cut off at max_new_tokens is not a whole
-# solution (tokenize_pair would close it with the end-of-turn token), so it is never graded: it is
-# counted (samples_truncated, samples_sc_truncated) and dropped.
+# A sample cut off at max_new_tokens is not a whole solution (tokenize_pair would end it with the
+# end-of-turn token): it is counted (samples_truncated, samples_sc_truncated), never graded.
 def naive_pairs(model, tok, recs, s):
-    """METHOD.md section 1, for a few questions sampled together: sample at temperature 1 until a question
-    has a preferred and a dispreferred solution, or k_max samples. Returns per question a dict with pref
-    (its first preferred solution, or None), stats (its counts) and pairs (its naive pair, if any)."""
+    """METHOD.md section 1 for a few questions sampled together. Per question a dict: pref (its first
+    preferred solution, or None), stats (its counts) and pairs (its naive pair, if any)."""
     st = [dict(pref=None, disp=None, n=0, stats=Counter(), pairs=[]) for _ in recs]
-    rnd = 0
-    while True:
+    for rnd in itertools.count():
         act = [i for i, q in enumerate(st) if (q["pref"] is None or q["disp"] is None) and q["n"] < s.k_max]
         if not act:
             break
@@ -487,7 +454,6 @@ def naive_pairs(model, tok, recs, s):
                     q["pref"] = t
                 elif label == "dispreferred" and q["disp"] is None:
                     q["disp"] = t
-        rnd += 1
     for rec, q in zip(recs, st):
         q["stats"]["samples"] += q["n"]
         if q["pref"] is not None and q["disp"] is not None:
@@ -499,12 +465,8 @@ def naive_pairs(model, tok, recs, s):
 
 
 def sc_pairs(model, tok, recs, st, s):
-    """METHOD.md section 2: cut a question's preferred solution after step k, continue it `tries` times
-    with the ramp, and add the pair of the first wrong (and not noisy) continuation to st[i]["pairs"].
-    sc_from "naive" cuts only questions with a naive pair (D_naive, as in the paper); "any" cuts all.
-    A question's cuts go in ascending order (cut "all") or in random order (cut "random": the paper
-    draws k at random). They run in waves, the w-th cut of every question still short of its quota,
-    so cutting stops at the quota. A cut that yields no pair counts the reason (drop_sc_*)."""
+    """METHOD.md section 2: adds step-controlled pairs to st[i]["pairs"], in waves (the w-th cut of each
+    question short of its quota) so that cutting stops at the quota. A failed cut counts why (drop_sc_*)."""
     limit = {**SC_PER_QUESTION, **s.sc_per_question}
     cuts, delims = [], []
     for rec, q in zip(recs, st):
@@ -522,8 +484,7 @@ def sc_pairs(model, tok, recs, st, s):
             if s.cut == "random":
                 random.Random(_seed(s.seed, rec["id"], "cut")).shuffle(ks)
         cuts.append([(k, "".join(steps[:k + 1])) for k in ks])
-    wave = 0
-    while True:
+    for wave in itertools.count():
         jobs = [(i, *cuts[i][wave]) for i in range(len(recs)) if wave < len(cuts[i]) and
                 sum(p["kind"] == "sc" for p in st[i]["pairs"]) < limit.get(recs[i]["source"], 2)]
         if not jobs:
@@ -551,15 +512,13 @@ def sc_pairs(model, tok, recs, st, s):
                 if noise:
                     why = "noisy_" + noise
                     continue
-                chosen = st[i]["pref"][len(prefix):]
                 made = s.recorded({"ramp": list(s.ramp)}, tries=s.tries)
-                st[i]["pairs"].append(data.make_pair(recs[i], chosen, t, prefix=prefix, k=k, fmt=s.fmt,
-                                                     sampling=made))
+                st[i]["pairs"].append(data.make_pair(recs[i], st[i]["pref"][len(prefix):], t, prefix=prefix,
+                                                     k=k, fmt=s.fmt, sampling=made))
                 why = None
                 break
             if why:
                 stats["drop_sc_" + why] += 1
-        wave += 1
     return st
 
 
@@ -573,9 +532,8 @@ PART_FIELDS = {"id": str, "pairs": list, "stats": dict, "rank": int}   # one lin
 
 
 def _read_parts(folder):
-    """Finished questions of every rank's part file (rank<r>.jsonl), by id. Only a torn last line (a
-    kill in the middle of a write) is skipped, and make_pairs rewrites it away; any other line that is
-    not a question record is a ValueError naming file, line and field."""
+    """Finished questions of every rank<r>.jsonl, by id. Only a torn last line (a kill mid-write) is
+    skipped; any other bad line is a ValueError naming file, line and field."""
     def check(row, where):
         for field, kind in PART_FIELDS.items():
             if field not in row:
@@ -592,17 +550,15 @@ def _read_parts(folder):
             for row in data.read_jsonl(os.path.join(folder, n), check, torn=True)}
 
 
-# A progress folder holds the samples of one model under one set of settings. <out>.parts/settings.json
-# records them (the PairSettings and the caller's `provenance`, e.g. data.model_fingerprint). A rerun
-# with others is refused: it would mix its pairs with the old ones under the new model's hashes.
+# <out>.parts/settings.json records the PairSettings and the caller's `provenance` (the model's
+# hashes). A rerun with others is refused: it would mix its pairs with the old ones.
 def progress_record(s, provenance=None):
-    """What settings.json records of a run, as JSON values (tuples become lists)."""
+    """settings.json's record of a run, as JSON values (tuples become lists)."""
     return json.loads(json.dumps({"settings": asdict(s), **(provenance or {})}))
 
 
 def progress_mismatch(folder, record):
-    """Why the progress in `folder` cannot be continued by a run with `record`; None when it can (it
-    matches, or there is no progress yet)."""
+    """Why `folder`'s progress cannot go on with `record`; None when it can (or there is none)."""
     path = os.path.join(folder, "settings.json")
     if not os.path.exists(path):
         parts = [n for n in os.listdir(folder) if n.startswith("rank")] if os.path.isdir(folder) else []
@@ -623,14 +579,10 @@ def progress_mismatch(folder, record):
 
 def make_pairs(model, tok, records, out_path, s=PairSettings(), chunk=16, rank=0, world=1, progress=True,
                provenance=None, restart=False):
-    """The whole pipeline, resumable. Call it on every rank; the ranks wait for each other at the end
-    (through files: _wait_for_ranks).
-    Record i goes to rank i % world; questions are sampled `chunk` at a time. Each finished chunk is
-    appended in one write to <out>.parts/rank<r>.jsonl, one line per question (its pairs and counts).
-    A rerun skips the questions found there, so a killed run resumes without duplicates. A rerun with
-    other settings or provenance (progress_record) is a ValueError, unless `restart`, which first
-    removes the progress, out_path and its meta file. At the end rank 0 writes every pair to out_path
-    in record order and returns the summary counts (other ranks: None)."""
+    """The whole pipeline, resumable; call it on every rank. Record i goes to rank i % world; each
+    finished chunk is appended in one write to <out>.parts/rank<r>.jsonl, which a rerun skips. Other
+    settings or provenance are a ValueError, unless `restart` (which first removes the progress,
+    out_path and its meta file). Rank 0 writes out_path in record order, returns the counts (others None)."""
     folder = out_path + ".parts"
     record = progress_record(s, provenance)
     if restart:
@@ -647,22 +599,20 @@ def make_pairs(model, tok, records, out_path, s=PairSettings(), chunk=16, rank=0
                          f"--restart` (scdpo.py: --overwrite), or rerun with the recorded settings")
     os.makedirs(folder, exist_ok=True)
     if rank == 0 and not os.path.exists(os.path.join(folder, "settings.json")):
-        data.write_json(os.path.join(folder, "settings.json"), record)   # before any rank's progress:
-    run = [uuid.uuid4().hex]   # this call's id, for _wait_for_ranks; the others wait for it here
-    if world > 1:
+        data.write_json(os.path.join(folder, "settings.json"), record)
+    run = [uuid.uuid4().hex]   # this call's id, for _wait_for_ranks
+    if world > 1:   # and no rank writes progress before settings.json exists
         torch.distributed.broadcast_object_list(run, src=0)
     part = os.path.join(folder, f"rank{rank}.jsonl")
     done = _read_parts(folder)
-    # drop a torn last line from our own file before appending (the rewrite is renamed over it, so a
-    # kill loses nothing)
+    # drop a torn last line from our file before appending (renamed over it: a kill loses nothing)
     if os.path.exists(part):
         data.write_jsonl(part, [r for r in done.values() if r["rank"] == rank])
     shard = records[rank::world]
-    chunks = [shard[i:i + chunk] for i in range(0, len(shard), chunk)]
     bar = tqdm(total=len(shard), disable=not progress or rank != 0, desc=f"pairs (rank {rank})", unit="q")
     bar.update(sum(r["id"] in done for r in shard))
-    for c in chunks:
-        todo = [r for r in c if r["id"] not in done]
+    for i in range(0, len(shard), chunk):
+        todo = [r for r in shard[i:i + chunk] if r["id"] not in done]
         if not todo:
             continue
         res = pairs_for_chunk(model, tok, todo, s)
@@ -689,9 +639,6 @@ def make_pairs(model, tok, records, out_path, s=PairSettings(), chunk=16, rank=0
     return summary
 
 
-POLL_S = 2.0
-
-
 def _wait_for_ranks(folder, rank, world, run):
     """A barrier through the files: write this rank's marker, then wait until every rank's holds `run`.
     Ranks finish their shares of the questions up to hours apart, longer than a collective should wait
@@ -704,13 +651,12 @@ def _wait_for_ranks(folder, rank, world, run):
         except FileNotFoundError:
             return None
     while any(marker(r) != run for r in range(world)):
-        time.sleep(POLL_S)
+        time.sleep(2.0)
 
 
 def pair_warnings(summary, flag):
-    """The warnings (a list of strings) for when most samples, or most continuations, hit max_new_tokens
-    and so went ungraded (`flag` names the flag to raise), and for when most preferred solutions had no
-    step to cut after, which leaves a step-controlled run with naive pairs only."""
+    """Warnings for when most samples or continuations hit max_new_tokens and went ungraded (`flag`
+    raises it), and for when most preferred solutions had no step to cut after."""
     n = summary.get
     what = "hit max_new_tokens and were dropped ungraded"
     found = [data.most_lost(n("samples_truncated", 0), n("samples", 0), f"samples {what}", flag),

@@ -1,7 +1,6 @@
-"""The tokenizer of a hub folder: tokenizer.json through `tokenizers`, tokenizer_config.json's special
-tokens, and the chat template through jinja2: transformers' apply_chat_template in a few lines, so that
-neither transformers nor its tokenizer classes are needed. tests/test_tokenizer.py compares the ids with
-transformers' on real tokenizers.
+"""A hub folder's tokenizer: tokenizer.json through `tokenizers`, the special tokens of
+tokenizer_config.json, and the chat template through jinja2, as apply_chat_template renders it, without
+transformers. tests/test_tokenizer.py compares the ids with transformers' on real tokenizers.
 """
 import json
 import os
@@ -16,9 +15,8 @@ import tokenizers
 
 # The template for tokenizers that ship none (base models such as Mistral-7B-v0.1):
 #   {bos}Question: {question}\n\nAnswer:\n{answer}{eos}
-# The generation prompt ends in a newline, not in a space: SentencePiece and byte-level BPE glue a
-# space to the word after it ("▁The"), so "Answer: " would end the prompt in the middle of the first
-# response token. A system message, if any, comes first, then a blank line.
+# A newline ends the prompt, not a space: SentencePiece and byte-level BPE
+# glue a space to the next word ("▁The"): "Answer: " would end mid-token.
 PLAIN_CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
@@ -32,10 +30,11 @@ PLAIN_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ 'Answer:\\n' }}{% endif %}"
 )
 
+_WARNED = set()   # the chat templates check_prompt_prefix has warned about
+
 
 class _GenerationTag(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` marks assistant text for transformers' assistant
-    mask; some templates use it. Rendering only needs the body."""
+    """`{% generation %}...{% endgeneration %}`, transformers' assistant mask: renders its body."""
     tags = {"generation"}
 
     def parse(self, parser):
@@ -52,8 +51,7 @@ def _raise_exception(message):
 
 
 def compile_chat_template(template):
-    """The jinja environment of transformers' apply_chat_template: sandboxed, trim_blocks and
-    lstrip_blocks, loop controls, a `tojson` that does not escape HTML, raise_exception, strftime_now."""
+    """The jinja environment of transformers' apply_chat_template (its tojson escapes no HTML)."""
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols])
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
@@ -65,14 +63,9 @@ def compile_chat_template(template):
     return env.from_string(template)
 
 
-_WARNED = set()   # the chat templates check_prompt_prefix has warned about
-
-
 def _remote_tokenizer_classes(config):
-    """Names, without "Fast", of tokenizer classes that only remote code defines: those that config's
-    auto_map names, and InternLM2's, which a folder saved without its auto_map (by older versions of
-    this file) still names. transformers is no dependency of ours, so its list of classes is not at hand;
-    InternLM2 is the one supported family whose tokenizer is remote code."""
+    """Tokenizer classes (less "Fast") only remote code defines: those auto_map names, and InternLM2's,
+    which folders that older versions of this file saved without auto_map still name."""
     auto = config.get("auto_map")
     auto = auto.get("AutoTokenizer") if isinstance(auto, dict) else auto
     names = [auto] if isinstance(auto, str) else auto if isinstance(auto, (list, tuple)) else []
@@ -99,9 +92,8 @@ def read_json(file):
 
 
 class Tokenizer:
-    """tokenizer.json (through `tokenizers`) plus tokenizer_config.json's special tokens and chat
-    template. Nothing adds special tokens silently: BOS/EOS appear exactly where the template writes
-    them, as text ("<s>") that tokenizer.json maps to their ids."""
+    """Nothing adds special tokens silently: BOS/EOS appear exactly where the template writes them,
+    as text ("<s>") that tokenizer.json maps to their ids."""
 
     def __init__(self, tokenizer, config, chat_template=None):
         self.tok = tokenizer          # a tokenizers.Tokenizer
@@ -112,8 +104,8 @@ class Tokenizer:
         # The template's variables: every "*_token" string the config sets, as transformers 5 does.
         self.special_tokens = {k: _token_content(v) for k, v in config.items()
                                if k.endswith("_token") and isinstance(_token_content(v), str)}
-        if isinstance(config.get("extra_special_tokens"), dict):  # transformers 5's named extra tokens
-            extra = config["extra_special_tokens"]
+        extra = config.get("extra_special_tokens")   # transformers 5's named extra tokens
+        if isinstance(extra, dict):
             self.special_tokens.update({k: _token_content(v) for k, v in extra.items()})
         for name in ("bos_token", "eos_token", "pad_token"):
             if name in self.special_tokens and tokenizer.token_to_id(self.special_tokens[name]) is None:
@@ -131,14 +123,12 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path):
-        """A hub-format tokenizer folder: tokenizer.json and tokenizer_config.json, optionally
-        special_tokens_map.json and chat_template.jinja."""
+        """A hub folder's tokenizer (special_tokens_map.json and chat_template.jinja are optional)."""
         path = os.fspath(path)
         tok_file, cfg_file = os.path.join(path, "tokenizer.json"), os.path.join(path, "tokenizer_config.json")
         if not os.path.isfile(tok_file):
             if os.path.isfile(os.path.join(path, "tokenizer.model")):
-                # InternLM2 ships this way. Converting it needs `sentencepiece` and `protobuf`, which
-                # we do not depend on; the message gives the one-line conversion.
+                # InternLM2 ships this way; converting needs sentencepiece and protobuf (not our deps)
                 raise FileNotFoundError(
                     f"{tok_file} not found: {path} has only a SentencePiece tokenizer.model. Write "
                     f"tokenizer.json once with transformers (pip install transformers sentencepiece "
@@ -157,18 +147,17 @@ class Tokenizer:
             for k, v in read_json(map_file).items():
                 if k.endswith("_token") and config.get(k) is None:
                     config[k] = v
-        # Added tokens the config declares but tokenizer.json lacks (or holds only as ordinary vocab,
-        # so that "<s>" in a rendered template would split into "<", "s", ">").
+        # Added tokens tokenizer.json lacks, or holds as plain vocab ("<s>" would split into "<", "s", ">")
         have = tok.get_added_tokens_decoder()
         for idx, spec in config.get("added_tokens_decoder", {}).items():
             idx = int(idx)
             if idx in have and have[idx].content == spec["content"]:
                 continue
+            special = spec.get("special", False)
             added = tokenizers.AddedToken(spec["content"], single_word=spec.get("single_word", False),
                                           lstrip=spec.get("lstrip", False), rstrip=spec.get("rstrip", False),
-                                          normalized=spec.get("normalized", not spec.get("special", False)),
-                                          special=spec.get("special", False))
-            (tok.add_special_tokens if spec.get("special", False) else tok.add_tokens)([added])
+                                          normalized=spec.get("normalized", not special), special=special)
+            (tok.add_special_tokens if special else tok.add_tokens)([added])
             if tok.token_to_id(spec["content"]) != idx:
                 raise ValueError(f"{cfg_file} declares token {spec['content']!r} with id {idx}, but "
                                  f"tokenizer.json gives it id {tok.token_to_id(spec['content'])}")
@@ -185,7 +174,6 @@ class Tokenizer:
         tokenizer.check_prompt_prefix(path)
         return tokenizer
 
-    # --- the chat template ---------------------------------------------------------------------
     def apply_chat_template(self, messages, add_generation_prompt=False, **kwargs):
         """The text of a conversation, exactly as transformers' apply_chat_template(tokenize=False)."""
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
@@ -194,19 +182,15 @@ class Tokenizer:
                                      **{**self.special_tokens, **kwargs})
 
     def render_prompt(self, question, prefix=""):
-        """The question as the user turn, the generation prompt, then `prefix` (for a step-controlled
-        pair: the first k solution steps) as the start of the assistant turn, left open. For the
-        templates we support this is a prefix of the whole conversation's text (tests/test_tokenizer.py
-        checks it), so prompt + continuation is what the model saw in sampling."""
+        """The user turn, the generation prompt, then `prefix` (a step-controlled pair's first k steps)
+        opening the assistant turn: for our templates a prefix of render()'s text (test_tokenizer.py)."""
         user = [{"role": "user", "content": question}]
         return self.apply_chat_template(user, add_generation_prompt=True) + prefix
 
     def check_prompt_prefix(self, where):
-        """Warn (stderr, once per template) when the template's rendering of a finished conversation is
-        not render_prompt(q) + answer + its closing: DeepSeek-Math-Instruct's writes "Assistant: " + answer
-        after a generation prompt that ends in "Assistant:", Mistral-Instruct-v0.3's " " + answer|trim.
-        Sampling and training both use the generation prompt followed by the solution as written, so
-        they agree with each other; only the template's own text of the conversation differs."""
+        """Warn once for a template whose finished conversation is not render_prompt(q) + answer + close:
+        DeepSeek-Math-Instruct's puts "Assistant: " after a prompt ending in "Assistant:", Mistral v0.3's
+        " " + answer|trim. Sampling and training agree anyway: both use prompt + solution as written."""
         question, answer = "What is 1+1?", "1+1 = 2.\nThe answer is 2."
         try:
             prompt, full = self.render_prompt(question), self.render(question, answer)
@@ -224,15 +208,13 @@ class Tokenizer:
                   f"as written", file=sys.stderr, flush=True)
 
     def render(self, question, answer):
-        """The whole conversation: question and the complete assistant answer, closed by the template
-        (EOS or an end-of-turn token)."""
+        """The whole conversation, the answer closed by the template (EOS or an end-of-turn token)."""
         return self.apply_chat_template([{"role": "user", "content": question},
                                          {"role": "assistant", "content": answer}])
 
     @property
     def stop_ids(self):
-        """Ids that end an assistant turn: EOS, and the special token the template writes right after
-        the assistant's text when that is another one (ChatML's <|im_end|>, Llama 3's <|eot_id|>)."""
+        """Ids that end a turn: EOS, and a special token the template puts after the answer (<|im_end|>)."""
         marker = "\x00ANSWER\x00"
         full = self.render("?", marker)
         after = self.encode(full[full.index(marker) + len(marker):])
@@ -245,12 +227,10 @@ class Tokenizer:
 
     @property
     def end_id(self):
-        """The id that closes a complete answer, which training appends after it: the template's end-of-turn
-        token where it has one (ChatML's <|im_end|> even when EOS is <|endoftext|>, as in base models'
-        configs), else EOS."""
+        """The id training appends after an answer: the template's end-of-turn token where it has one
+        (ChatML's <|im_end|> even where EOS is <|endoftext|>, as in base models' configs), else EOS."""
         return self.stop_ids[-1] if self.stop_ids else None
 
-    # --- text <-> ids --------------------------------------------------------------------------
     def encode(self, text):
         """Ids of `text`, adding no special tokens (special tokens written in the text are found)."""
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -264,28 +244,21 @@ class Tokenizer:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def encode_prompt_response(self, prompt_text, response_text):
-        """(ids, n_prompt) for prompt_text + response_text, tokenized ONCE (halves tokenized apart and
-        glued give ids the model never sees when generating); ids[:n_prompt] is the prompt. A token
-        that straddles the boundary (SentencePiece's "▁The" after a prompt ending in a space) counts
-        as response: a prompt token lies wholly in prompt_text, so the response loss never loses its
-        first token. Prompts that end in a newline, as all our templates' generation prompts do, have
-        no straddling token."""
+        """(ids, n_prompt): prompt_text + response_text tokenized ONCE (halves tokenized apart give
+        ids generation never makes). A token straddling the boundary ("▁The" after a trailing space)
+        is response, so the loss keeps its first token; our prompts end in a newline, never straddled."""
         ids, offsets = self.encode_with_offsets(prompt_text + response_text)
-        n = len(prompt_text)
-        n_prompt = next((i for i, (_, end) in enumerate(offsets) if end > n), len(ids))
+        n_prompt = next((i for i, (_, end) in enumerate(offsets) if end > len(prompt_text)), len(ids))
         return ids, n_prompt
 
     def save_pretrained(self, path):
-        """tokenizer.json and tokenizer_config.json (with the special tokens resolved), loadable here
-        and by transformers. The chat template in use is written, the plain one too, so that the saved
-        tokenizer renders what training saw. "auto_map" is dropped: it names remote-code files that are
-        not copied; so a remote-code tokenizer class (InternLM2's) becomes PreTrainedTokenizerFast,
-        which reads tokenizer.json as it is."""
+        """Files loadable here and by transformers, with the chat template in use (the plain one too), so
+        it renders what training saw. "auto_map" names remote code not copied: it is dropped, and a
+        remote-code class (InternLM2's) becomes PreTrainedTokenizerFast, which reads tokenizer.json."""
         os.makedirs(path, exist_ok=True)
         self.tok.save(os.path.join(path, "tokenizer.json"))
-        config = {k: v for k, v in self.config.items() if k != "auto_map"}
-        config.update(self.special_tokens)
-        config["chat_template"] = self.chat_template
+        config = {**{k: v for k, v in self.config.items() if k != "auto_map"}, **self.special_tokens,
+                  "chat_template": self.chat_template}
         if str(config.get("tokenizer_class")).removesuffix("Fast") in _remote_tokenizer_classes(self.config):
             config["tokenizer_class"] = "PreTrainedTokenizerFast"
         with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
