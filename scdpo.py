@@ -1,5 +1,4 @@
 """Step-Controlled DPO (Lu et al. 2024, arXiv 2407.00782): SFT and DPO / SCDPO training on FSDP2.
-One file, read top to bottom: losses, flags, data, log-probs, checkpoints, the loop, export.
 
     python scdpo.py --model PATH --pairs pairs.jsonl --out runs/scdpo          # 1 CPU or 1 GPU
     torchrun --standalone --nproc_per_node=8 scdpo.py --model PATH --pairs pairs.jsonl --out runs/scdpo
@@ -8,10 +7,9 @@ One file, read top to bottom: losses, flags, data, log-probs, checkpoints, the l
     torchrun --standalone --nproc_per_node=8 scdpo.py --objective sft --model PATH --data gsm8k:train
     python mini.py                                   # the whole method in miniature on a CPU
 
-The paper's Table 1 is three runs of this script on the same pairs: --pairs-kind naive (DPO),
-data-equal (DPO with as many naive pairs as SCDPO has pairs) and scdpo (naive + step-controlled).
-Defaults are the paper's (METHOD.md section 3). Every process, one or many, CPU or GPU, runs the
-same path: a process group (model.compute_init) and FSDP2.
+The paper's Table 1 is three runs on the same pairs: --pairs-kind naive, data-equal and scdpo.
+Defaults are the paper's (METHOD.md section 3). Every process, one or many, CPU or GPU, runs one
+path: a process group (model.compute_init) and FSDP2.
 """
 import argparse
 import gc
@@ -26,8 +24,6 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -57,7 +53,6 @@ def warn(msg):
 
 # ----------------------------------------------------------------------------------------------
 # The losses (METHOD.md section 3). Pure functions of summed log-probs.
-# ----------------------------------------------------------------------------------------------
 # A pair is (x, y_w, y_l): x the prompt (step-controlled pair: question + the shared steps
 # t_0..t_k), y the continuation only. DPO (Rafailov et al. 2023, eq. 7):
 #   h = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]
@@ -71,9 +66,8 @@ def warn(msg):
 # SCDPO changes nothing here: L_SCDPO = L_naive + L_sc is this loss on a batch of both kinds.
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
              beta, loss_type="sigmoid", label_smoothing=0.0):
-    """Per-pair loss (P,), NOT reduced (the loop divides by the global batch size, which keeps
-    accumulation over micro-batches and ranks exact), and the detached chosen and rejected rewards.
-    Inputs are log-probs summed over each continuation."""
+    """Per-pair loss (P,), not reduced: the loop divides by the global batch size, which keeps
+    accumulation over micro-batches and ranks exact. Inputs: log-probs summed per continuation."""
     h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
     if loss_type == "sigmoid":
         loss = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
@@ -88,15 +82,12 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
 # Optional NLL term on the chosen continuation ("RPO", Pang et al. 2024, eq. 3), per pair:
 #   L_nll = -log pi(y_w|x) / |y_w|,   L = L_dpo + nll_weight * L_nll
-# The reference model plays no part in it.
 def nll_loss(policy_chosen_logps, chosen_ntokens):
-    """Per-pair length-normalised NLL of the chosen continuation, (P,)."""
     return -policy_chosen_logps / chosen_ntokens.clamp(min=1)
 
 
 # ----------------------------------------------------------------------------------------------
 # Flags. None means "the objective's default" (resolve_defaults; SFT: METHOD.md sec. 3).
-# ----------------------------------------------------------------------------------------------
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # what to train
@@ -180,11 +171,9 @@ def resolve_defaults(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Data. Pairs are tokenised once (data.tokenize_pairs). Reference log-probs are indexed by row
-# number in the WHOLE file, so the three --pairs-kind runs share one reference cache.
-# Each global batch is split between ranks by stride (rank r: items r, r + W, ...), so every
-# step is the same for any world size.
-# ----------------------------------------------------------------------------------------------
+# Data. Reference log-probs are indexed by row in the WHOLE file, so the three --pairs-kind runs
+# share one reference cache. Each global batch is split between ranks by stride (rank r: items
+# r, r + W, ...), so every step is the same for any world size.
 def select_kind(rows, kind, seed):
     """Indices of the training rows for --pairs-kind (METHOD.md section 3's baselines)."""
     naive = [i for i, r in enumerate(rows) if r["kind"] == "naive"]
@@ -222,9 +211,8 @@ def micro_batches(items, size):
 
 
 def check_pairs_match(pairs_path, rows, tok, margs, model_dir):
-    """Refuse, up front, pairs that do not belong to this model: token ids past the model's vocabulary,
-    or a tokenizer / model recorded at sampling time (`<pairs>.meta.json`, data.write_pairs_meta)
-    that differs from --model's."""
+    """Refuse, up front, pairs that are not this model's: token ids past its vocabulary, or a tokenizer
+    / model recorded at sampling time (data.write_pairs_meta) other than --model's."""
     top = max((max(r["prompt"] + r["chosen"] + r["rejected"]) for r in rows), default=-1)
     if top >= margs.vocab_size:
         raise ValueError(f"{pairs_path}: tokenised with {tok.vocab_size} ids (largest {top}) but the model "
@@ -240,11 +228,10 @@ def check_pairs_match(pairs_path, rows, tok, margs, model_dir):
 
 
 def sample_pairs(args, rank, world, device, log):
-    """Stage 1 when --pairs is not given: sample.make_pairs from --model over --data into --out. The
-    stage is skipped when its output is complete; a killed run resumes question by question. Pairs of
-    other sampling settings or another model are refused, or with --overwrite sampled again."""
+    """Without --pairs: sample.make_pairs from --model over --data into --out, skipped when complete; a
+    killed run resumes by question. Other settings' or model's pairs are refused (--overwrite: redone)."""
     path = os.path.join(args.out, "pairs.jsonl")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = compute_dtype(device)
     s = sample.pair_settings(args, max_new_tokens=args.max_len - args.max_prompt)
     provenance = {**data.model_fingerprint(args.model), "dtype": str(dtype)}
     stale = sample.progress_mismatch(path + ".parts", sample.progress_record(s, provenance))
@@ -275,18 +262,14 @@ def sample_pairs(args, rank, world, device, log):
 
 
 # ----------------------------------------------------------------------------------------------
-# Log-probs. kernels.token_logprobs gives each continuation token's log-prob from the final hidden
-# states (never the (tokens, vocab) logits). They are summed per segment (2p: pair p's chosen,
-# 2p + 1: its rejected; SFT: row p) with the index arrays of data.collate_pairs / collate_sft.
-# Prompt positions are not in `idx`, so nothing in the loss depends on their predictions.
+# Log-probs. kernels.token_logprobs gives each target token's log-prob from the final hidden
+# states, never the (tokens, vocab) logits; they are summed per segment (2p: pair p's chosen,
+# 2p + 1: its rejected; SFT: row p). Prompt positions are not in `idx`: no loss depends on them.
 #
-# Why a wrapper module: FSDP2 all-gathers a module's parameters in the pre-forward hook of the
-# module that fully_shard was applied to, and reduce-scatters their gradients through hooks that
-# forward registers. The LM head belongs to the root. Read outside a forward, model.lm_head_weight
-# is the sharded DTensor (or, depending on reshard timing, a stale unsharded view). Inside the
-# root's forward it is an ordinary unsharded parameter, like the embedding.
-# So fully_shard goes on each block, then on this wrapper.
-# ----------------------------------------------------------------------------------------------
+# Why a wrapper: FSDP2 gathers parameters, and hooks their gradients, in the forward of the module
+# fully_shard was applied to, and the LM head belongs to the root. Outside that forward
+# model.lm_head_weight is the sharded DTensor (or a stale unsharded view). So fully_shard goes on
+# each block, then on this wrapper, inside whose forward the head is an ordinary parameter.
 class SeqLogprobs(nn.Module):
     def __init__(self, model):
         super().__init__()
@@ -304,9 +287,8 @@ def run_logprobs(net, batch, device):
 
 
 def load_sharded(path, margs, device, trainable=True, checkpointing=False, dtype=torch.float32):
-    """SeqLogprobs of the hub model at `path`, sharded, stored in `dtype` (fp32: master weights); no rank
-    ever holds the whole model. Built on the meta device (no memory), sharded, then each rank reads only
-    the rows it holds from the safetensors files (model.load_weights, converting to `dtype`)."""
+    """SeqLogprobs of the hub model at `path`, stored in `dtype` (fp32: master weights). Built on the
+    meta device, sharded, then each rank reads only its rows (model.load_weights): none holds it all."""
     with torch.device("meta"):
         model = modeling.Transformer(margs).to(dtype)
     model.checkpointing = checkpointing
@@ -341,24 +323,19 @@ def reference_logprobs(net, rows, collate, args, device, rank, world):
     mine = [(rank + world * j) for j in range(per_rank)]
     net.eval()
     for chunk in tqdm(micro_batches(mine, mb), desc="reference log-probs", disable=rank != 0, unit="batch"):
-        batch = collate([i % n for i in chunk])
-        lp = run_logprobs(net, batch, device).view(-1, 2).double()
+        lp = run_logprobs(net, collate([i % n for i in chunk]), device).view(-1, 2).double()
         keep = torch.tensor([i < n for i in chunk], device=device)
-        out[torch.tensor([i % n for i in chunk], device=device)[keep]] = lp[keep]
+        out[torch.tensor(chunk, device=device)[keep]] = lp[keep]
     net.train()
-    # FSDP2 reshards the root only after backward, so a forward alone leaves its parameters unsharded.
-    # Put back the sharded DTensors that the optimizer and checkpoints refer to.
-    net.reshard()
+    net.reshard()   # FSDP2 reshards the root after a backward only: back to the optimizer's shards
     dist.all_reduce(out)   # one rank wrote each row; the others hold 0
     return out.float().cpu()
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints. Sharded (torch.distributed.checkpoint: each rank writes its own shards) into
-# step-N.tmp, renamed when complete: a kill at any moment leaves the last good checkpoint.
-# The step is the data position (the order is a pure function of the seed), and the lr is a
-# pure function of the step: there is no scheduler state to save.
-# ----------------------------------------------------------------------------------------------
+# Checkpoints: sharded (torch.distributed.checkpoint, each rank its own shards) into step-N.tmp,
+# renamed when complete, so a kill leaves the last good one. The data order and the lr are pure
+# functions of the seed and the step: there is no scheduler state to save.
 def save_checkpoint(out, net, opt, step, args, rank):
     """The checkpoint of `step` (its path), or None when the disk is full: then the partial files are
     removed, the last good checkpoint is kept, and training goes on (the weights are still in memory)."""
@@ -401,17 +378,14 @@ def failures_on_ranks(fn):
     """fn() on this rank (None: nothing to do here), then every rank learns what failed: a failure on one
     rank must stop every rank alike, or the next collective hangs. A full disk anywhere is returned (as
     text; "" when none failed); any other failure is raised on every rank."""
-    err = None
+    err = mine = None
     try:
         if fn is not None:
             fn()
-    except (Exception, CheckpointException) as e:
+    except (Exception, CheckpointException) as e:   # CheckpointException is a BaseException
         err = e
-    mine = None
-    if err is not None:
-        inner = err.failures.values() if isinstance(err, CheckpointException) else [(err,)]
-        text = "; ".join(str(f[0]) for f in inner)
-        mine = (dist.get_rank(), text.strip(), modeling.is_disk_full(err))
+        inner = e.failures.values() if isinstance(e, CheckpointException) else [(e,)]
+        mine = (dist.get_rank(), "; ".join(str(f[0]) for f in inner).strip(), modeling.is_disk_full(e))
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine)
     every = [f for f in every if f is not None]
@@ -437,9 +411,8 @@ def run_inputs(args):
 
 
 def load_checkpoint(path, net, opt, rank, args):
-    """Restore a checkpoint in place; returns its step. Refuses one written with other settings that
-    change the result (RESUME_MUST_MATCH, and the hashes of the model and pairs), or by another number
-    of processes (each rank's RNG state is its own file)."""
+    """Restore a checkpoint in place; returns its step. Refuses one of other settings that change the
+    result (RESUME_MUST_MATCH, the model and pairs hashes) or world size (RNG states are per rank)."""
     with open(os.path.join(path, "meta.json")) as f:
         meta = json.load(f)
     world = dist.get_world_size()
@@ -475,10 +448,9 @@ def latest_checkpoint(out):
 
 
 def export(net, margs, tok, path, dtype, rank):
-    """The hub-format model (save_pretrained + tokenizer files): the full state dict is gathered to
-    rank 0's CPU, loaded into a plain Transformer and written there. On a full disk the trained model is
-    written into a fresh folder under the temporary directory ($TMPDIR) instead, and a DiskFull on every
-    rank names both paths."""
+    """The hub-format model: the full state dict gathered to rank 0's CPU, loaded into a plain
+    Transformer and written there; on a full disk into a fresh folder under $TMPDIR instead, and a
+    DiskFull on every rank names both paths."""
     sd = get_model_state_dict(net.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     err = [None]
     if rank == 0:
@@ -532,7 +504,6 @@ def save_model(plain, tok, path):
 # every input token goes through the blocks (6 * block params) and attends over its row
 # (12 * L * H * hd * T, no causal discount); only target tokens go through the LM head (6 * V * D).
 # MFU divides by the GPU's peak bf16 FLOP/s; on a CPU it is not reported.
-# ----------------------------------------------------------------------------------------------
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
               "4090": 165e12}
 
@@ -562,7 +533,6 @@ def get_lr(step, total, args):
 # The two objectives differ only in their rows and their micro-batch loss. A micro-batch's loss
 # is its share of the mean over the global batch (pairs for DPO, response tokens for SFT), so the
 # sum over micro-batches and ranks is the step's loss.
-# ----------------------------------------------------------------------------------------------
 def dpo_rows(args, tok, margs, rank, world, device, log):
     """Tokenised pairs, the indices to train on (--pairs-kind), and their collate function."""
     if args.pairs is None:
@@ -597,14 +567,12 @@ def sft_rows(args, tok, margs, rank, world, device, log):
 
 
 def dpo_objective(args, net, rows, collate, rank, world, device, log):
-    """The micro-batch loss of DPO / SCDPO (with the optional NLL term) against the reference, whose
-    log-probs are precomputed once (and cached beside the pairs) or come from a frozen live copy."""
+    """The micro-batch loss of DPO / SCDPO (+ NLL) against the reference (--ref: cached or a live copy)."""
     ref, ref_net = None, None
     if args.ref == "precompute":
-        # The key holds all that changes the numbers: model, pairs, how they are cut, dtype (bf16 on a GPU)
-        # and layout (--packed: in bf16 other attention kernels and GEMM shapes, so a cache of the other
-        # layout makes policy != reference at step 0). --micro-batch and the world size only regroup the
-        # rows, as training's batches do anyway: the runs that differ in them share the cache.
+        # The key holds all that changes the numbers: model, pairs, cuts, dtype (bf16 on a GPU) and
+        # --packed (in bf16 other kernels and GEMM shapes: the other layout's cache makes policy !=
+        # reference at step 0). --micro-batch and world size only regroup rows: they share the cache.
         key = hashlib.sha256(json.dumps([data.model_fingerprint(args.model), data.sha256_file(args.pairs),
                                          args.max_len, args.max_prompt, str(device.type == "cuda"),
                                          args.packed]).encode()).hexdigest()[:16]
@@ -614,12 +582,10 @@ def dpo_objective(args, net, rows, collate, rank, world, device, log):
             raise ValueError(f"the ranks see different --model or --pairs files (reference cache keys "
                              f"{keys}): every rank must read the same ones")
         cache = f"{args.pairs}.ref-{key}.pt"
-        # Beside the pairs, so the three --pairs-kind runs share it. In --out if that folder is
-        # not writable (checked before computing, so a failed write cannot lose the work).
+        # in --out where the pairs' folder is not writable (checked first, so no work is lost)
         spare = os.path.join(args.out, os.path.basename(cache))
 
-        # Rank 0 alone looks and reads (on_rank0), and sends the (pairs, 2) floats: little to send, and
-        # no file system shared by the ranks needed.
+        # Rank 0 alone looks and reads, and sends the (pairs, 2) floats: no shared file system needed.
         def look():
             found = next((c for c in (cache, spare) if os.path.exists(c)), None)
             return found, (torch.load(found) if found else None)
@@ -636,8 +602,7 @@ def dpo_objective(args, net, rows, collate, rank, world, device, log):
                 save_reference(ref, cache, log)
     else:
         margs = modeling.read_config(args.model)[1]
-        # frozen, so kept in the compute dtype: half the memory of fp32 on a GPU, the same numbers (FSDP
-        # casts to it for compute anyway)
+        # frozen: kept in the compute dtype, half fp32's memory and the same numbers (FSDP computes in it)
         ref_net = load_sharded(args.model, margs, device, trainable=False, dtype=compute_dtype(device)).eval()
 
     def loss(batch, ids, step_ids):
@@ -659,8 +624,7 @@ def dpo_objective(args, net, rows, collate, rank, world, device, log):
 
 
 def not_writable(folder):
-    """None when a file can be created in `folder`, else why not, in the OS's words (a read-only file
-    system, no permission, a path that is no folder)."""
+    """None when a file can be created in `folder`, else why not, in the OS's words."""
     try:
         fd, probe = tempfile.mkstemp(dir=folder or ".", prefix=".write-probe-")
         os.close(fd)
@@ -696,7 +660,6 @@ def sft_objective(args, net, rows, collate, rank, world, device, log):
 
 # ----------------------------------------------------------------------------------------------
 # Training
-# ----------------------------------------------------------------------------------------------
 def check_settings(args, world):
     if not args.model:
         raise ValueError("--model is required (a hub-format folder; for the demo on a CPU: python mini.py)")
@@ -710,9 +673,6 @@ def check_settings(args, world):
                          f"{args.max_len} (each continuation gets --max-len minus --max-prompt tokens)")
 
 
-RUN_FILES = ("log.jsonl", "checkpoints", "final")
-
-
 def on_rank0(fn):
     """fn() run on rank 0, its value sent to every rank: for what is decided from files. Ranks that
     looked for themselves could disagree (a file on node-local disk, or written between two ranks'
@@ -723,10 +683,9 @@ def on_rank0(fn):
 
 
 def prepare_out(args, rank):
-    """A new run never mixes with an old one in --out: it refuses (without --resume or --overwrite), or
-    with --overwrite removes the old log, checkpoints and final model first, so that no stale
-    final/DONE can mark a later run complete."""
-    old = [f for f in RUN_FILES if os.path.exists(os.path.join(args.out, f))]
+    """A new run never mixes with an old one in --out: refused without --resume or --overwrite;
+    --overwrite first removes the old run, so that no stale final/DONE marks a later run complete."""
+    old = [f for f in ("log.jsonl", "checkpoints", "final") if os.path.exists(os.path.join(args.out, f))]
     if old and not args.resume and not args.overwrite:
         raise FileExistsError(f"--out {args.out} holds an earlier run ({', '.join(old)}): pass --resume to "
                               f"continue it or --overwrite to start over")
@@ -743,10 +702,9 @@ def prepare_out(args, rank):
 
 
 def train(args, return_model=True):
-    """Train as the flags say (`args`: get_parser().parse_args(...) or settings(...)); returns the final
-    model as a plain Transformer loaded from <out>/final on every rank (None after --stop-after, or
-    without return_model: the command line does not read it back, unless --eval needs it).
-    Raises on a non-finite loss or gradient norm."""
+    """Train as the flags say (get_parser().parse_args(...) or settings(...)). Returns the final model, a
+    plain Transformer from <out>/final on every rank; None after --stop-after or without return_model
+    (the command line, which loads it for --eval only). Raises on a non-finite loss or gradient norm."""
     args = resolve_defaults(args)
     rank, world, _, device = modeling.compute_init()
     cuda = device.type == "cuda"
@@ -766,8 +724,7 @@ def train(args, return_model=True):
     dpo = args.objective == "dpo"
     rows, items, collate = (dpo_rows if dpo else sft_rows)(args, tok, margs, rank, world, device, log)
     order = batch_order(len(items), args.epochs, args.global_batch, args.seed)
-    steps = [[items[i] for i in b] for b in order]
-    steps = steps[:args.max_steps or None]
+    steps = [[items[i] for i in b] for b in order][:args.max_steps or None]
     total = len(steps)
     if total == 0:
         raise ValueError(f"{len(items)} training items is less than one global batch ({args.global_batch})")
@@ -787,8 +744,7 @@ def train(args, return_model=True):
         start = load_checkpoint(ckpt, net, opt, rank, args)
         log(f"resumed from {ckpt} at step {start}")
     if args.resume and rank == 0 and os.path.exists(log_path):
-        # The killed run logged steps past its checkpoint; they are redone, so keep steps <= start
-        # (and drop a line torn by the kill).
+        # steps past the checkpoint are redone: keep those <= start, and no line torn by the kill
         logged = data.read_jsonl(log_path, torn=True)
         data.write_jsonl(log_path, [r for r in logged if r["step"] <= start])
 
@@ -799,7 +755,7 @@ def train(args, return_model=True):
         lr = get_lr(step, total, args)
         for g in opt.param_groups:
             g["lr"] = lr
-        sums = torch.zeros(6, dtype=torch.float64, device=device)   # loss, acc, r_w, r_l, tokens, targets
+        sums = torch.zeros(5, dtype=torch.float64, device=device)   # loss, acc, r_w, r_l, tokens
         flops = 0
         for ids in micro_batches(steps[step][rank::world], args.micro_batch):   # this rank's share
             batch = collate(ids)
@@ -808,7 +764,6 @@ def train(args, return_model=True):
             n_tok = sum(row_tokens(rows[i], args) for i in ids)
             sums[:4] += stats.double()
             sums[4] += n_tok
-            sums[5] += len(batch["tgt"])
             flops += step_flops(margs, n_block_params, n_tok, len(batch["tgt"]), batch["input_ids"].shape[1])
         dist.all_reduce(sums)
         loss_val = sums[0].item()
@@ -844,10 +799,9 @@ def train(args, return_model=True):
 
     # --- export, and the optional evaluation --------------------------------------------------------
     export(net, margs, tok, final, compute_dtype(device), rank)
-    # Free the trained shards (and a --ref live reference) before the full model is loaded for --eval. The
-    # loop's last loss (its graph's FSDP hooks) and param group `g` refer to them too, and FSDP2's modules
-    # and their state refer to each other: only a collection frees them.
-    del net, opt, loss_fn, part, g
+    # Free the trained shards (and a live reference) before --eval loads the full model. The last loss's
+    # graph (FSDP hooks) and `g` refer to them too, and FSDP2's modules and state form cycles: gc frees them.
+    net = opt = loss_fn = part = g = None   # bound even if no step ran here (a resume at the end)
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
