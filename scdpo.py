@@ -801,7 +801,7 @@ def train(args, return_model=True):
     export(net, margs, tok, final, compute_dtype(device), rank)
     # Free the trained shards (and a live reference) before --eval loads the full model. The last loss's
     # graph (FSDP hooks) and `g` refer to them too, and FSDP2's modules and state form cycles: gc frees them.
-    net = opt = loss_fn = part = g = None   # bound even if no step ran here (a resume at the end)
+    net = opt = loss_fn = part = g = None   # not `del`: part and g exist only if a step ran
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
