@@ -718,7 +718,8 @@ def table1(args, runs, seconds):
     for c, d in differences(runs, args.boot).items():
         lines.append(f"  - {c:<17} accuracy {fmt_ci(d['accuracy'])} | top-1 {fmt_ci(d['top-1'])} | "
                      f"AUC {fmt_ci(d['AUC'])}")
-    pct = lambda key: f"{100 * mean([r[1][key] for r in runs]):.1f}%"
+    def pct(key):   # a pair statistic's mean over seeds
+        return f"{100 * mean([r[1][key] for r in runs]):.1f}%"
     lines.append(f"naive pairs that differ before the rejected's first error: in text "
                  f"{pct('naive_differ_text')}, in route {pct('naive_differ_route')} | chosen with a wrong "
                  f"step (noisy): naive {pct('naive_noisy_chosen')}, step-controlled {pct('sc_noisy_chosen')}")
