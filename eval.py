@@ -477,8 +477,8 @@ def main(argv=None):
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
              "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     print0(json.dumps(vars(args)))
-    tok = modeling.Tokenizer.from_pretrained(args.model)
-    policy = modeling.Transformer.from_pretrained(args.model, dtype=dtype, device=device).eval()
+    policy, tok = modeling.load(args.model, dtype=dtype, device=device)   # checked against each other
+    policy.eval()
     t0 = time.time()
     if args.data is not None:
         records = data.load_records(args.data, args.limit)
@@ -496,6 +496,9 @@ def main(argv=None):
             print(f"no extractable answer: {missing}/{n} predictions")
     else:
         ref = modeling.Transformer.from_pretrained(args.ref, dtype=dtype, device=device).eval()
+        if ref.args.vocab_size != policy.args.vocab_size:   # the rewards compare one token's two log-probs
+            raise ValueError(f"--ref {args.ref} has {ref.args.vocab_size} embeddings but --model {args.model} "
+                             f"has {policy.args.vocab_size}: the two must share a vocabulary")
         ex = load_processbench(args.processbench, args.limit)
         res = credit_assignment(policy, ref, tok, ex, args.beta, args.threshold, args.rule,
                                 html_path=args.html, batch_size=args.batch_size or 16,

@@ -212,3 +212,16 @@ def test_bad_eval_files_are_refused_naming_the_file(tmp_path):
     with pytest.raises(ValueError, match=rf"processbench/gsm8k.json: record 1 \(id {real[1]['id']}\) has no field 'label'"):
         E.load_processbench("gsm8k", root=str(tmp_path))
     assert len(E.load_processbench("gsm8k", limit=1, root=str(tmp_path))) == 1   # the records before it load
+
+
+def test_eval_refuses_a_model_without_rows_for_its_tokenizer_or_a_reference_of_another_vocabulary(
+        ckpts, problems, tmp_path):
+    """A model with fewer embedding rows than its tokenizer has ids (it would index past them), and a
+    --ref whose vocabulary differs from --model's (the rewards compare the same token id's log-probs)."""
+    small, other = tmp_path / "small", tmp_path / "other"
+    tiny_checkpoint(small, vocab=1000, tokenizer="mistral")   # Mistral's tokenizer: 32000 ids
+    with pytest.raises(ValueError, match=r"tokenizer has 32000 tokens but the model's embedding has only 1000"):
+        E.main(["--model", str(small), "--data", problems[0], "--limit", "1", "--max-new-tokens", "2"])
+    tiny_checkpoint(other, vocab=32064, tokenizer="mistral")
+    with pytest.raises(ValueError, match=r"--ref .*other has 32064 embeddings but --model .* has 32000"):
+        E.main(["--model", ckpts[0], "--ref", str(other), "--processbench", "gsm8k", "--limit", "2"])

@@ -236,6 +236,13 @@ def test_bad_pairs_are_refused_up_front(tiny, tmp_path):
     json.dump({**fp, "model": "0" * 16}, open(tmp_path / "p.jsonl.meta.json", "w"))
     with pytest.raises(ValueError, match="sampled with model 0000000000000000"):
         scdpo.train(args_for(str(root / "model"), str(tmp_path / "p.jsonl"), str(tmp_path / "c")))
+    # SFT solutions whose tokens lie past that model's embeddings
+    data.write_jsonl(str(tmp_path / "sft.jsonl"), [{"id": "0", "question": "What is 7*8?", "gold": "56",
+                                                     "solution": "7*8=56\n\nThe answer is 56."}])
+    with pytest.raises(ValueError, match=r"sft.jsonl: tokenised with \d+ ids \(largest \d+\) but --model "
+                                         r".*small has 100 embeddings"):
+        scdpo.train(scdpo.settings(objective="sft", model=str(tmp_path / "small"), data=str(tmp_path / "sft.jsonl"),
+                                   global_batch=1, micro_batch=1, out=str(tmp_path / "d"), quiet=True))
 
 
 # ----------------------------------------------------------------------------------------------
