@@ -497,8 +497,8 @@ def main(argv=None):
     else:
         ref = modeling.Transformer.from_pretrained(args.ref, dtype=dtype, device=device).eval()
         if ref.args.vocab_size != policy.args.vocab_size:   # the rewards compare one token's two log-probs
-            raise ValueError(f"--ref {args.ref} has {ref.args.vocab_size} embeddings but --model {args.model} "
-                             f"has {policy.args.vocab_size}: the two must share a vocabulary")
+            raise ValueError(f"--ref {args.ref} has {ref.args.vocab_size} embeddings but --model "
+                             f"{args.model} has {policy.args.vocab_size}: the two must share a vocabulary")
         ex = load_processbench(args.processbench, args.limit)
         res = credit_assignment(policy, ref, tok, ex, args.beta, args.threshold, args.rule,
                                 html_path=args.html, batch_size=args.batch_size or 16,

@@ -562,8 +562,9 @@ def sft_rows(args, tok, margs, rank, world, device, log):
     rows = [r for r in rows if r]
     top = max((max(r["prompt"] + r["response"]) for r in rows), default=-1)
     if top >= margs.vocab_size:   # an embedding lookup past the table: on a GPU a bare device assert
-        raise ValueError(f"--data {args.data}: tokenised with {tok.vocab_size} ids (largest {top}) but --model "
-                         f"{args.model} has {margs.vocab_size} embeddings: tokenizer and model do not match")
+        raise ValueError(f"--data {args.data}: tokenised with {tok.vocab_size} ids (largest {top}) but "
+                         f"--model {args.model} has {margs.vocab_size} embeddings: tokenizer and model "
+                         f"do not match")
     log(f"sft examples: {len(rows)} (of {len(recs)}; {len(recs) - len(rows)} prompts too long)"
         + left_out(len(rows), args.global_batch))
     pad = tok.pad_id if tok.pad_id is not None else 0

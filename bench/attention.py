@@ -10,6 +10,12 @@ here: Qwen2.5-0.5B's heads (14 query, 2 key/value, head size 64), bf16, rows of 
 64), a packed [prompt | chosen | rejected] mask, and in head 0 queries and keys pointing in opposite
 directions so that every score is about -100. Gradients are compared with float64 ones; the cuDNN line
 says whether its dQ has NaN (the bug); ours must be finite and within bf16 rounding of float64.
+
+Then, on a GPU, the memory of the masks (model.additive_mask's claims): 8 "layers" of masked attention
+share one mask of rows of 2045 tokens (not a multiple of 8), forward then backward; the peak above the
+inputs for a bool mask (SDPA makes an additive one at each call), a contiguous additive one (its rows
+not 8-aligned: CUDA pads a copy at each call) and additive_mask's (8-aligned rows, shared). The first
+two should cost about a mask (bf16) per layer more than the third.
 """
 import argparse
 import os
@@ -22,7 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data            # noqa: E402
-from model import attend, MASKED_BACKENDS  # noqa: E402
+from model import additive_mask, attend, MASKED_BACKENDS  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -105,3 +111,37 @@ if ours is not None:   # bf16 keeps 8 bits: a relative error of a few 2^-8 is ro
     ok = sum(ours[0]) == 0 and max(ours[1]) <= 4 * 2 ** -8
     print(f"verdict: our gradients finite and within 4 bf16 ulps (1.6e-2) of float64: "
           f"{'PASS' if ok else 'FAIL'}")
+
+
+
+def mask_memory(form, L=8, B=4, H=8, T=2045):
+    """Peak bytes above the inputs of L masked attention calls sharing one mask, forward and backward."""
+    allowed = torch.ones(T, T, dtype=torch.bool, device=dev).tril().expand(B, T, T)
+    mask = {"bool": lambda: allowed[:, None].contiguous(),
+            "additive, unaligned": lambda: additive_mask(allowed, torch.bfloat16).contiguous(),
+            "additive_mask (8-aligned)": lambda: additive_mask(allowed, torch.bfloat16)}[form]()
+    qkv = [torch.randn(3, B, H, T, HD, device=dev, dtype=torch.bfloat16).requires_grad_() for _ in range(L)]
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if dev.type == "cuda" else 0
+    sum(attend(x[0], x[1], x[2], mask).float().sum() for x in qkv).backward()
+    return torch.cuda.max_memory_allocated() - base if dev.type == "cuda" else None
+
+
+FORMS = ("bool", "additive, unaligned", "additive_mask (8-aligned)")
+shape = dict(T=2045) if dev.type == "cuda" else dict(L=2, T=67)   # a CPU only runs the code
+one_mask = 4 * shape["T"] ** 2 * 2                                 # B x T x T in bf16
+peaks = {}
+for form in FORMS:
+    try:
+        peaks[form] = mask_memory(form, **shape)
+        mib = "no CUDA memory stats on a CPU" if peaks[form] is None else f"{peaks[form] / 2**20:8.1f} MiB"
+        print(f"mask memory, {form:<26} | peak above the inputs: {mib}", flush=True)
+    except Exception:
+        print(f"mask memory, {form:<26} | FAILED: {traceback.format_exc(limit=1).strip().splitlines()[-1]}",
+              flush=True)
+if len(peaks) == 3 and dev.type == "cuda":
+    more = {f: (peaks[f] - peaks[FORMS[2]]) / one_mask for f in FORMS[:2]}
+    print(f"mask memory: one mask is {one_mask / 2**20:.1f} MiB; over 8 layers, more than additive_mask's: "
+          f"bool {more['bool']:+.1f} masks, unaligned {more['additive, unaligned']:+.1f} masks")

@@ -12,11 +12,12 @@
 #      memory at N=8192 D=4096 V=131072 against naive torch, a bf16 torch.mm of the same size (the peak)
 #      and Liger-Kernel (bench/logprobs.py --device cuda); target >= 70% of peak at <= 1/4 naive memory
 #   3. attention: the cuDNN NaN repro (row length % 128 == 64, log-sum-exp < -88.7, masked) through
-#      model.attend, finite gradients (bench/attention.py)
+#      model.attend, finite gradients; the memory of bool, unaligned and 8-aligned additive masks
+#      (bench/attention.py)
 #   4. sampler: tokens/s against transformers' generate at batch 64, Qwen2.5-0.5B shape, and peak cache
 #      memory (bench/sample.py); target >= 3x
 #   5. training: DPO tokens/s and MFU at Qwen2.5-0.5B and -1.5B shapes, length 1024 (bench/train.py);
-#      target MFU >= 40%
+#      target MFU >= 40%; and at step 0, bf16, the policy's log-probs minus its precomputed reference's
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python3 || command -v python)}   # GPU images often have python3 alone

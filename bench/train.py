@@ -23,6 +23,7 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data                                     # noqa: E402
@@ -118,6 +119,29 @@ def one_step(net, opt, ref_net, margs, n_block, rows, ref_lps, packed, step):
     return time.time() - t0, flops, tokens
 
 
+def reference_gap(net, rows, packed):
+    """Step 0 of a run with --ref precompute: the policy's summed log-probs (train mode, with grad, the
+    first step's micro-batches) minus the cache's (scdpo.reference_logprobs: eval, no grad), on the same
+    weights, with the cache made in the same layout and in the other one (why --packed is in the
+    cache's key). {layout: (max |gap| of a sequence, max |h|)}, h the DPO margin, over all ranks."""
+    n = MB * args.accum * world
+    collate = lambda p: lambda ids: data.collate_pairs([rows[i] for i in ids], packed=p, pad_id=0)
+    out = {}
+    for layout in (packed, not packed):
+        ref = scdpo.reference_logprobs(net, rows[:n], collate(layout), argparse.Namespace(micro_batch=MB),
+                                       device, rank, world)
+        worst = torch.zeros(2, dtype=torch.float64, device=device)
+        for a in range(args.accum):
+            ids = list(range((a * world + rank) * MB, (a * world + rank + 1) * MB))
+            gap = scdpo.run_logprobs(net, collate(packed)(ids), device).view(-1, 2).detach().cpu() - ref[ids]
+            worst = torch.maximum(worst, torch.stack([gap.abs().max(), (gap[:, 0] - gap[:, 1]).abs().max()])
+                                  .double().to(device))
+        net.reshard()   # no backward followed the forwards
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        out["same layout" if layout == packed else "other layout"] = worst.tolist()
+    return out
+
+
 def bench(shape):
     """The four configurations on one policy and optimizer (a step costs the same whatever the values),
     their steps interleaved so that a slow spell of a shared machine hits all of them alike; per
@@ -129,6 +153,11 @@ def bench(shape):
     opt = torch.optim.AdamW(net.parameters(), lr=1e-7)
     live = random_sharded(margs, trainable=False).eval()
     rows = synthetic_pairs(MB * world * args.accum * (args.steps + 1), margs.vocab_size)
+    for packed in (True, False):   # before any step: the policy is the reference
+        gaps = reference_gap(net, rows, packed)
+        print0(f"{shape}: step 0, {'packed' if packed else 'unpacked'}: policy - precomputed reference, "
+               f"max |gap| of a sequence / max |h|: " + " | ".join(f"cache in the {k} {g:.2e} / {h:.2e}"
+                                                          for k, (g, h) in gaps.items()))
     ref_lps = torch.randn(len(rows), 2) - 50.0      # what the precomputed cache would hold
     configs = [(packed, ref) for packed in (True, False) for ref in ("precompute", "live")]
     best, peak_mem = {}, {}
