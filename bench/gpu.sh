@@ -18,6 +18,10 @@
 #      memory (bench/sample.py); target >= 3x
 #   5. training: DPO tokens/s and MFU at Qwen2.5-0.5B and -1.5B shapes, length 1024 (bench/train.py);
 #      target MFU >= 40%; and at step 0, bf16, the policy's log-probs minus its precomputed reference's
+#   6. pipeline: the code only a GPU runs (bf16 compute, pinned copies, the CUDA graph, CUDA RNG states in
+#      checkpoints), end to end on the miniature's task at a small size: mini.py (SFT, pair sampling,
+#      four DPO runs, greedy accuracy, credit assignment), then scdpo.py killed after 2 of 4 steps,
+#      resumed, exported and evaluated with --static
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python3 || command -v python)}   # GPU images often have python3 alone
@@ -52,15 +56,38 @@ for name in ("triton", "transformers", "liger_kernel"):
         print(f"{name}: not importable ({type(e).__name__}: {e}); the lines that need it say so")
 EOF
 
+# The pipeline part: on a GPU, every stage on the device that compute_init picks (cuda:0).
+pipeline() {
+    local out
+    out=$(mktemp -d "${TMPDIR:-/tmp}/scdpo-gpu-pipeline-XXXXXX")
+    local seed="$out/mini/seed0"
+    local run=("$PY" scdpo.py --model "$seed/sft/final" --pairs "$seed/pairs-scdpo.jsonl" --out "$out/dpo"
+               --global-batch 8 --micro-batch 4 --max-len 128 --max-prompt 100 --max-steps 4 --lr 2e-5
+               --save-every 2 --log-every 1)
+    "$PY" mini.py --out "$out/mini" --n-sft 2000 --sft-steps 200 --n-pairs 128 --k-max 4 --steps 4 \
+        --batch 8 --n-eval 64 --n-dev 32 --n-credit 64 --boot 50 &&
+    "${run[@]}" --stop-after 2 &&
+    "${run[@]}" --resume --eval "$seed/sft.jsonl" --eval-limit 32 --static &&
+    "$PY" -c "import json, sys; steps = [json.loads(l)['step'] for l in open(sys.argv[1])]
+assert steps == [1, 2, 3, 4], steps; print('pipeline: resumed run logged steps', steps)" "$out/dpo/log.jsonl"
+    local rc=$?
+    rm -rf "$out"
+    return $rc
+}
+export -f pipeline   # timeout runs commands, not functions: it runs `bash -c pipeline`
+export PY
+
 if [ $DRY -eq 0 ]; then
-    part kernels 140 "$PY" bench/logprobs.py --device cuda
+    part kernels 120 "$PY" bench/logprobs.py --device cuda
     part attention 40 "$PY" bench/attention.py --device cuda
-    part sampler 120 "$PY" bench/sample.py --device cuda --reps 3
-    part training 130 "$PY" bench/train.py --device cuda --steps 3
+    part sampler 100 "$PY" bench/sample.py --device cuda --reps 3
+    part training 110 "$PY" bench/train.py --device cuda --steps 3
+    part pipeline 80 bash -c pipeline
 else   # the CPU paths of the same scripts, small
     part kernels 120 "$PY" bench/logprobs.py --N 256 --D 64 --V 1000 --iters 1
     part attention 120 "$PY" bench/attention.py --device cpu --T 192
     part sampler 300 "$PY" bench/sample.py --size tiny --batch 4 --new 8 --reps 1
     part training 300 "$PY" bench/train.py --steps 1 --prompt-len 32 --cont-len 8
+    part pipeline 300 bash -c pipeline
 fi
 echo "=== all parts done in $(( $(date +%s) - START ))s"
