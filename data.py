@@ -378,14 +378,15 @@ def sha256_file(path, sample=None):
 
 
 def model_fingerprint(path):
-    """{'model': .., 'tokenizer': ..}: hashes of a hub folder's config + weights and of its tokenizer
-    files."""
+    """{'model': .., 'tokenizer': ..}: hashes of a hub folder's config + weights and of the files its
+    prompts come from: the tokenizer's, and chat_template.jinja, which overrides tokenizer_config.json's
+    template (a template added after sampling would train on other prompts than it sampled)."""
     def digest(files, sample=None):
         joined = "".join(sha256_file(f, sample) for f in sorted(files))
         return hashlib.sha256(joined.encode()).hexdigest()[:16]
     weights = glob.glob(os.path.join(path, "*.safetensors")) + [os.path.join(path, "config.json")]
-    toks = [f for f in (os.path.join(path, "tokenizer.json"), os.path.join(path, "tokenizer_config.json"))
-            if os.path.exists(f)]
+    toks = [os.path.join(path, f) for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                                            "special_tokens_map.json") if os.path.exists(os.path.join(path, f))]
     return {"model": digest(weights, sample=1 << 20), "tokenizer": digest(toks)}
 
 

@@ -286,6 +286,15 @@ def test_cli_pairs_record_their_model_and_scdpo_refuses_another(setup, tmp_path)
     scdpo.check_pairs_match(out, rows, tok, margs, model_a)                # the sampling model: accepted
     with pytest.raises(ValueError, match=r"sampled with tokenizer [0-9a-f]{16} .* but --model .*/b has tokenizer"):
         scdpo.check_pairs_match(out, rows, tok, margs, model_b)
+    # the sampling model's folder given a chat_template.jinja afterwards: its prompts are no longer those
+    # the pairs were sampled under (the file overrides tokenizer_config.json's template)
+    with open(os.path.join(model_a, "chat_template.jinja"), "w") as f:
+        f.write("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    try:
+        with pytest.raises(ValueError, match=r"sampled with tokenizer [0-9a-f]{16} .* but --model .*/ckpt has tokenizer"):
+            scdpo.check_pairs_match(out, rows, tok, margs, model_a)
+    finally:
+        os.remove(os.path.join(model_a, "chat_template.jinja"))   # `setup` is shared by the module's tests
 
 
 def test_code_format_runs_the_code_of_every_sample(tmp_path):
