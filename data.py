@@ -385,8 +385,8 @@ def model_fingerprint(path):
         joined = "".join(sha256_file(f, sample) for f in sorted(files))
         return hashlib.sha256(joined.encode()).hexdigest()[:16]
     weights = glob.glob(os.path.join(path, "*.safetensors")) + [os.path.join(path, "config.json")]
-    toks = [os.path.join(path, f) for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                                            "special_tokens_map.json") if os.path.exists(os.path.join(path, f))]
+    names = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+    toks = [os.path.join(path, f) for f in names if os.path.exists(os.path.join(path, f))]
     return {"model": digest(weights, sample=1 << 20), "tokenizer": digest(toks)}
 
 

@@ -30,6 +30,26 @@ PLAIN_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ 'Answer:\\n' }}{% endif %}"
 )
 
+# MetaMath-Mistral-7B's prompt (the paper's chain-of-thought model), which its hub folder does not ship:
+# Alpaca's instruction format ending in "Let's think step by step.", as MetaMath's evaluation scripts
+# write it. Saved in a model folder as chat_template.jinja (README: "Data files"), every stage uses it.
+# The space after BOS: MetaMath tokenised text, to which SentencePiece prepends "▁" ("▁Below"); text
+# after a special token gets none, and "<s>Below" would be "Bel", "ow".
+METAMATH_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ ' Below is an instruction that describes a task. Write a response "
+    "that appropriately completes the request.\\n\\n### Instruction:\\n' + message['content'] + "
+    "'\\n\\n### Response:' }}"
+    "{% elif message['role'] == 'assistant' %}{{ \" Let's think step by step.\" + message['content'] }}"
+    "{{ eos_token }}"
+    "{% else %}{{ raise_exception('the MetaMath template knows the roles user and assistant, not ' + "
+    "message['role']) }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ \" Let's think step by step.\" }}{% endif %}"
+)
+
 _WARNED = set()   # the chat templates check_prompt_prefix has warned about
 
 

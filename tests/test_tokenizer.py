@@ -153,6 +153,33 @@ def test_plain_template_matches_transformers(mistral, conv, gen):
     assert ids[0] == ours.bos_id == 1   # the template's "<s>" text is the BOS token, not "<", "s", ">"
 
 
+# MetaMath's evaluation prompt, as its eval_gsm8k.py and eval_math.py write it (meta-math/MetaMath).
+METAMATH_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                   "the request.\n\n### Instruction:\n{instruction}\n\n### Response: Let's think step by step.")
+
+
+def test_metamath_template_renders_metamaths_prompt(mistral, tmp_path, capsys):
+    """tokenizer.METAMATH_CHAT_TEMPLATE, saved as chat_template.jinja beside MetaMath-Mistral-7B's tokenizer
+    (Mistral's): the prompt is MetaMath's text, its ids those transformers' tokenizer gives that text (BOS
+    first and "▁Below", as MetaMath trained and vLLM feeds it), the whole conversation is the prompt + answer + EOS, as transformers renders it."""
+    _, hf = mistral
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(MISTRAL, f), tmp_path / f)
+    (tmp_path / "chat_template.jinja").write_text(tokenizing.METAMATH_CHAT_TEMPLATE)
+    ours = Tokenizer.from_pretrained(str(tmp_path))
+    question, answer = "Janet has 3 ducks. How many legs do they have?", "\n3 * 2 = 6\nThe answer is: 6"
+    prompt = ours.render_prompt(question)
+    assert prompt == "<s> " + METAMATH_PROMPT.format(instruction=question)
+    assert ours.encode(prompt) == hf(METAMATH_PROMPT.format(instruction=question))["input_ids"]
+    for conv, gen in (([{"role": "user", "content": question}], True),
+                      ([{"role": "user", "content": question}, {"role": "assistant", "content": answer}], False)):
+        text, ids = _reference(hf, conv, gen, template=tokenizing.METAMATH_CHAT_TEMPLATE)
+        assert ours.apply_chat_template(conv, add_generation_prompt=gen) == text and ours.encode(text) == ids
+    assert ours.render(question, answer) == prompt + answer + "</s>" and ours.stop_ids == [2]
+    ours.check_prompt_prefix("test")
+    assert capsys.readouterr().err == ""   # training rows are prompt + solution: no warning
+
+
 @pytest.mark.parametrize("gen", [False, True])
 @pytest.mark.parametrize("conv", range(len(CONVERSATIONS)))
 def test_chatml_template_matches_transformers(chatml, conv, gen):
