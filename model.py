@@ -422,19 +422,19 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(cache_pos, cache_pos + T, device=dev).expand(B, T)
         a = self.args
-        if a.sliding_window is not None or a.rope_scaling is not None:
-            # With a cache, a position never passes its slot: the slot count bounds it with no host sync
-            # (a tensor cache_pos: the cache's length). Without one, positions.max() syncs.
-            slots = cache.max_len if torch.is_tensor(cache_pos) else cache_pos + T
-            longest = slots if cache is not None else max(T, int(positions.max()) + 1)
-        if a.sliding_window is not None and longest > a.sliding_window:
-            raise ValueError(f"sequence of {longest} tokens is longer than this model's sliding window "
+        # Length checks with no host sync (a training forward of Mistral v0.1 or Llama 3.1 would wait on
+        # one per micro-batch): keys are slots, so the slot count bounds how far back a query looks.
+        slots = T if cache is None else cache.max_len if torch.is_tensor(cache_pos) else cache_pos + T
+        if a.sliding_window is not None and slots > a.sliding_window:
+            raise ValueError(f"sequence of {slots} tokens is longer than this model's sliding window "
                              f"({a.sliding_window}); sliding-window attention is not implemented, so "
                              f"sequences must fit in the window")
-        dynamic = a.rope_scaling is not None and a.rope_scaling["rope_type"] == "dynamic"
-        if dynamic and longest > a.max_seq_len:
-            raise ValueError(f"dynamic RoPE scaling past max_position_embeddings ({a.max_seq_len}) is not "
-                             f"supported")
+        if a.rope_scaling is not None and a.rope_scaling["rope_type"] == "dynamic":
+            # its scale depends on the largest position; with a cache a position never passes its slot
+            longest = slots if cache is not None else max(T, int(positions.max()) + 1)
+            if longest > a.max_seq_len:
+                raise ValueError(f"dynamic RoPE scaling past max_position_embeddings ({a.max_seq_len}) is "
+                                 f"not supported")
         if mask is None and cache is not None and T > 1:
             # causal in slot space: the query in slot cache_pos + i sees slots <= cache_pos + i
             # (a single new token sees every slot, so the decode step needs no mask)

@@ -36,6 +36,21 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Counts the calls that read a tensor's values on the host, or make a tensor from host values: each
+    is a host-device synchronisation on a GPU (a CPU run calls the same functions)."""
+    READS = {"tolist", "item", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu", "nonzero",
+             "tensor", "as_tensor", "masked_select", "unique", "repeat_interleave"}
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.n += getattr(func, "__name__", "") in self.READS
+        return func(*args, **(kwargs or {}))
+
+
 def byte_tokenizer(path):
     """A byte-level tokenizer without merges, saved in the hub's format: one token per byte, plus <s>
     and </s> (the plain chat template)."""

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 import data
 import sample
 import scdpo
-from conftest import DATA
+from conftest import DATA, HostReads
 from model import Transformer, load
 from test_tokenizer import CHATML_TEMPLATE, _bpe_dir
 
@@ -504,6 +504,19 @@ def test_mistral_longer_than_its_sliding_window_is_refused(ckpts, tmp_path):
     with pytest.raises(ValueError, match="sliding window"):
         model(_ids(n=12))
 
+
+
+@pytest.mark.parametrize("kind", ["mistral", "llama3"])
+def test_a_packed_forward_reads_nothing_back_from_the_device(ckpts, kind):
+    # Mistral v0.1's sliding window and Llama 3.1's RoPE scaling are checked against the length with
+    # no host sync: a GPU would otherwise wait once per micro-batch of training
+    model = Transformer.from_pretrained(ckpts[kind][0])
+    pos = torch.cat([torch.arange(8), torch.arange(12)]).expand(2, T)      # two documents a row
+    doc = (torch.arange(T) >= 8)
+    mask = (doc[:, None] == doc[None, :]) & (pos[0][None, :] <= pos[0][:, None])
+    with HostReads() as reads:
+        model(_ids(), positions=pos, mask=mask.expand(2, T, T))
+    assert reads.n == 0
 
 # ---- bad input: each error says what is wrong and where --------------------------------------------
 def _copy(ckpts, kind, tmp_path):

@@ -13,7 +13,7 @@ from tokenizers import decoders, models, pre_tokenizers
 
 import data
 from model import ModelArgs, Tokenizer, Transformer
-from conftest import byte_tokenizer
+from conftest import HostReads, byte_tokenizer
 from sample import Sampling, generate, logits_to_probs, sample, sample_solutions
 
 
@@ -111,21 +111,6 @@ def test_static_steps_have_one_shape_and_sample_as_the_plain_sampler():
     assert tok == pos == (9, 1) and mask[:2] == (9, 1) and slot == (1,)
     with pytest.raises(ValueError, match="static decoding does not run code"):
         ids(model, prompts, 4, static=True, fmt="code")
-
-
-class HostReads(torch.overrides.TorchFunctionMode):
-    """Counts the calls that read a tensor's values on the host, or make a tensor from host values: each
-    is a host-device synchronisation on a GPU (a CPU run calls the same functions)."""
-    READS = {"tolist", "item", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu", "nonzero",
-             "tensor", "as_tensor", "masked_select", "unique", "repeat_interleave"}
-
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.n += getattr(func, "__name__", "") in self.READS
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("cfg", [dict(), dict(temperature=0.9, top_k=20, top_p=0.9), dict(static=True)])
