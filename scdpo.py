@@ -278,7 +278,18 @@ class SeqLogprobs(nn.Module):
     def forward(self, input_ids, positions, mask, idx, tgt, seg, n_seg):
         h = self.model(input_ids, positions=positions, mask=mask, return_hidden=True)      # (B, T, D)
         lp = token_logprobs(h.flatten(0, 1)[idx], self.model.lm_head_weight, tgt)          # (N,) fp32
-        return torch.zeros(n_seg, dtype=lp.dtype, device=lp.device).index_add(0, seg, lp)  # (n_seg,)
+        return segment_sums(lp, seg, n_seg)                                                 # (n_seg,)
+
+
+def segment_sums(lp, seg, n_seg, onehot=None):
+    """sum_i [seg_i = s] lp_i for s < n_seg. CUDA's index_add adds with atomics, in another order each
+    run; there (or with onehot=True) it is a one-hot product in float64, the same bits every run."""
+    if onehot is None:
+        onehot = lp.is_cuda
+    if onehot:
+        hot = seg[None] == torch.arange(n_seg, device=seg.device)[:, None]                 # (n_seg, N)
+        return (hot.double() @ lp.double()).to(lp.dtype)
+    return torch.zeros(n_seg, dtype=lp.dtype, device=lp.device).index_add(0, seg, lp)
 
 
 def run_logprobs(net, batch, device):

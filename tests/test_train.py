@@ -76,6 +76,20 @@ def test_packed_and_unpacked_give_the_same_logprobs(tiny):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("onehot", [False, True])   # True: the path CUDA takes (index_add: atomics)
+def test_segment_sums_equal_float64_sums(onehot):
+    g = torch.Generator().manual_seed(0)
+    seg = torch.randint(0, 7, (5000,), generator=g)
+    lp = (-3 * torch.rand(5000, generator=g)).requires_grad_()
+    got = scdpo.segment_sums(lp, seg, 8, onehot=onehot)             # segment 7 is empty
+    want = [sum(x for x, s in zip(lp.tolist(), seg.tolist()) if s == k) for k in range(8)]
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), rtol=2e-6, atol=0)
+    w = torch.randn(8, generator=g)
+    (got * w).sum().backward()
+    assert torch.equal(lp.grad, w[seg])                              # each token's weight, exactly
+
 @pytest.mark.parametrize("packed", [True, False])
 def test_prompt_predictions_get_exactly_zero_gradient(tiny, packed):
     """The loss must not depend on how well the model predicts prompt tokens (question and, for a
