@@ -514,9 +514,10 @@ def save_model(plain, tok, path):
 # Throughput. Training FLOPs per step (Kaplan et al. / nanoGPT's 6N + attention, adapted):
 # every input token goes through the blocks (6 * block params) and attends over its row
 # (12 * L * H * hd * T, no causal discount); only target tokens go through the LM head (6 * V * D).
-# MFU divides by the GPU's peak bf16 FLOP/s; on a CPU it is not reported.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
-              "4090": 165e12}
+# MFU divides by the GPU's dense bf16 peak: the first entry whose name the device's name contains
+# (so PCIe and NVL cards come before the SXM ones). On a CPU it is not reported.
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100": 989e12, "H200": 989e12,
+              "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "4090": 165e12}
 
 
 def step_flops(margs, n_block_params, n_tokens, n_targets, row_len):

@@ -73,11 +73,11 @@ def synthetic_pairs(n, vocab, seed=0):
     return [{"prompt": ids(P), "chosen": cont(), "rejected": cont(), "kind": "sc"} for _ in range(n)]
 
 
-def random_sharded(margs, trainable=True):
+def random_sharded(margs, trainable=True, dtype=torch.float32):
     """SeqLogprobs of a random model, sharded, built as scdpo.load_sharded builds it (meta device, shard,
     materialise each rank's shards) with random values in place of the files'."""
     with torch.device("meta"):
-        model = Transformer(margs)
+        model = Transformer(margs).to(dtype)
     model.checkpointing = args.checkpointing
     net = scdpo.shard(scdpo.SeqLogprobs(model.requires_grad_(trainable)), device)
     net.to_empty(device=device)
@@ -151,7 +151,7 @@ def bench(shape):
     net = random_sharded(margs)
     n_block = sum(p.numel() for p in net.model.layers.parameters()) + net.model.norm.weight.numel()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-7)
-    live = random_sharded(margs, trainable=False).eval()
+    live = random_sharded(margs, trainable=False, dtype=scdpo.compute_dtype(device)).eval()   # as scdpo.py
     rows = synthetic_pairs(MB * world * args.accum * (args.steps + 1), margs.vocab_size)
     for packed in (True, False):   # before any step: the policy is the reference
         gaps = reference_gap(net, rows, packed)
