@@ -100,7 +100,9 @@ def load_records(spec, limit=None, root=None):
             raise ValueError(f"unknown data set {part!r}: use one of {sorted(DATASETS) + sorted(ALIASES)} "
                              f"or a .jsonl path")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: not found (data set {part!r})")
+            where = ("; named sets are read from $SCDPO_DATA, else ../shared/data beside the repository"
+                     if name in DATASETS else "")
+            raise FileNotFoundError(f"{path}: not found (data set {part!r}){where}")
         recs = read_jsonl(path, lambda row, where: parse_record(row, where, source))
         if not recs:
             raise ValueError(f"{path}: no records (empty file); expected JSON lines with a question and a "
@@ -108,7 +110,7 @@ def load_records(spec, limit=None, root=None):
         for i, rec in enumerate(recs):
             rec["id"] = f"{source}/{rec['id']}" if rec["id"] else f"{tag.replace(':', '/')}/{i}"
         empty = [r["id"] for r in recs if not r["gold"].strip()]
-        if empty:
+        if empty and int(os.environ.get("RANK", 0)) == 0:   # once, not once a rank (a leaf: no print0)
             print(f"{path}: left out {len(empty)} records with an empty gold answer: {', '.join(empty)}")
         records += [r for r in recs if r["gold"].strip()][:limit]
     return records
@@ -129,9 +131,11 @@ def read_jsonl(path, check=None, torn=False):
             except ValueError as e:   # UnicodeDecodeError or JSONDecodeError
                 if torn and not raw.endswith(b"\n"):   # only the last line can lack one
                     break
-                why = (f"not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)"
-                       if isinstance(e, UnicodeDecodeError) else
-                       f"not valid JSON ({e.msg} at column {e.colno})")
+                if isinstance(e, UnicodeDecodeError):
+                    why = f"not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)"
+                else:   # e.pos, not e.colno, which restarts at 1 past the line's newline
+                    col = min(e.pos, len(line.rstrip("\n"))) + 1
+                    why = f"not valid JSON ({e.msg.removesuffix(' at')} at column {col})"
                 if not raw.endswith(b"\n"):
                     why += "; it is the last line and has no newline: torn by a write killed midway?"
                 raise ValueError(f"{path}:{lineno}: {why}") from None
@@ -349,6 +353,9 @@ def read_pairs(path, with_format=False):
     """The pair records of a JSONL file, every line checked: our records (make_pair), or rows of TRL's
     preference format (prompt / chosen / rejected, as strings or message lists: from_trl), told apart
     by the `prompt` field. with_format: (pairs, "scdpo" | "TRL" | "scdpo + TRL")."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: not found (a pairs JSONL: sample.py pairs writes one; TRL's "
+                                f"prompt / chosen / rejected rows are read too)")
     kinds = set()
 
     def parse(row, where):
@@ -432,16 +439,24 @@ def from_trl(row, where="TRL row"):
     if isinstance(row["prompt"], str) and all(k in row for k in PAIR_FIELDS):
         return check_pair(dict(row), where)
 
-    def texts(x, roles):   # [x] for a string, else the contents of messages with roles in `roles`
+    def texts(side, roles):   # [text] of a string, else the contents of messages with roles in `roles`
+        x = row[side]
         if isinstance(x, str):
             return [x]
-        if not isinstance(x, list) or [m.get("role") for m in x] not in roles:
-            got = [m.get("role") for m in x] if isinstance(x, list) else type(x).__name__
-            raise ValueError(f"{where}: messages with roles {got}, expected one of {list(roles)}")
+        if not isinstance(x, list):
+            raise ValueError(f"{where}: field {side!r} is {type(x).__name__}, expected text or a list of "
+                             f"messages")
+        bad = next((m for m in x if not isinstance(m, dict) or not isinstance(m.get("content"), str)), None)
+        if bad is not None:
+            raise ValueError(f"{where}: field {side!r} holds {str(bad)[:60]!r}, expected messages "
+                             f"{{\"role\": ..., \"content\": text}}")
+        if [m.get("role") for m in x] not in roles:
+            raise ValueError(f"{where}: field {side!r}: messages with roles {[m.get('role') for m in x]}, "
+                             f"expected one of {list(roles)}")
         return [m["content"] for m in x]
 
-    question, prefix = (texts(row["prompt"], (["user"], ["user", "assistant"])) + [""])[:2]
-    (chosen,), (rejected,) = (texts(row[side], (["assistant"],)) for side in ("chosen", "rejected"))
+    question, prefix = (texts("prompt", (["user"], ["user", "assistant"])) + [""])[:2]
+    (chosen,), (rejected,) = (texts(side, (["assistant"],)) for side in ("chosen", "rejected"))
     record = {"id": str(row.get("id", where)), "source": row.get("source", "trl"), "question": question,
               "gold": str(row.get("gold", ""))}
     k = len(split_steps(prefix)) - 1 if prefix else -1

@@ -422,17 +422,33 @@ def credit_assignment(policy, ref, tok, examples, beta, threshold="fit", rule="f
     return res
 
 
+PROCESSBENCH = ("gsm8k", "math", "olympiadbench", "omnimath")
+
+
 def load_processbench(subset, limit=None, root=None):
     """ProcessBench examples {id, question, steps, label} from <data root>/processbench/<subset>.json;
-    the steps stripped, each but the last followed by a blank line."""
-    path = os.path.join(data.data_root(root), "processbench", f"{subset}.json")
+    the steps stripped, each but the last followed by a blank line. `limit`: the first erroneous
+    (label >= 0) and the first correct (-1) examples, in proportion to the file's counts, in file order
+    (the file lists every erroneous one first: its first N alone would leave F1 undefined)."""
+    folder = os.path.join(data.data_root(root), "processbench")
+    path = os.path.join(folder, f"{subset}.json")
+    if not os.path.isfile(path):
+        have = sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".json")) if os.path.isdir(folder) \
+            else []
+        raise FileNotFoundError(f"{path}: not found (ProcessBench subset {subset!r}; {folder} holds "
+                                f"{', '.join(have) or 'none'})")
     with open(path, encoding="utf-8") as f:
-        rows = json.load(f)[:limit] if limit else json.load(f)
+        rows = json.load(f)
     for i, r in enumerate(rows):
         missing = [k for k in ("id", "problem", "label", "steps") if k not in r]
         if missing:
             raise ValueError(f"{path}: record {i} (id {r.get('id')}) has no field {missing[0]!r}; "
                              f"ProcessBench records have id, problem, label and steps")
+    if limit and limit < len(rows):
+        wrong = [i for i, r in enumerate(rows) if int(r["label"]) >= 0]
+        right = [i for i, r in enumerate(rows) if int(r["label"]) < 0]
+        n_wrong = round(limit * len(wrong) / len(rows))
+        rows = [rows[i] for i in sorted(wrong[:n_wrong] + right[:limit - n_wrong])]
     return [{"id": r["id"], "question": r["problem"], "label": int(r["label"]),
              "steps": [s.strip() + ("\n\n" if j + 1 < len(r["steps"]) else "")
                        for j, s in enumerate(r["steps"])]} for r in rows]
@@ -450,19 +466,20 @@ def main(argv=None):
                    help="checkpoint folder (hub format: config, safetensors, tokenizer)")
     p.add_argument("--data", default=None,
                    help="gsm8k | math | math500 | svamp | asdiv | mawps | a .jsonl file")
-    p.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    p.add_argument("--limit", type=int, default=None, help="only the first N questions (or examples)")
     p.add_argument("--out", default=None, help="predictions JSONL (default: none)")
     # decoding
     p.add_argument("--max-new-tokens", type=int, default=512, help="per completion")
     p.add_argument("--batch-size", type=int, default=None, help="questions per batch, per rank (default: 64 "
                    "for greedy decoding, 16 for scoring ProcessBench solutions)")
     p.add_argument("--static", action="store_true", help=sample.STATIC_HELP)
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto: bfloat16 on a GPU, float32 on a CPU")
     # credit assignment
     p.add_argument("--ref", default=None, help="reference model (the SFT model) for implicit rewards")
     p.add_argument("--beta", type=float, default=0.1, help="beta of r = beta (log pi - log pi_ref)")
-    p.add_argument("--processbench", default=None,
-                   help="gsm8k | math | olympiadbench | omnimath: localisation")
+    p.add_argument("--processbench", default=None, choices=PROCESSBENCH, help="error localisation on "
+                   "this ProcessBench subset (--limit N: erroneous and correct in the file's proportion)")
     p.add_argument("--threshold", default="fit", help="step reward below which a step counts as wrong; "
                    "'fit': chosen by two-fold cross-fitting on the labels")
     p.add_argument("--rule", default="first", choices=["first", "min"],

@@ -1,6 +1,8 @@
 """The whole method in miniature, on a CPU: SFT -> pairs -> four preference runs -> Table 1 with intervals.
 
-    python mini.py                                  # one seed, under 10 minutes on 2 cores
+    python mini.py                                  # one seed, about 5 minutes on 2 cores
+    python mini.py --n-sft 2000 --sft-steps 200 --n-pairs 128 --k-max 4 --steps 4 --batch 8 --n-eval 64 \
+        --n-dev 32 --n-credit 64 --boot 50 --out runs/smoke   # every stage, ~50 s (numbers meaningless)
     python mini.py --seeds 3                        # mean and 95% interval over 3 seeds (SFT retrained)
     python mini.py --seeds 3 --reuse --lrs 1e-5,2e-5,5e-5   # lr chosen per method on DEV problems
     python mini.py --seeds 3 --reuse --cut-rejected # oracle ablations: --cut-rejected, --clean-chosen
@@ -312,8 +314,8 @@ def get_parser():
     # pairs (sample.make_pairs)
     p.add_argument("--k-max", type=int, default=8, help="naive: samples at T=1 per question at most")
     p.add_argument("--tries", type=int, default=4, help="step-controlled: continuations per cut")
-    p.add_argument("--ramp", default="paper", help="temperature ramp: paper (1.1,+0.05,1.4) | scripts | "
-                   "start,inc,max")
+    p.add_argument("--ramp", default="paper", type=sample.checked(sample.parse_ramp),
+                   help="temperature ramp: paper (1.1,+0.05,1.4) | scripts | start,inc,max")
     p.add_argument("--sc-per-question", type=int, default=2, help="step-controlled pairs per question, "
                    "at most")
     p.add_argument("--cut", default="random", choices=["random", "all"], help="cut points in a random order "
@@ -327,8 +329,8 @@ def get_parser():
     p.add_argument("--lrs", default=None, help="a learning-rate grid, e.g. 1e-5,2e-5,5e-5: each method's lr "
                    "is chosen on the dev questions, the test questions only report")
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta")
-    p.add_argument("--nll-weight", type=float, default=1.0, help="per-token NLL on chosen "
-                   "(MINIATURE-NOTES.md)")
+    p.add_argument("--nll-weight", type=float, default=1.0, help="weight of the per-token NLL of chosen "
+                   "added to the DPO loss (RPO's term)")
     p.add_argument("--batch", type=int, default=32, help="pairs per DPO step")
     p.add_argument("--boot", type=int, default=1000, help="bootstrap resamples of each interval")
     # oracle ablations (the exact checker, which real data lacks)
@@ -862,4 +864,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    modeling.run_main(main)

@@ -764,9 +764,16 @@ def _read_tensor(file, dtype, shape, start, end, out=None) -> torch.Tensor:
     return buf
 
 
+def check_folder(path):
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such folder (a model is a hub-format folder: config.json, "
+                                f"*.safetensors, tokenizer.json)")
+
+
 def load(path, dtype=None, device=None):
     """The model and its tokenizer from one hub folder, checked against each other. The tokenizer first:
     a folder without a usable one fails in a second, not after minutes of reading weights."""
+    check_folder(path)
     tok = Tokenizer.from_pretrained(path)
     model = Transformer.from_pretrained(path, dtype=dtype, device=device)
     if tok.vocab_size > model.args.vocab_size:

@@ -45,8 +45,16 @@ RAMPS = {"paper": (1.1, 0.05, 1.4), "scripts": (1.1, 0.1, 1.4)}
 
 
 def parse_ramp(s):
-    """'paper' | 'scripts' | 'start,inc,max' -> (start, inc, max)."""
-    return RAMPS[s] if s in RAMPS else tuple(float(x) for x in s.split(","))
+    """'paper' | 'scripts' | 'start,inc,max' -> (start, inc, max); ValueError for anything else."""
+    if s in RAMPS:
+        return RAMPS[s]
+    try:
+        ramp = tuple(float(x) for x in s.split(","))
+    except ValueError:
+        ramp = ()
+    if len(ramp) != 3 or ramp[0] <= 0 or ramp[1] < 0 or ramp[2] <= 0:
+        raise ValueError(f"ramp {s!r}: expected paper, scripts or start,inc,max (start, max > 0, inc >= 0)")
+    return ramp
 
 
 def logits_to_probs(logits, temperature, top_k=0, top_p=1.0):
@@ -256,6 +264,8 @@ def generate(model, prompts, cfg=Sampling(), n=1, seed=None, tok=None, eos_id=No
     code blocks of a step-controlled prefix) runs in it before the row's first block.
     Row r draws its noise from its own generator, seeded (seed, r), or (seed[p], i) with per-prompt
     seeds: n=3 gives the rows of the prompt given three times."""
+    if not prompts:
+        return []
     max_new_tokens, ramp, stop = cfg.max_new_tokens, cfg.ramp, list(cfg.stop)
     dev = model.output.weight.device
     if seed is None:
@@ -535,11 +545,11 @@ def _read_parts(folder):
     """Finished questions of every rank<r>.jsonl, by id. Only a torn last line (a kill mid-write) is
     skipped; any other bad line is a ValueError naming file, line and field."""
     def check(row, where):
-        for field, kind in PART_FIELDS.items():
-            if field not in row:
-                raise ValueError(f"{where}: missing field {field!r}")
-            if not isinstance(row[field], kind):
-                raise ValueError(f"{where}: field {field!r} is {type(row[field]).__name__}, expected "
+        for name, kind in PART_FIELDS.items():
+            if name not in row:
+                raise ValueError(f"{where}: missing field {name!r}")
+            if not isinstance(row[name], kind):
+                raise ValueError(f"{where}: field {name!r} is {type(row[name]).__name__}, expected "
                                  f"{kind.__name__}")
         for p in row["pairs"]:
             data.check_pair(p, where)
@@ -583,6 +593,10 @@ def make_pairs(model, tok, records, out_path, s=PairSettings(), chunk=16, rank=0
     finished chunk is appended in one write to <out>.parts/rank<r>.jsonl, which a rerun skips. Other
     settings or provenance are a ValueError, unless `restart` (which first removes the progress,
     out_path and its meta file). Rank 0 writes out_path in record order, returns the counts (others None)."""
+    unknown = set(s.sc_per_question) - set(SC_PER_QUESTION) - {r["source"] for r in records}
+    if unknown:   # a misspelt source would leave its questions at the default, unnoticed
+        raise ValueError(f"--sc-per-question names {', '.join(sorted(unknown))}, the source of no question "
+                         f"here (sources: {', '.join(sorted({r['source'] for r in records}))})")
     folder = out_path + ".parts"
     record = progress_record(s, provenance)
     if restart:
@@ -676,6 +690,28 @@ STATIC_HELP = ("decode steps of one shape, one CUDA graph replay each on a GPU (
                "the same tokens up to float rounding")
 
 
+def checked(parse):
+    """An argparse type: the flag's text, once `parse` accepts it (argparse names the flag if not)."""
+    def check(text):
+        try:
+            parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
+    return check
+
+
+def parse_per_question(text):
+    """'gsm8k=2,math=3' -> {"gsm8k": 2, "math": 3}; ValueError for anything else."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        source, _, n = item.partition("=")
+        if not source or not n.isdigit():
+            raise ValueError(f"{item!r}: expected source=N, e.g. gsm8k=2,math=3")
+        out[source] = int(n)
+    return out
+
+
 def add_pair_flags(p):
     """The flags of the two procedures, shared by `sample.py pairs` and scdpo.py's sampling stage."""
     p.add_argument("--fmt", default="cot", choices=["cot", "code"], help="solution format")
@@ -691,17 +727,17 @@ def add_pair_flags(p):
                    "solutions of questions with a naive pair (the paper), or of any question")
     p.add_argument("--cut-points", default="paper", choices=["paper", "scripts"],
                    help="eligible steps: data.cut_points")
-    p.add_argument("--sc-per-question", default="gsm8k=2,math=3", help="most step-controlled pairs per "
-                   "question, by source (others: 2)")
+    p.add_argument("--sc-per-question", default="gsm8k=2,math=3", type=checked(parse_per_question),
+                   help="most step-controlled pairs per question, by source (others: 2)")
     p.add_argument("--tries", type=int, default=8, help="continuations per cut before giving up")
-    p.add_argument("--ramp", default="paper",
+    p.add_argument("--ramp", default="paper", type=checked(parse_ramp),
                    help="paper (1.1,+0.05,1.4) | scripts (1.1,+0.1,1.4) | start,inc,max")
     p.add_argument("--static", action="store_true", help=STATIC_HELP)
 
 
 def pair_settings(args, max_new_tokens):
     """PairSettings from the flags of add_pair_flags."""
-    per_q = {k: int(v) for k, v in (x.split("=") for x in args.sc_per_question.split(",") if x)}
+    per_q = parse_per_question(args.sc_per_question)
     return PairSettings(fmt=args.fmt, delimiter=args.delimiter.encode().decode("unicode_escape"),
                         max_new_tokens=max_new_tokens, k_max=args.k_max, naive_batch=args.naive_batch,
                         cut=args.cut, cut_mode=args.cut_points, sc_from=args.sc_from, sc_per_question=per_q,
@@ -714,13 +750,16 @@ def main(argv=None):
     a = sub.add_parser("pairs", help="sample naive and step-controlled pairs", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     a.add_argument("--model", required=True, help="hub-format folder: the SFT model and its tokenizer")
-    a.add_argument("--data", default="gsm8k:train,math:train", help="comma-separated sets or .jsonl files")
-    a.add_argument("--out", default="pairs.jsonl", help="pairs JSONL; progress in <out>.parts/")
+    a.add_argument("--data", default="gsm8k:train,math:train", help="comma-separated sets or .jsonl files "
+                   "(default: %(default)s)")
+    a.add_argument("--out", default="pairs.jsonl", help="pairs JSONL; progress in <out>.parts/ (default: "
+                   "%(default)s)")
     a.add_argument("--format", default="scdpo", choices=["scdpo", "trl"], help="the file's rows: our pair "
                    "records, or TRL's prompt/chosen/rejected with the chat template rendered into the prompt")
     a.add_argument("--limit", type=int, default=None, help="first N questions of each set")
     a.add_argument("--max-new-tokens", type=int, default=512, help="longest solution or continuation")
-    a.add_argument("--dtype", default=None, help="e.g. bfloat16; default: the checkpoint's")
+    a.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="default: the checkpoint's")
     a.add_argument("--seed", type=int, default=0, help="every sample's noise derives from it")
     a.add_argument("--chunk", type=int, default=16, help="questions sampled (and committed) together")
     a.add_argument("--restart", action="store_true", help="discard the progress in <out>.parts/ (and <out>) "

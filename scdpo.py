@@ -680,6 +680,7 @@ def sft_objective(args, net, rows, collate, rank, world, device, log):
 def check_settings(args, world):
     if not args.model:
         raise ValueError("--model is required (a hub-format folder; for the demo on a CPU: python mini.py)")
+    modeling.check_folder(args.model)
     if args.global_batch < 1 or args.micro_batch < 1 or args.global_batch % (world * args.micro_batch):
         raise ValueError(f"--global-batch {args.global_batch} must be a positive multiple of world size x "
                          f"--micro-batch ({world} x {args.micro_batch})")

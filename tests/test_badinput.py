@@ -353,6 +353,19 @@ def test_config_that_is_missing_or_not_json_is_named(tiny, tmp_path):
         scdpo.main(train_argv(m, tiny[2], str(tmp_path / "c")))
 
 
+def test_a_missing_model_folder_or_pairs_file_is_named(tiny, tmp_path):
+    nope = str(tmp_path / "nope")
+    runs = [lambda: scdpo.main(train_argv(nope, tiny[2], str(tmp_path / "a"))),
+            lambda: sample.main(["pairs", "--model", nope, "--data", "gsm8k:test", "--out", str(tmp_path / "p.jsonl")]),
+            lambda: evaluation.main(["--model", nope, "--data", "gsm8k", "--limit", "1"])]
+    for run in runs:
+        with pytest.raises(FileNotFoundError, match=rf"{nope}: no such folder \(a model is a hub-format folder"):
+            run()
+    assert not os.path.exists(tmp_path / "a")   # refused before --out is made
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path}/none.jsonl: not found \(a pairs JSONL"):
+        scdpo.main(train_argv(tiny[1], str(tmp_path / "none.jsonl"), str(tmp_path / "b")))
+
+
 def test_pairs_file_with_bytes_that_are_not_utf8_names_the_line(tiny, tmp_path):
     lines = open(tiny[2], "rb").read().splitlines(keepends=True)
     bad = tmp_path / "bad.jsonl"
@@ -494,6 +507,30 @@ def test_a_single_process_error_is_printed_once_without_traceback(tiny, tmp_path
         assert r.returncode == 1 and r.stderr == want + "\n", (name, r.stderr[-2000:])
     r = script("scdpo.py", *train_argv(m, tiny[2], str(tmp_path / "run")), env={"SCDPO_TRACEBACK": "1"})
     assert r.returncode == 1 and "Traceback" in r.stderr and want.removeprefix("error: ") in r.stderr
+    (tmp_path / "afile").write_text("")   # the miniature too: an --out that is a file
+    r = script("mini.py", "--out", str(tmp_path / "afile"))
+    assert r.returncode == 1 and r.stderr == f"error: [Errno 20] Not a directory: '{tmp_path}/afile/seed0'\n"
+
+
+def test_flag_values_are_checked_when_parsed(tiny, tmp_path, capsys):
+    m, out = tiny[1], str(tmp_path / "p.jsonl")
+    for argv, want in [(["--ramp", "1.1,0.05"], "argument --ramp: ramp '1.1,0.05': expected paper, scripts or "
+                                                "start,inc,max"),
+                       (["--ramp", "hot"], "argument --ramp: ramp 'hot'"),
+                       (["--sc-per-question", "gsm8k2"], "argument --sc-per-question: 'gsm8k2': expected source=N"),
+                       (["--dtype", "bf16"], "argument --dtype: invalid choice: 'bf16'")]:
+        with pytest.raises(SystemExit):
+            sample.main(["pairs", "--model", m, "--out", out, *argv])
+        assert want in capsys.readouterr().err
+    assert not os.path.exists(out + ".parts")   # refused before any settings were recorded
+    with pytest.raises(SystemExit):
+        evaluation.main(["--model", m, "--ref", m, "--processbench", "gsm8"])
+    assert "argument --processbench: invalid choice: 'gsm8'" in capsys.readouterr().err
+    # a source no question has would leave its questions at the default, unnoticed
+    recs = data.load_records("gsm8k:test", limit=2)
+    with pytest.raises(ValueError, match=r"--sc-per-question names gsm, the source of no question here "
+                                         r"\(sources: gsm8k\)"):
+        sample.make_pairs(None, None, recs, out, sample.PairSettings(sc_per_question={"gsm": 2}))
 
 
 def test_out_of_memory_says_which_flag_to_lower(tiny, tmp_path, monkeypatch, capsys):

@@ -75,7 +75,9 @@ def test_any_jsonl_is_read_by_field_names(tmp_path):
 
 
 @pytest.mark.parametrize("text,message", [
-    ('{"problem": "1+1?", "answer": "2"}\n{"problem": "x", "answer": \n', "mine.jsonl:2: not valid JSON"),
+    ('{"problem": "1+1?", "answer": "2"}\n{"problem": "x", "answer": \n',   # the line's end, not the next's
+     r"mine.jsonl:2: not valid JSON \(Expecting value at column 28\)"),
+    ('{"problem": "a\x01b", "answer": "2"}\n', r"mine.jsonl:1: not valid JSON \(Invalid control character at column 15\)"),
     ('{"problem": "1+1?", "answer": "2"}\n{"problem": "x", "ans',   # a reader of records skips nothing
      "mine.jsonl:2: not valid JSON .*the last line and has no newline: torn by a write killed midway"),
     ('{"problem": "1+1?", "answer": "2"}\n\n{"problem": "x"}\n',
@@ -91,11 +93,13 @@ def test_malformed_lines_name_file_line_field(tmp_path, text, message):
         data.load_records(str(p))
 
 
-def test_unknown_set():
+def test_unknown_set(tmp_path):
     with pytest.raises(ValueError, match="unknown data set"):
         data.load_records("gsm9k:test")
     with pytest.raises(FileNotFoundError, match="missing.jsonl: not found"):
         data.load_records("missing.jsonl")
+    with pytest.raises(FileNotFoundError, match=r"train.jsonl: not found .* read from \$SCDPO_DATA"):
+        data.load_records("gsm8k:train", root=str(tmp_path))   # a named set outside its folder
 
 
 # ----------------------------------------------------------------------------------------------
@@ -604,7 +608,11 @@ def test_foreign_trl_rows(tok):
     assert (back["question"], back["prefix"], back["kind"], back["k"]) == ("What is 2+2?", "", "naive", -1)
     with pytest.raises(ValueError, match=r"messages with roles \['system', 'user'\], expected one of"):
         data.from_trl({**chat, "prompt": [{"role": "system", "content": "Be brief."}, user]})
-    with pytest.raises(ValueError, match=r"x.jsonl:3: messages with roles \['user'\]"):
+    with pytest.raises(ValueError, match=r"x.jsonl:3: field 'rejected': messages with roles \['user'\]"):
         data.from_trl({**chat, "rejected": [user]}, "x.jsonl:3")
+    with pytest.raises(ValueError, match=r"x.jsonl:3: field 'chosen' is int, expected text or a list of messages"):
+        data.from_trl({**chat, "chosen": 5}, "x.jsonl:3")
+    with pytest.raises(ValueError, match=r"x.jsonl:3: field 'prompt' holds 'hi', expected messages"):
+        data.from_trl({**chat, "prompt": ["hi"]}, "x.jsonl:3")
     with pytest.raises(ValueError, match=r"x.jsonl:4: missing field 'rejected'"):
         data.from_trl({"prompt": "a", "chosen": "b"}, "x.jsonl:4")

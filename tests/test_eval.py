@@ -3,7 +3,6 @@
 implicit reward against a float64 log-softmax; the localisation metric against hand-computed cases."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -211,7 +210,19 @@ def test_bad_eval_files_are_refused_naming_the_file(tmp_path):
     json.dump(real, open(tmp_path / "processbench" / "gsm8k.json", "w"))
     with pytest.raises(ValueError, match=rf"processbench/gsm8k.json: record 1 \(id {real[1]['id']}\) has no field 'label'"):
         E.load_processbench("gsm8k", root=str(tmp_path))
-    assert len(E.load_processbench("gsm8k", limit=1, root=str(tmp_path))) == 1   # the records before it load
+    with pytest.raises(FileNotFoundError, match=r"processbench/gsm9k.json: not found .* holds gsm8k\)"):
+        E.load_processbench("gsm9k", root=str(tmp_path))
+
+
+def test_a_processbench_limit_keeps_the_files_share_of_correct_solutions():
+    # the file lists its 207 erroneous solutions (label >= 0) before its 193 correct ones (-1)
+    raw = json.load(open(os.path.join(DATA, "processbench", "gsm8k.json"), encoding="utf-8"))
+    wrong, right = [r["id"] for r in raw if r["label"] >= 0], [r["id"] for r in raw if r["label"] == -1]
+    assert (len(wrong), len(right)) == (207, 193)
+    for n, n_wrong in [(20, 10), (1, 1), (399, 206)]:   # round(n * 207 / 400)
+        got = E.load_processbench("gsm8k", limit=n)
+        assert [e["id"] for e in got] == [r["id"] for r in raw if r["id"] in wrong[:n_wrong] + right[:n - n_wrong]]
+    assert [e["id"] for e in E.load_processbench("gsm8k")] == [r["id"] for r in raw]
 
 
 def test_eval_refuses_a_model_without_rows_for_its_tokenizer_or_a_reference_of_another_vocabulary(

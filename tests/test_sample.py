@@ -2,14 +2,11 @@
 """The sampler against independent references (a full forward per token, float64 probabilities,
 chi-square on sampled counts), the temperature ramp and code blocks on a scripted model (the sandbox
 itself: tests/test_sandbox.py)."""
-import json
 import os
 
 import numpy as np
 import pytest
 import torch
-import tokenizers
-from tokenizers import decoders, models, pre_tokenizers
 
 import data
 from model import ModelArgs, Tokenizer, Transformer
@@ -30,6 +27,12 @@ def ids(model, prompts, new, n=1, seed=None, eos_id=None, **cfg):
     """generate()'s token ids per row, decoding as `cfg` says (greedy by default)."""
     return [r.ids for r in generate(model, prompts, Sampling(new, **cfg), n=n, seed=seed, eos_id=eos_id)]
 
+
+
+def test_no_prompts_sample_nothing():
+    # a pair stage can have no questions left (e.g. the miniature's hot-naive control with no
+    # step-controlled pairs): nothing to sample, not an error
+    assert ids(tiny(), [], 4) == [] and ids(tiny(), [], 4, n=3, temperature=1.0) == []
 
 def full_forward_greedy(model, prompt, steps):
     ids = list(prompt)
