@@ -99,6 +99,7 @@ def get_parser():
                    "dpo without it samples pairs from --model over --data first")
     p.add_argument("--data", help="sft: records with solutions ('gsm8k:train' or a JSONL); dpo without "
                    "--pairs: the questions to sample pairs for; comma-separated to mix")
+    p.add_argument("--limit", type=int, default=None, help="first N records of each --data set")
     p.add_argument("--out", default="runs/scdpo", help="output folder: log.jsonl, checkpoints/, final/")
     p.add_argument("--pairs-kind", choices=["scdpo", "naive", "data-equal"], default="scdpo",
                    help="scdpo: naive + step-controlled pairs; naive: DPO; data-equal: naive pairs "
@@ -246,8 +247,9 @@ def sample_pairs(args, rank, world, device, log):
     if not args.data:
         raise ValueError("--objective dpo needs --pairs, or --data with the questions to sample pairs for")
     gen_model, tok = modeling.load(args.model, dtype=dtype, device=device)
-    summary = sample.make_pairs(gen_model, tok, data.load_records(args.data), path, s, rank=rank, world=world,
-                                provenance=provenance, restart=bool(stale))
+    recs = data.load_records(args.data, args.limit)
+    summary = sample.make_pairs(gen_model, tok, recs, path, s, rank=rank, world=world, provenance=provenance,
+                                restart=bool(stale))
     del gen_model
     if device.type == "cuda":
         torch.cuda.empty_cache()   # the sampler's caches, as blocks of other sizes than training's
@@ -410,7 +412,7 @@ def failures_on_ranks(fn):
 
 # Settings that change the result: a resume must match the checkpoint's. The others
 # (e.g. --micro-batch, --packed, --checkpointing) change only rounding or speed.
-RESUME_MUST_MATCH = ("objective", "model", "pairs", "data", "pairs_kind", "global_batch", "epochs",
+RESUME_MUST_MATCH = ("objective", "model", "pairs", "data", "limit", "pairs_kind", "global_batch", "epochs",
                      "max_steps", "seed", "lr", "min_lr_ratio", "warmup_ratio", "weight_decay", "adam_betas",
                      "grad_clip", "max_len", "max_prompt", "loss", "beta", "label_smoothing", "nll_weight")
 
@@ -565,7 +567,7 @@ def sft_rows(args, tok, margs, rank, world, device, log):
     """Tokenised solutions (prompt + response), all of them trained on, and their collate function."""
     if not args.data:
         raise ValueError("--objective sft needs --data (records with a solution)")
-    recs = data.load_records(args.data)
+    recs = data.load_records(args.data, args.limit)
     missing = [r["id"] for r in recs if not r.get("solution")]
     if missing:
         raise ValueError(f"--data {args.data}: {len(missing)} records have no solution to train on "

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 import data
 import scdpo
-from model import ModelArgs, Transformer
+from model import Transformer
 from conftest import tiny_checkpoint, toy_pairs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -399,10 +399,10 @@ def test_without_pairs_the_pairs_are_sampled_once(tiny, tmp_path, monkeypatch):
     model solves next to nothing: too few pairs for one global batch, so training itself is refused.)"""
     import sample
     root = tiny[0]
-    recs = [{"id": str(i), "question": f"What is {i}+1?", "gold": str(i + 1)} for i in range(2)]
+    recs = [{"id": str(i), "question": f"What is {i}+1?", "gold": str(i + 1)} for i in range(3)]
     data.write_jsonl(str(tmp_path / "q.jsonl"), recs)
-    argv = ["--model", str(root / "model"), "--data", str(tmp_path / "q.jsonl"), "--out", str(tmp_path / "run"),
-            "--max-len", "72", "--max-prompt", "64", "--quiet"]
+    argv = ["--model", str(root / "model"), "--data", str(tmp_path / "q.jsonl"), "--limit", "2",
+            "--out", str(tmp_path / "run"), "--max-len", "72", "--max-prompt", "64", "--quiet"]
     with pytest.raises(ValueError, match="training items is less than one global batch"):
         scdpo.train(scdpo.get_parser().parse_args(argv))
     meta = json.load(open(tmp_path / "run" / "pairs.jsonl.meta.json"))
