@@ -423,6 +423,22 @@ def run_inputs(args):
             "pairs": data.sha256_file(args.pairs) if args.objective == "dpo" and args.pairs else None}
 
 
+def run_record(args):
+    """What a checkpoint's meta.json and a finished run's final/DONE record for a resume to compare."""
+    return {"args": json.loads(json.dumps({k: getattr(args, k) for k in RESUME_MUST_MATCH}, default=str)),
+            "inputs": run_inputs(args)}
+
+
+def settings_diff(recorded, args):
+    """'--lr 1e-07 (now 0.0005), ...': where `args` differ from a recorded run_record; '' if nowhere."""
+    now = run_record(args)
+    diff = {f"--{k.replace('_', '-')}": (recorded["args"].get(k), v) for k, v in now["args"].items()
+            if recorded["args"].get(k) != v}
+    diff.update({f"{k} hash": (v, now["inputs"].get(k)) for k, v in recorded.get("inputs", {}).items()
+                 if v != now["inputs"].get(k)})
+    return ", ".join(f"{k} {a} (now {b})" for k, (a, b) in diff.items())
+
+
 def load_checkpoint(path, net, opt, rank, args):
     """Restore a checkpoint in place; returns its step. Refuses one of other settings that change the
     result (RESUME_MUST_MATCH, the model and pairs hashes) or world size (RNG states are per rank)."""
@@ -432,15 +448,9 @@ def load_checkpoint(path, net, opt, rank, args):
     if meta.get("world", world) != world:
         raise ValueError(f"--resume: {path} was written by {meta['world']} processes, this run has {world}; "
                          f"resume with the same world size (torchrun --nproc_per_node={meta['world']})")
-    now = json.loads(json.dumps({k: getattr(args, k) for k in RESUME_MUST_MATCH}, default=str))   # as saved
-    diff = {f"--{k.replace('_', '-')}": (meta["args"].get(k), v) for k, v in now.items()
-            if meta["args"].get(k) != v}
-    inputs = run_inputs(args)
-    diff.update({f"{k} hash": (v, inputs.get(k)) for k, v in meta.get("inputs", {}).items()
-                 if v != inputs.get(k)})
+    diff = settings_diff(meta, args)
     if diff:
-        raise ValueError(f"--resume: {path} was written with other settings: " +
-                         ", ".join(f"{k} {a} (now {b})" for k, (a, b) in diff.items()))
+        raise ValueError(f"--resume: {path} was written with other settings: {diff}")
     state = {"model": get_model_state_dict(net), "optim": get_optimizer_state_dict(net, opt)}
     dcp.load(state, checkpoint_id=path)
     set_model_state_dict(net, state["model"])
@@ -460,7 +470,7 @@ def latest_checkpoint(out):
     return done[-1] if done else None
 
 
-def export(net, margs, tok, path, dtype, rank):
+def export(net, margs, tok, path, dtype, rank, record):
     """The hub-format model: the full state dict gathered to rank 0's CPU, loaded into a plain
     Transformer and written there; on a full disk into a fresh folder under $TMPDIR instead, and a
     DiskFull on every rank names both paths."""
@@ -478,14 +488,15 @@ def export(net, margs, tok, path, dtype, rank):
         plain.load_state_dict(converted, assign=True)
         if margs.tie_embeddings:
             plain.output.weight = plain.tok_embeddings.weight
-        err = [save_model(plain, tok, path)]
+        err = [save_model(plain, tok, path, record)]
     dist.broadcast_object_list(err, src=0)
     if err[0]:
         raise modeling.DiskFull(err[0])
 
 
-def save_model(plain, tok, path):
-    """Write model and tokenizer to `path`, or on a full disk to a spare folder: None, or what happened."""
+def save_model(plain, tok, path, record):
+    """Write model and tokenizer to `path`, or on a full disk to a spare folder (marked DONE, holding
+    `record`, the run's run_record): None, or what happened."""
     def save(where):
         try:
             plain.save_pretrained(where, stop_ids=tok.stop_ids)
@@ -508,7 +519,7 @@ def save_model(plain, tok, path):
     if second:
         shutil.rmtree(os.path.dirname(spare), ignore_errors=True)
         return f"{first}; and {second}: the trained weights are lost"
-    open(os.path.join(spare, "DONE"), "w").close()   # once moved to `path`, a --resume sees it done
+    data.write_json(os.path.join(spare, "DONE"), record)   # once moved to `path`, a --resume sees it done
     return f"{first}. The trained model is in {spare} instead: free space and move it to {path}"
 
 
@@ -731,7 +742,12 @@ def train(args, return_model=True):
     check_settings(args, world)
     log = print0 if not args.quiet else (lambda *a, **k: None)
     final = os.path.join(args.out, "final")
-    if args.resume and on_rank0(lambda: os.path.exists(os.path.join(final, "DONE"))):
+    done = os.path.join(final, "DONE")   # holds the finished run's run_record (empty: an older run's)
+    if args.resume and on_rank0(lambda: os.path.exists(done)):
+        diff = on_rank0(lambda: os.path.getsize(done) and settings_diff(modeling.read_json(done), args))
+        if diff:
+            raise ValueError(f"--resume: {final} was trained with other settings: {diff}; --overwrite "
+                             f"trains anew")
         log(f"{final} is complete: nothing to train")
         return modeling.Transformer.from_pretrained(final, device=device) if return_model else None
     prepare_out(args, rank)
@@ -818,7 +834,7 @@ def train(args, return_model=True):
             return None
 
     # --- export, and the optional evaluation --------------------------------------------------------
-    export(net, margs, tok, final, compute_dtype(device), rank)
+    export(net, margs, tok, final, compute_dtype(device), rank, run_record(args))
     # Free the trained shards (and a live reference) before --eval loads the full model. The last loss's
     # graph (FSDP hooks) and `g` refer to them too, and FSDP2's modules and state form cycles: gc frees them.
     net = opt = loss_fn = part = g = None   # not `del`: part and g exist only if a step ran
@@ -826,7 +842,7 @@ def train(args, return_model=True):
     if cuda:
         torch.cuda.empty_cache()
     if rank == 0:
-        open(os.path.join(final, "DONE"), "w").close()
+        data.write_json(done, run_record(args))
     log(f"final model: {final}")
     if not (return_model or args.eval):
         return None

@@ -424,7 +424,8 @@ def test_the_command_line_does_not_read_the_final_model_back(tiny, tmp_path, mon
         lambda cls, path, **k: loads.append(str(path)) or load(path, **k)))
     scdpo.main(common + ["--out", str(tmp_path / "a")])
     assert loads == [] and os.path.exists(tmp_path / "a" / "final" / "DONE")
-    assert scdpo.train(args_for(str(root / "model"), pairs, str(tmp_path / "a"), "--resume")) is not None
+    assert scdpo.train(args_for(str(root / "model"), pairs, str(tmp_path / "a"), *common[4:], "--resume")) \
+        is not None
     assert loads == [str(tmp_path / "a" / "final")]
     data.write_jsonl(str(tmp_path / "q.jsonl"), [{"question": "What is 2+5?", "answer": "7"}])
     scdpo.main(common + ["--out", str(tmp_path / "b"), "--eval", str(tmp_path / "q.jsonl"), "--max-len", "160",
@@ -473,6 +474,14 @@ def test_a_rerun_into_an_earlier_runs_folder_refuses_or_starts_clean(tiny, tmp_p
     model = scdpo.train(args_for(str(root / "model"), pairs, out, *common, "--lr", "2e-3", "--resume"))
     assert [json.loads(l)["step"] for l in open(os.path.join(out, "log.jsonl"))] == [1, 2]
     assert json.loads(open(os.path.join(out, "log.jsonl")).readlines()[0])["lr"] > 0 and model is not None
+    # the run is complete: --resume with its settings has nothing to do; with others it is refused
+    done = os.path.getmtime(os.path.join(out, "final", "model.safetensors"))
+    scdpo.train(args_for(str(root / "model"), pairs, out, *common, "--lr", "2e-3", "--resume"))
+    with pytest.raises(ValueError, match=r"--resume: .*final was trained with other settings: --max-steps 2 "
+                                         r"\(now 3\), --lr 0.002 \(now 0.005\); --overwrite"):
+        scdpo.train(args_for(str(root / "model"), pairs, out, *common, "--lr", "5e-3", "--max-steps", "3",
+                             "--resume"))
+    assert os.path.getmtime(os.path.join(out, "final", "model.safetensors")) == done
 
 
 LATE_RANK = """
