@@ -13,7 +13,6 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 import data
-import model as modeling
 from conftest import DATA
 import tokenizer as tokenizing
 from tokenizer import PLAIN_CHAT_TEMPLATE, Tokenizer
