@@ -43,7 +43,7 @@ part() {   # part NAME SECONDS COMMAND...: run it with a time limit, say how it 
     else echo "=== $name: FAILED with exit code $rc (${dt}s)"; fi
 }
 
-part environment 30 "$PY" - <<'EOF'
+part environment 25 "$PY" - <<'EOF'
 import importlib, platform
 import torch
 print(f"python {platform.python_version()} | torch {torch.__version__} | cuda {torch.version.cuda} | "
@@ -78,11 +78,11 @@ export -f pipeline   # timeout runs commands, not functions: it runs `bash -c pi
 export PY
 
 if [ $DRY -eq 0 ]; then
-    part kernels 120 "$PY" bench/logprobs.py --device cuda
+    part kernels 105 "$PY" bench/logprobs.py --device cuda
     part attention 40 "$PY" bench/attention.py --device cuda
-    part sampler 100 "$PY" bench/sample.py --device cuda --reps 3
-    part training 110 "$PY" bench/train.py --device cuda --steps 3
-    part pipeline 80 bash -c pipeline
+    part sampler 90 "$PY" bench/sample.py --device cuda --reps 3
+    part training 100 "$PY" bench/train.py --device cuda --steps 3
+    part pipeline 120 bash -c pipeline   # mini.py and two scdpo.py, each starting CUDA
 else   # the CPU paths of the same scripts, small
     part kernels 120 "$PY" bench/logprobs.py --N 256 --D 64 --V 1000 --iters 1
     part attention 120 "$PY" bench/attention.py --device cpu --T 192
