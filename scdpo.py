@@ -743,11 +743,16 @@ def train(args, return_model=True):
     log = print0 if not args.quiet else (lambda *a, **k: None)
     final = os.path.join(args.out, "final")
     done = os.path.join(final, "DONE")   # holds the finished run's run_record (empty: an older run's)
-    if args.resume and on_rank0(lambda: os.path.exists(done)):
-        diff = on_rank0(lambda: os.path.getsize(done) and settings_diff(modeling.read_json(done), args))
-        if diff:
-            raise ValueError(f"--resume: {final} was trained with other settings: {diff}; --overwrite "
-                             f"trains anew")
+
+    def finished():   # None: no finished run in --out; else where its settings differ ("": nowhere)
+        if not os.path.exists(done):
+            return None
+        return settings_diff(modeling.read_json(done), args) if os.path.getsize(done) else ""
+    diff = on_rank0(finished) if args.resume else None
+    if diff:
+        raise ValueError(f"--resume: {final} was trained with other settings: {diff}; --overwrite trains "
+                         f"anew")
+    if diff == "":
         log(f"{final} is complete: nothing to train")
         return modeling.Transformer.from_pretrained(final, device=device) if return_model else None
     prepare_out(args, rank)
@@ -834,7 +839,8 @@ def train(args, return_model=True):
             return None
 
     # --- export, and the optional evaluation --------------------------------------------------------
-    export(net, margs, tok, final, compute_dtype(device), rank, run_record(args))
+    record = run_record(args)
+    export(net, margs, tok, final, compute_dtype(device), rank, record)
     # Free the trained shards (and a live reference) before --eval loads the full model. The last loss's
     # graph (FSDP hooks) and `g` refer to them too, and FSDP2's modules and state form cycles: gc frees them.
     net = opt = loss_fn = part = g = None   # not `del`: part and g exist only if a step ran
@@ -842,7 +848,7 @@ def train(args, return_model=True):
     if cuda:
         torch.cuda.empty_cache()
     if rank == 0:
-        data.write_json(done, run_record(args))
+        data.write_json(done, record)
     log(f"final model: {final}")
     if not (return_model or args.eval):
         return None
