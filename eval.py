@@ -41,9 +41,10 @@ from model import gather_rows, print0
 # ----------------------------------------------------------------------------------------------
 
 
-def grade(rec, completion):
-    """One prediction row; 'pred' is None when no answer can be extracted."""
-    pred = extract_answer(completion)
+def grade(rec, completion, fmt="cot"):
+    """One prediction row; 'pred' is None when no answer can be extracted. As in data.judge, a
+    code-integrated answer must be boxed or stated (no fallback to the last math expression)."""
+    pred = extract_answer(completion, fallback=fmt == "cot")
     row = {"id": rec["id"], "question": rec["question"], "gold": rec["gold"], "completion": completion,
            "pred": pred, "correct": bool(is_equiv(pred, rec["gold"]))}
     row.update({k: rec[k] for k in ("subject", "level") if rec.get(k) is not None})
@@ -69,10 +70,12 @@ def format_report(report):
     return "\n".join(lines)
 
 
-def generate_greedy(model, tok, questions, max_new_tokens, batch_size, static=False, progress=False):
-    """Greedy completions of `questions`, with the training prompt."""
+def generate_greedy(model, tok, questions, max_new_tokens, batch_size, static=False, progress=False,
+                    fmt="cot"):
+    """Greedy completions of `questions`, with the training prompt; fmt "code" runs each code block as
+    it is written, as sampling does (its output is the sandbox's, never the model's)."""
     prompts = [tok.encode(tok.render_prompt(q)) for q in questions]
-    cfg, out = sample.Sampling(max_new_tokens=max_new_tokens, static=static), []
+    cfg, out = sample.Sampling(max_new_tokens=max_new_tokens, static=static, fmt=fmt), []
     bar = tqdm(total=len(prompts), desc="greedy decoding", unit="q", disable=not progress)
     for b in range(0, len(prompts), batch_size):
         batch = prompts[b:b + batch_size]
@@ -83,14 +86,14 @@ def generate_greedy(model, tok, questions, max_new_tokens, batch_size, static=Fa
 
 
 def evaluate(model, tok, records, max_new_tokens=512, batch_size=64, rank=0, world=1, static=False,
-             progress=False):
+             progress=False, fmt="cot"):
     """Prediction rows for `records`, in their order, on every rank; each rank grades
     records[rank::world]. progress: a bar on rank 0 (its share of the questions)."""
     mine = list(range(rank, len(records), world))
     questions = [records[i]["question"] for i in mine]
     completions = generate_greedy(model, tok, questions, max_new_tokens, batch_size, static,
-                                  progress and rank == 0)
-    rows = [dict(grade(records[i], c), index=i) for i, c in zip(mine, completions)]
+                                  progress and rank == 0, fmt)
+    rows = [dict(grade(records[i], c, fmt), index=i) for i, c in zip(mine, completions)]
     rows = sorted(gather_rows(rows), key=lambda r: r["index"])
     return [{k: v for k, v in r.items() if k != "index"} for r in rows]
 
@@ -429,7 +432,7 @@ def load_processbench(subset, limit=None, root=None):
     """ProcessBench examples {id, question, steps, label} from <data root>/processbench/<subset>.json;
     the steps stripped, each but the last followed by a blank line. `limit`: the first erroneous
     (label >= 0) and the first correct (-1) examples, in proportion to the file's counts, in file order
-    (the file lists every erroneous one first: its first N alone would leave F1 undefined)."""
+    (the file's first half is all erroneous: its first N alone would leave F1 undefined)."""
     folder = os.path.join(data.data_root(root), "processbench")
     path = os.path.join(folder, f"{subset}.json")
     if not os.path.isfile(path):
@@ -466,20 +469,23 @@ def main(argv=None):
                    help="checkpoint folder (hub format: config, safetensors, tokenizer)")
     p.add_argument("--data", default=None,
                    help="gsm8k | math | math500 | svamp | asdiv | mawps | a .jsonl file")
-    p.add_argument("--limit", type=int, default=None, help="only the first N questions (or examples)")
+    p.add_argument("--limit", type=sample.positive_int, default=None,
+                   help="only the first N questions (or examples)")
     p.add_argument("--out", default=None, help="predictions JSONL (default: none)")
     # decoding
     p.add_argument("--max-new-tokens", type=int, default=512, help="per completion")
     p.add_argument("--batch-size", type=int, default=None, help="questions per batch, per rank (default: 64 "
                    "for greedy decoding, 16 for scoring ProcessBench solutions)")
+    p.add_argument("--fmt", default="cot", choices=["cot", "code"], help="solution format; code: each code "
+                   "block runs in the sandbox as it is written (as in sampling), answers must be boxed")
     p.add_argument("--static", action="store_true", help=sample.STATIC_HELP)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="auto: bfloat16 on a GPU, float32 on a CPU")
     # credit assignment
     p.add_argument("--ref", default=None, help="reference model (the SFT model) for implicit rewards")
     p.add_argument("--beta", type=float, default=0.1, help="beta of r = beta (log pi - log pi_ref)")
-    p.add_argument("--processbench", default=None, choices=PROCESSBENCH, help="error localisation on "
-                   "this ProcessBench subset (--limit N: erroneous and correct in the file's proportion)")
+    p.add_argument("--processbench", default=None, help=f"error localisation on this ProcessBench subset: "
+                   f"{' | '.join(PROCESSBENCH)} (--limit N: erroneous and correct in the file's proportion)")
     p.add_argument("--threshold", default="fit", help="step reward below which a step counts as wrong; "
                    "'fit': chosen by two-fold cross-fitting on the labels")
     p.add_argument("--rule", default="first", choices=["first", "min"],
@@ -500,7 +506,7 @@ def main(argv=None):
     if args.data is not None:
         records = data.load_records(args.data, args.limit)
         rows = evaluate(policy, tok, records, args.max_new_tokens, args.batch_size or 64, rank, world,
-                        args.static, progress=True)
+                        args.static, progress=True, fmt=args.fmt)
         if rank == 0:
             if args.out:
                 data.write_jsonl(args.out, rows)

@@ -856,7 +856,8 @@ def train(args, return_model=True):
     if args.eval:
         recs = data.load_records(args.eval, args.eval_limit)
         preds = evaluation.evaluate(trained, tok, recs, max_new_tokens=args.max_len - args.max_prompt,
-                                    rank=rank, world=world, static=args.static, progress=not args.quiet)
+                                    rank=rank, world=world, static=args.static, progress=not args.quiet,
+                                    fmt=args.fmt)
         if rank == 0:
             data.write_jsonl(os.path.join(args.out, "eval.jsonl"), preds)
             log(evaluation.format_report(evaluation.accuracy_report(preds)))

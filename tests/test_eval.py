@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import DATA, tiny_checkpoint
+from conftest import DATA, byte_tokenizer, tiny_checkpoint
 
 import data
 import grade
@@ -88,7 +88,7 @@ def test_named_sets_and_breakdown(ckpts, tmp_path, capsys):
 
 def test_printed_accuracy_equals_recount_when_some_are_right(ckpts, problems, tmp_path, capsys, monkeypatch):
     """A random model scores 0; here every other question gets its gold worked answer, so the count is not trivial."""
-    def fake(model, tok, questions, max_new_tokens, batch_size, static=False, progress=False):
+    def fake(model, tok, questions, max_new_tokens, batch_size, static=False, progress=False, fmt="cot"):
         recs = {r["question"]: r for r in data.load_records(problems[1])}
         return [f"So the answer is $\\boxed{{{recs[q]['gold']}}}$." if i % 2 == 0 else "I think it is 12345." for i, q in enumerate(questions)]
     monkeypatch.setattr(E, "generate_greedy", fake)
@@ -114,6 +114,21 @@ def test_eval_under_torchrun_matches_one_process(ckpts, problems, tmp_path):
     assert [x["id"] for x in a] == [x["id"] for x in b] and [x["completion"] for x in a] == [x["completion"] for x in b]
     assert r.stdout.count("accuracy ") == 1   # rank 0 prints
 
+
+def test_a_code_model_is_graded_on_what_its_code_prints(tmp_path):
+    # a scripted model (test_sample.Scripted) that writes the output of its own code, wrongly (57)
+    from test_sample import Scripted
+    tok = byte_tokenizer(str(tmp_path / "tok"))
+    S, C, OS, OE = data.CODE_START, data.CODE_END, data.OUTPUT_START, data.OUTPUT_END
+    q = "What is 7 * 8?"
+    script = f"Compute.\n{S}print(7 * 8)\n{C}{OS}57\n{OE}So it is 56."
+    model = Scripted(tok.encode(tok.render_prompt(q) + script) + [tok.eos_id], tok.vocab_size)
+    rec = {"id": "t/0", "source": "t", "question": q, "gold": "56"}
+    code, = E.evaluate(model, tok, [rec], max_new_tokens=200, fmt="code")
+    assert f"{OS}56\n{OE}" in code["completion"] and "57" not in code["completion"]   # the sandbox's output
+    assert code["pred"] is None and not code["correct"]   # as data.judge: no boxed or stated answer, no fallback
+    cot, = E.evaluate(model, tok, [rec], max_new_tokens=200)
+    assert f"{OS}57\n{OE}" in cot["completion"] and cot["pred"] == "56" and cot["correct"]
 
 # ----------------------------------------------------------------------------------------------
 # Credit assignment
@@ -215,10 +230,10 @@ def test_bad_eval_files_are_refused_naming_the_file(tmp_path):
 
 
 def test_a_processbench_limit_keeps_the_files_share_of_correct_solutions():
-    # the file lists its 207 erroneous solutions (label >= 0) before its 193 correct ones (-1)
+    # 207 erroneous solutions (label >= 0), its first 200 among them, and 193 correct ones (-1)
     raw = json.load(open(os.path.join(DATA, "processbench", "gsm8k.json"), encoding="utf-8"))
     wrong, right = [r["id"] for r in raw if r["label"] >= 0], [r["id"] for r in raw if r["label"] == -1]
-    assert (len(wrong), len(right)) == (207, 193)
+    assert (len(wrong), len(right)) == (207, 193) and all(r["label"] >= 0 for r in raw[:200])
     for n, n_wrong in [(20, 10), (1, 1), (399, 206)]:   # round(n * 207 / 400)
         got = E.load_processbench("gsm8k", limit=n)
         assert [e["id"] for e in got] == [r["id"] for r in raw if r["id"] in wrong[:n_wrong] + right[:n - n_wrong]]
