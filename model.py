@@ -426,9 +426,10 @@ class Transformer(nn.Module):
         # one per micro-batch): keys are slots, so the slot count bounds how far back a query looks.
         slots = T if cache is None else cache.max_len if torch.is_tensor(cache_pos) else cache_pos + T
         if a.sliding_window is not None and slots > a.sliding_window:
-            raise ValueError(f"sequence of {slots} tokens is longer than this model's sliding window "
-                             f"({a.sliding_window}); sliding-window attention is not implemented, so "
-                             f"sequences must fit in the window")
+            raise ValueError(f"a row of {slots} tokens is longer than this model's sliding window "
+                             f"({a.sliding_window}); sliding-window attention is not implemented, so rows "
+                             f"must fit in the window (scdpo.py: a packed row is prompt + chosen + "
+                             f"rejected; --no-packed or a lower --max-len shortens it)")
         if a.rope_scaling is not None and a.rope_scaling["rope_type"] == "dynamic":
             # its scale depends on the largest position; with a cache a position never passes its slot
             longest = slots if cache is not None else max(T, int(positions.max()) + 1)

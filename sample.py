@@ -587,16 +587,22 @@ def progress_mismatch(folder, record):
     return f"was sampled with other settings: {', '.join(diff)}" if diff else None
 
 
+def check_sources(s, records):
+    """A --sc-per-question source that no record has (a misspelling) would leave its questions at the
+    default, unnoticed: a ValueError."""
+    unknown = set(s.sc_per_question) - set(SC_PER_QUESTION) - {r["source"] for r in records}
+    if unknown:
+        raise ValueError(f"--sc-per-question names {', '.join(sorted(unknown))}, the source of no question "
+                         f"here (sources: {', '.join(sorted({r['source'] for r in records}))})")
+
+
 def make_pairs(model, tok, records, out_path, s=PairSettings(), chunk=16, rank=0, world=1, progress=True,
                provenance=None, restart=False):
     """The whole pipeline, resumable; call it on every rank. Record i goes to rank i % world; each
     finished chunk is appended in one write to <out>.parts/rank<r>.jsonl, which a rerun skips. Other
     settings or provenance are a ValueError, unless `restart` (which first removes the progress,
     out_path and its meta file). Rank 0 writes out_path in record order, returns the counts (others None)."""
-    unknown = set(s.sc_per_question) - set(SC_PER_QUESTION) - {r["source"] for r in records}
-    if unknown:   # a misspelt source would leave its questions at the default, unnoticed
-        raise ValueError(f"--sc-per-question names {', '.join(sorted(unknown))}, the source of no question "
-                         f"here (sources: {', '.join(sorted({r['source'] for r in records}))})")
+    check_sources(s, records)
     folder = out_path + ".parts"
     record = progress_record(s, provenance)
     if restart:
@@ -705,11 +711,19 @@ def parse_per_question(text):
     """'gsm8k=2,math=3' -> {"gsm8k": 2, "math": 3}; ValueError for anything else."""
     out = {}
     for item in filter(None, text.split(",")):
-        source, _, n = item.partition("=")
+        source, _, n = (x.strip() for x in item.partition("="))
         if not source or not n.isdigit():
             raise ValueError(f"{item!r}: expected source=N, e.g. gsm8k=2,math=3")
         out[source] = int(n)
     return out
+
+
+def positive_int(text):
+    """An argparse type: an integer of at least 1 (a --limit of 0 or -1 is a mistake, not a choice)."""
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return n
 
 
 def add_pair_flags(p):
@@ -756,9 +770,9 @@ def main(argv=None):
                    "%(default)s)")
     a.add_argument("--format", default="scdpo", choices=["scdpo", "trl"], help="the file's rows: our pair "
                    "records, or TRL's prompt/chosen/rejected with the chat template rendered into the prompt")
-    a.add_argument("--limit", type=int, default=None, help="first N questions of each set")
+    a.add_argument("--limit", type=positive_int, default=None, help="first N questions of each set")
     a.add_argument("--max-new-tokens", type=int, default=512, help="longest solution or continuation")
-    a.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+    a.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: the checkpoint's")
     a.add_argument("--seed", type=int, default=0, help="every sample's noise derives from it")
     a.add_argument("--chunk", type=int, default=16, help="questions sampled (and committed) together")
@@ -769,11 +783,12 @@ def main(argv=None):
     rank, world, _, device = modeling.compute_init()
     modeling.print0(json.dumps(vars(args)))
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    records, settings = data.load_records(args.data, args.limit), pair_settings(args, args.max_new_tokens)
+    check_sources(settings, records)   # before minutes of loading the model
     model, tok = modeling.load(args.model, dtype=dtype, device=device)
     model.eval()
     provenance = {**data.model_fingerprint(args.model), "dtype": str(model.tok_embeddings.weight.dtype)}
-    summary = make_pairs(model, tok, data.load_records(args.data, args.limit), args.out,
-                         pair_settings(args, args.max_new_tokens), chunk=args.chunk, rank=rank, world=world,
+    summary = make_pairs(model, tok, records, args.out, settings, chunk=args.chunk, rank=rank, world=world,
                          provenance=provenance, restart=args.restart)
     if rank == 0:
         for warning in pair_warnings(summary, "--max-new-tokens"):

@@ -99,7 +99,8 @@ def get_parser():
                    "dpo without it samples pairs from --model over --data first")
     p.add_argument("--data", help="sft: records with solutions ('gsm8k:train' or a JSONL); dpo without "
                    "--pairs: the questions to sample pairs for; comma-separated to mix")
-    p.add_argument("--limit", type=int, default=None, help="first N records of each --data set")
+    p.add_argument("--limit", type=sample.positive_int, default=None,
+                   help="first N records of each --data set")
     p.add_argument("--out", default="runs/scdpo", help="output folder: log.jsonl, checkpoints/, final/")
     p.add_argument("--pairs-kind", choices=["scdpo", "naive", "data-equal"], default="scdpo",
                    help="scdpo: naive + step-controlled pairs; naive: DPO; data-equal: naive pairs "
@@ -142,7 +143,7 @@ def get_parser():
                    "export, as a kill would (for tests)")
     p.add_argument("--eval", default=None, help="after training: greedy accuracy on this set (gsm8k, "
                    "math500, FILE ...)")
-    p.add_argument("--eval-limit", type=int, default=None, help="first N problems of --eval")
+    p.add_argument("--eval-limit", type=sample.positive_int, default=None, help="first N problems of --eval")
     p.add_argument("--quiet", action="store_true", help="nothing on stdout but the step lines that "
                    "--log-every asks for (log.jsonl still has every step)")
     p.add_argument("--log-every", type=int, default=None, help="the per-step line on every N-th step and the "
@@ -234,7 +235,9 @@ def sample_pairs(args, rank, world, device, log):
     path = os.path.join(args.out, "pairs.jsonl")
     dtype = compute_dtype(device)
     s = sample.pair_settings(args, max_new_tokens=args.max_len - args.max_prompt)
-    provenance = {**data.model_fingerprint(args.model), "dtype": str(dtype)}
+    # the questions too: pairs of other --data / --limit are not reused
+    provenance = {**data.model_fingerprint(args.model), "dtype": str(dtype), "data": args.data,
+                  "limit": args.limit}
     stale = sample.progress_mismatch(path + ".parts", sample.progress_record(s, provenance))
     if stale and not args.overwrite:
         raise ValueError(f"{path}.parts {stale}: pass --overwrite to sample the pairs again, or rerun with "
@@ -246,8 +249,9 @@ def sample_pairs(args, rank, world, device, log):
         return path
     if not args.data:
         raise ValueError("--objective dpo needs --pairs, or --data with the questions to sample pairs for")
-    gen_model, tok = modeling.load(args.model, dtype=dtype, device=device)
     recs = data.load_records(args.data, args.limit)
+    sample.check_sources(s, recs)   # before minutes of loading the model
+    gen_model, tok = modeling.load(args.model, dtype=dtype, device=device)
     summary = sample.make_pairs(gen_model, tok, recs, path, s, rank=rank, world=world, provenance=provenance,
                                 restart=bool(stale))
     del gen_model
@@ -419,8 +423,10 @@ RESUME_MUST_MATCH = ("objective", "model", "pairs", "data", "limit", "pairs_kind
 
 def run_inputs(args):
     """Hashes of the files a run trains from: a resume notices a model or pairs file changed in place."""
-    return {"model": data.model_fingerprint(args.model)["model"],
-            "pairs": data.sha256_file(args.pairs) if args.objective == "dpo" and args.pairs else None}
+    pairs = None
+    if args.objective == "dpo" and args.pairs:
+        pairs = data.sha256_file(args.pairs) if os.path.isfile(args.pairs) else "missing"
+    return {"model": data.model_fingerprint(args.model)["model"], "pairs": pairs}
 
 
 def run_record(args):
@@ -707,10 +713,19 @@ def check_settings(args, world):
 def on_rank0(fn):
     """fn() run on rank 0, its value sent to every rank: for what is decided from files. Ranks that
     looked for themselves could disagree (a file on node-local disk, or written between two ranks'
-    looks) and run collectives the others never join: a hang until SCDPO_TIMEOUT."""
-    out = [fn() if dist.get_rank() == 0 else None]
+    looks) and run collectives the others never join: a hang until SCDPO_TIMEOUT. An error of fn
+    is raised on every rank, not on rank 0 alone while the others wait."""
+    out = [None]
+    if dist.get_rank() == 0:
+        try:
+            out = [(fn(), None)]
+        except modeling.EXPECTED_ERRORS as e:
+            out = [(None, e)]
     dist.broadcast_object_list(out, src=0)
-    return out[0]
+    value, error = out[0]
+    if error is not None:
+        raise error
+    return value
 
 
 def prepare_out(args, rank):
@@ -747,7 +762,12 @@ def train(args, return_model=True):
     def finished():   # None: no finished run in --out; else where its settings differ ("": nowhere)
         if not os.path.exists(done):
             return None
-        return settings_diff(modeling.read_json(done), args) if os.path.getsize(done) else ""
+        if not os.path.getsize(done):
+            return ""
+        # without --pairs, the run trained on the pairs its sampling stage wrote (dpo_rows)
+        own = args.objective == "dpo" and args.pairs is None
+        return settings_diff(modeling.read_json(done), argparse.Namespace(
+            **{**vars(args), **({"pairs": os.path.join(args.out, "pairs.jsonl")} if own else {})}))
     diff = on_rank0(finished) if args.resume else None
     if diff:
         raise ValueError(f"--resume: {final} was trained with other settings: {diff}; --overwrite trains "

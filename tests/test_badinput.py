@@ -518,19 +518,23 @@ def test_flag_values_are_checked_when_parsed(tiny, tmp_path, capsys):
                                                 "start,inc,max"),
                        (["--ramp", "hot"], "argument --ramp: ramp 'hot'"),
                        (["--sc-per-question", "gsm8k2"], "argument --sc-per-question: 'gsm8k2': expected source=N"),
-                       (["--dtype", "bf16"], "argument --dtype: invalid choice: 'bf16'")]:
+                       (["--dtype", "bf16"], "argument --dtype: invalid choice: 'bf16'"),
+                       (["--limit", "0"], "argument --limit: 0 is not a positive integer")]:
         with pytest.raises(SystemExit):
             sample.main(["pairs", "--model", m, "--out", out, *argv])
         assert want in capsys.readouterr().err
     assert not os.path.exists(out + ".parts")   # refused before any settings were recorded
-    with pytest.raises(SystemExit):
+    with pytest.raises(FileNotFoundError, match=r"processbench/gsm8.json: not found \(ProcessBench subset 'gsm8'; "
+                                                r".* holds gsm8k, math, olympiadbench, omnimath\)"):
         evaluation.main(["--model", m, "--ref", m, "--processbench", "gsm8"])
-    assert "argument --processbench: invalid choice: 'gsm8'" in capsys.readouterr().err
     # a source no question has would leave its questions at the default, unnoticed
     recs = data.load_records("gsm8k:test", limit=2)
     with pytest.raises(ValueError, match=r"--sc-per-question names gsm, the source of no question here "
                                          r"\(sources: gsm8k\)"):
         sample.make_pairs(None, None, recs, out, sample.PairSettings(sc_per_question={"gsm": 2}))
+    with pytest.raises(ValueError, match="--sc-per-question names gsm, "):   # before the model loads
+        sample.main(["pairs", "--model", str(tmp_path / "no-model"), "--data", "gsm8k:test", "--out", out,
+                     "--sc-per-question", "gsm8k=2, gsm=3"])
 
 
 def test_out_of_memory_says_which_flag_to_lower(tiny, tmp_path, monkeypatch, capsys):

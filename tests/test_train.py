@@ -410,6 +410,28 @@ def test_without_pairs_the_pairs_are_sampled_once(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(sample, "make_pairs", lambda *a, **k: pytest.fail("the finished stage ran again"))
     with pytest.raises(ValueError, match="training items is less than one global batch"):
         scdpo.train(scdpo.get_parser().parse_args(argv))
+    # other questions (here one more) are not the finished stage's: refused until --overwrite samples anew
+    with pytest.raises(ValueError, match=r"pairs.jsonl.parts .*limit.*pass --overwrite to sample the pairs again"):
+        scdpo.train(scdpo.get_parser().parse_args([a if a != "2" else "3" for a in argv]))
+
+
+def test_a_finished_run_that_sampled_its_own_pairs_resumes_as_complete(tiny, tmp_path, monkeypatch):
+    """Without --pairs the run trains on <out>/pairs.jsonl, and final/DONE records that file: --resume
+    compares against it (not against --pairs, which was not given), and names it once it is gone."""
+    root, _, _, pairs, _ = tiny
+    out = tmp_path / "run"
+
+    def sampled(args, *a):   # the sampling stage's output, without sampling (a random model finds no pairs)
+        shutil.copy(pairs, out / "pairs.jsonl")
+        return str(out / "pairs.jsonl")
+    monkeypatch.setattr(scdpo, "sample_pairs", sampled)
+    argv = ["--model", str(root / "model"), "--data", "gsm8k:test", "--out", str(out), "--quiet",
+            "--global-batch", "8", "--micro-batch", "4", "--lr", "1e-3", "--max-steps", "2"]
+    scdpo.train(scdpo.get_parser().parse_args(argv))
+    assert scdpo.train(scdpo.get_parser().parse_args(argv + ["--resume"])) is not None   # complete
+    os.remove(out / "pairs.jsonl")
+    with pytest.raises(ValueError, match=r"final was trained with other settings: pairs hash \w+ \(now missing\)"):
+        scdpo.train(scdpo.get_parser().parse_args(argv + ["--resume"]))
 
 
 def test_the_command_line_does_not_read_the_final_model_back(tiny, tmp_path, monkeypatch):
@@ -539,18 +561,26 @@ def test_rank_0_decides_what_exists_for_every_rank(tiny, tmp_path):
     common = ["--model", str(root / "model"), "--pairs", pairs, "--global-batch", "8", "--micro-batch", "2",
               "--lr", "1e-3", "--max-steps", "2", "--save-every", "1"]
 
-    def launch(*argv):
+    def launch(*argv, rc=0):
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "SCDPO_TIMEOUT": "20"}
         r = subprocess.run(torchrun + [str(script), *common, "--out", out, *argv], env=env,
                            capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        return r.stdout
+        assert r.returncode == rc, r.stdout[-3000:] + r.stderr[-3000:]
+        return r.stdout + r.stderr
     scdpo.train(args_for(str(root / "model"), pairs, str(tmp_path / "whole"), *common))   # the cache, too
     launch("--stop-after", "1")                                     # a checkpoint of step 1
     said = launch("--resume")
     assert f"reference log-probs: {pairs}.ref-" in said and "resumed from" in said and "step-000001" in said
     assert "is complete: nothing to train" in launch("--resume")
+    # what rank 0 finds in DONE decides for both; an error in reading it is raised on both ranks
+    assert "trained with other settings: --lr 0.001 (now 0.002)" in launch("--resume", "--lr", "2e-3", rc=1)
+    done = os.path.join(out, "final", "DONE")
+    record = open(done).read()
+    open(done, "w").write("{not json")
+    said = launch("--resume", rc=1)
+    assert all(f"[rank {r}] error: {done}: not valid JSON" in said for r in (0, 1)), said[-3000:]
+    open(done, "w").write(record)
     # rank 1 trained step 2 with rank 0's reference and step-1 weights: the loss of the uninterrupted run
     losses = [[json.loads(l)["loss"] for l in open(os.path.join(o, "log.jsonl"))]
               for o in (out, tmp_path / "whole")]
