@@ -244,7 +244,9 @@ def cut_points(steps, mode="paper"):
 # "error" or "apolog" (any case) is never preferred: it shows a mistake, even a corrected one.
 # ----------------------------------------------------------------------------------------------
 ERROR_MARKERS = ("error", "apolog")
-_EXEC_ERROR = re.compile(r"Traceback \(most recent call last\)|\b\w*(?:Error|Exception)\b|[Tt]imed? ?out")
+# exceptions by name: *Error, *Exception, and the few that are named otherwise (sys.exit() included)
+_EXEC_ERROR = re.compile(r"Traceback \(most recent call last\)|\b\w*(?:Error|Exception)\b|[Tt]imed? ?out|"
+                         r"\b(?:SystemExit|KeyboardInterrupt|GeneratorExit|StopIteration|StopAsyncIteration)\b")
 
 
 def has_exec_error(solution):

@@ -390,6 +390,8 @@ GSM0 = "Janet sells 16 - 3 - 4 = 9 duck eggs a day.\n\nShe makes 9 * 2 = $18 eve
      "code", "flawed"),                                                  # an execution error
     (CODE.replace("45\n```\nThe", "Timed out\n```\nThe"), "code", "flawed"),
     (CODE.replace("45\n```\nThe", "PermissionError: blocked in the sandbox: open\n```\nThe"), "code", "flawed"),
+    (CODE.replace("45\n```\nThe", "SystemExit: 1\n```\nThe"), "code", "flawed"),        # sys.exit(1)
+    (CODE.replace("45\n```\nThe", "StopIteration\n```\nThe"), "code", "flawed"),
     (CODE.replace("```python\nprint(2", "```py\nprint(2"), "code", "flawed"),   # its output the model wrote
     ("So:\n```output\n90\n```\nThe answer is $\\boxed{90}$.", "code", "flawed"),
 ])
