@@ -176,7 +176,8 @@ def write_json(path, obj):
 # ----------------------------------------------------------------------------------------------
 # Steps. "".join(split_steps(s, fmt)) == s for every string s.
 # ----------------------------------------------------------------------------------------------
-_FENCE_CLOSE = re.compile(r"^```[ \t]*(?:\n|$)", re.M)
+# a block's closing fence: its own line, trailing blanks allowed (the sampler closes blocks by it too)
+FENCE_CLOSE = re.compile(r"^```[ \t]*(?:\n|$)", re.M)
 
 
 def cot_delimiter(solution):
@@ -199,7 +200,7 @@ def split_steps(solution, fmt="cot", delim="\n\n"):
         while i < len(solution):
             fence = solution.startswith(CODE_START, i) or solution.startswith(OUTPUT_START, i)
             if fence:  # a block runs to its closing fence line (to the end when unclosed)
-                m = _FENCE_CLOSE.search(solution, solution.index("\n", i) + 1)
+                m = FENCE_CLOSE.search(solution, solution.index("\n", i) + 1)
                 i = m.end() if m else len(solution)
             else:  # text runs to the next opening fence
                 nxt = [j for j in (solution.find(CODE_START, i), solution.find(OUTPUT_START, i)) if j >= 0]
@@ -291,9 +292,9 @@ def is_noisy(continuation, fmt="cot", max_blocks=24, max_block_chars=3000, delim
         for b in blocks:
             kind = step_kind(b)
             inner = b if kind == "text" else b.lstrip()[len(CODE_START if kind == "code" else OUTPUT_START):]
-            if kind != "text" and not _FENCE_CLOSE.search(inner):
+            if kind != "text" and not FENCE_CLOSE.search(inner):
                 return "unclosed_block"
-            if "```" in (inner if kind == "text" else inner[:_FENCE_CLOSE.search(inner).start()]):
+            if "```" in (inner if kind == "text" else inner[:FENCE_CLOSE.search(inner).start()]):
                 return "delimiter_in_block"
     return None
 

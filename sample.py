@@ -216,19 +216,27 @@ class _Row:
 
 def _scan_steps(row, fmt, delimiter):
     """Count in row.steps the step boundaries written since the last scan: each `delimiter` (cot), or
-    each CODE_START and CODE_END (code). Returns the code of a code block just closed, else None."""
+    each CODE_START and closing fence (code: data.FENCE_CLOSE, as split_steps reads them, once the
+    fence's line is whole). Returns the code of a code block just closed, else None."""
     code = None
     while True:
-        d = delimiter if fmt == "cot" else data.CODE_END if row.in_code else data.CODE_START
-        i = row.text.find(d, row.scan)
-        if i < 0:
-            row.scan = max(row.scan, len(row.text) - len(d) + 1)
-            return code
+        if fmt == "code" and row.in_code:
+            m = data.FENCE_CLOSE.search(row.text, row.scan)
+            if m is None or not m.group().endswith("\n"):   # none yet, or its line goes on
+                row.scan = max(row.scan, row.text.rfind("\n") + 1)
+                return code
+            i, end = m.span()
+            code = row.text[row.text.rfind(data.CODE_START, 0, i) + len(data.CODE_START):i]
+        else:
+            d = delimiter if fmt == "cot" else data.CODE_START
+            i = row.text.find(d, row.scan)
+            if i < 0:
+                row.scan = max(row.scan, len(row.text) - len(d) + 1)
+                return code
+            end = i + len(d)
         if fmt == "code":
-            if row.in_code:
-                code = row.text[row.text.rfind(data.CODE_START, 0, i) + len(data.CODE_START):i]
             row.in_code = not row.in_code
-        row.steps, row.scan = row.steps + 1, i + len(d)
+        row.steps, row.scan = row.steps + 1, end
 
 
 @dataclass(frozen=True)

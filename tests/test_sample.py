@@ -287,6 +287,19 @@ def test_code_blocks_run_in_one_kernel_per_row_and_outputs_are_appended(btok):
     assert data.split_steps(want, "code")[2] == f"{OS}42\n{OE}"
 
 
+
+def test_code_blocks_close_where_split_steps_closes_them(btok):
+    # a closing fence with trailing blanks closes (and runs) a block; "```" at the end of a code line does
+    # not: the sampler and data.split_steps read the same blocks
+    prompt_text = "<s>Question: go\n\nAnswer:\n"
+    S, OS, OE = data.CODE_START, data.OUTPUT_START, data.OUTPUT_END
+    script_text = f"A.\n{S}print(6*7)\n```  \n{OS}XX\n{OE}B.\n{S}print(1)```\n"
+    model = Scripted(btok.encode(prompt_text + script_text) + [btok.eos_id], btok.vocab_size)
+    r, = generate(model, [btok.encode(prompt_text)], Sampling(300, fmt="code"), tok=btok)
+    text = btok.decode(r.ids)
+    assert text == script_text.replace("XX", "42")   # the second block never closed: nothing ran
+    assert [data.step_kind(s) for s in data.split_steps(text, "code")] == ["text", "code", "output", "text", "code"]
+
 def test_incremental_detokenization_matches_decoding_in_context():
     """SentencePiece (Mistral's real tokenizer): leading spaces, byte-fallback pieces of multi-byte
     characters. The text the sampler sees (for boundaries and stop strings) must be the text in context."""
