@@ -246,8 +246,9 @@ def cut_points(steps, mode="paper"):
 # ----------------------------------------------------------------------------------------------
 ERROR_MARKERS = ("error", "apolog")
 # exceptions by name: *Error, *Exception, and the few that are named otherwise (sys.exit() included)
-_EXEC_ERROR = re.compile(r"Traceback \(most recent call last\)|\b\w*(?:Error|Exception)\b|[Tt]imed? ?out|"
-                         r"\b(?:SystemExit|KeyboardInterrupt|GeneratorExit|StopIteration|StopAsyncIteration)\b")
+_OTHER_EXCEPTIONS = "SystemExit|KeyboardInterrupt|GeneratorExit|StopIteration|StopAsyncIteration"
+_EXEC_ERROR = re.compile(rf"Traceback \(most recent call last\)|\b\w*(?:Error|Exception)\b|[Tt]imed? ?out"
+                         rf"|\b(?:{_OTHER_EXCEPTIONS})\b")
 
 
 def has_exec_error(solution):
