@@ -425,7 +425,8 @@ def read_pairs_meta(pairs_path):
 # TRL's preference format: prompt, chosen, rejected. TRL feeds a string prompt verbatim, so to_trl
 # writes the text the model sees (the chat template around the question, then the prefix), and
 # tokenize_pair uses a string prompt read back as is. Our other fields ride along, so from_trl gives
-# our record back. A conversational row (message lists) is rendered with the chat template, as TRL does.
+# our record back. A conversational row (message lists) is rendered with the chat template, as TRL does
+# (but its prefix kept as written: README, "TRL's preference format").
 def to_trl(pair, tok):
     """A TRL row of a pair record; `prompt` rendered with `tok`'s chat template unless the pair has one."""
     prompt = pair.get("prompt", tok.render_prompt(pair["question"], pair["prefix"]))
