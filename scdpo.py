@@ -229,10 +229,15 @@ def check_pairs_match(pairs_path, rows, tok, margs, model_dir):
                                  f"sampled the pairs (delete {meta_path} to train anyway)")
 
 
+def trained_pairs(args):
+    """The pairs file a DPO run trains on: --pairs, else the one its sampling stage writes into --out."""
+    return args.pairs or os.path.join(args.out, "pairs.jsonl")
+
+
 def sample_pairs(args, rank, world, device, log):
     """Without --pairs: sample.make_pairs from --model over --data into --out, skipped when complete; a
     killed run resumes by question. Other settings' or model's pairs are refused (--overwrite: redone)."""
-    path = os.path.join(args.out, "pairs.jsonl")
+    path = trained_pairs(args)
     dtype = compute_dtype(device)
     s = sample.pair_settings(args, max_new_tokens=args.max_len - args.max_prompt)
     # the questions too: pairs of other --data / --limit are not reused
@@ -764,10 +769,9 @@ def train(args, return_model=True):
             return None
         if not os.path.getsize(done):
             return ""
-        # without --pairs, the run trained on the pairs its sampling stage wrote (dpo_rows)
-        own = args.objective == "dpo" and args.pairs is None
-        return settings_diff(modeling.read_json(done), argparse.Namespace(
-            **{**vars(args), **({"pairs": os.path.join(args.out, "pairs.jsonl")} if own else {})}))
+        # compared as the run recorded it: dpo_rows sets args.pairs to the file it trains on
+        pairs = trained_pairs(args) if args.objective == "dpo" else args.pairs
+        return settings_diff(modeling.read_json(done), argparse.Namespace(**{**vars(args), "pairs": pairs}))
     diff = on_rank0(finished) if args.resume else None
     if diff:
         raise ValueError(f"--resume: {final} was trained with other settings: {diff}; --overwrite trains "
